@@ -1,0 +1,253 @@
+"""Frozen configuration dataclasses, YAML presets and dotted command-line overrides.
+
+A run is described by one `Config` holding five sections. `load_config` merges, in order: the dataclass defaults,
+a YAML preset, and `section.field=value` overrides (parsed by OmegaConf, which also rejects unknown keys and values
+of the wrong type). `validate` then checks every cross-field rule and raises `ConfigError` naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = ("xla", "cudnn")
+OBJECTIVES = ("tidar", "ar")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the offending field."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Decoder-only transformer shape (Qwen2 / Qwen3 / Llama family).
+
+    `mask_token_id` is the vocabulary row used for diffusion mask tokens; `block_size` is the draft block size K the
+    model was (or will be) trained with, stored here so that a checkpoint carries it to decoding.
+    """
+
+    vocab_size: int = 512
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int = 16
+    d_ff: int = 128
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    tie_embeddings: bool = True
+    mask_token_id: int = 1
+    eos_token_id: int = 0
+    pad_token_id: int = 2
+    block_size: int = 4
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    remat: bool = False
+    attention_impl: str = "xla"
+    init_std: float = 0.02
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where training text comes from and how it is cut into examples of `seq_len` clean tokens."""
+
+    corpus: str = "bbc-news"
+    paths: tuple[str, ...] = ()
+    tokenizer: str = ""
+    seq_len: int = 64
+    global_batch_size: int = 8
+    holdout_fraction: float = 0.02
+    seed: int = 0
+    worker_count: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and bookkeeping. `objective` is `tidar` (joint AR + diffusion loss) or `ar` (next-token only)."""
+
+    objective: str = "tidar"
+    alpha: float = 1.0
+    steps: int = 100
+    learning_rate: float = 3e-3
+    warmup_steps: int = 10
+    min_learning_rate_ratio: float = 0.1
+    weight_decay: float = 0.1
+    adam_b1: float = 0.9
+    adam_b2: float = 0.95
+    grad_clip_norm: float = 1.0
+    grad_accum_steps: int = 1
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 50
+    eval_batches: int = 4
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 3
+    init_from: str = ""
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh sizes; exactly one axis may be -1 (= all remaining devices)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    distributed: bool = False
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Generation settings. `block_size` 0 means the model's trained block size."""
+
+    block_size: int = 0
+    beta: float = 1.0
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    max_cache_len: int = 512
+    prompt_buckets: tuple[int, ...] = (16, 64, 256)
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate_model(m: ModelConfig) -> None:
+    """Checks the model section alone (used when a checkpoint's model config is restored)."""
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "block_size"):
+        _require(getattr(m, name) > 0, f"model.{name} must be positive, got {getattr(m, name)}")
+    _require(m.n_heads % m.n_kv_heads == 0,
+             f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.n_kv_heads})")
+    _require(m.head_dim % 2 == 0, f"model.head_dim ({m.head_dim}) must be even for rotary embeddings")
+    for name in ("mask_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(m, name)
+        _require(0 <= value < m.vocab_size,
+                 f"model.{name} ({value}) must be a token id inside the vocabulary [0, {m.vocab_size})")
+    _require(m.mask_token_id != m.eos_token_id, "model.mask_token_id must differ from model.eos_token_id")
+    _require(m.param_dtype in DTYPES, f"model.param_dtype must be one of {DTYPES}, got {m.param_dtype!r}")
+    _require(m.compute_dtype in DTYPES, f"model.compute_dtype must be one of {DTYPES}, got {m.compute_dtype!r}")
+    _require(m.attention_impl in ATTENTION_IMPLS,
+             f"model.attention_impl must be one of {ATTENTION_IMPLS}, got {m.attention_impl!r}")
+    _require(m.rope_theta > 0, f"model.rope_theta must be positive, got {m.rope_theta}")
+    _require(m.rms_norm_eps > 0, f"model.rms_norm_eps must be positive, got {m.rms_norm_eps}")
+
+
+def validate(cfg: Config) -> Config:
+    """Checks every field and cross-field rule; returns `cfg` unchanged or raises `ConfigError`."""
+    m, d, t, mesh, dec = cfg.model, cfg.data, cfg.train, cfg.mesh, cfg.decode
+    validate_model(m)
+    _require(d.seq_len > 1, f"data.seq_len must be > 1, got {d.seq_len}")
+    _require(d.seq_len % m.block_size == 0,
+             f"data.seq_len ({d.seq_len}) must be a multiple of model.block_size ({m.block_size})")
+    _require(d.global_batch_size > 0, f"data.global_batch_size must be positive, got {d.global_batch_size}")
+    _require(0.0 < d.holdout_fraction < 1.0, f"data.holdout_fraction must be in (0, 1), got {d.holdout_fraction}")
+    _require(d.worker_count >= 0, f"data.worker_count must be >= 0, got {d.worker_count}")
+    _require(t.objective in OBJECTIVES, f"train.objective must be one of {OBJECTIVES}, got {t.objective!r}")
+    _require(t.alpha >= 0, f"train.alpha must be >= 0, got {t.alpha}")
+    _require(t.steps > 0, f"train.steps must be positive, got {t.steps}")
+    _require(t.learning_rate > 0, f"train.learning_rate must be positive, got {t.learning_rate}")
+    _require(0 <= t.warmup_steps <= t.steps,
+             f"train.warmup_steps ({t.warmup_steps}) must be in [0, train.steps ({t.steps})]")
+    _require(0.0 <= t.min_learning_rate_ratio <= 1.0,
+             f"train.min_learning_rate_ratio must be in [0, 1], got {t.min_learning_rate_ratio}")
+    _require(t.grad_accum_steps > 0, f"train.grad_accum_steps must be positive, got {t.grad_accum_steps}")
+    _require(d.global_batch_size % t.grad_accum_steps == 0,
+             f"data.global_batch_size ({d.global_batch_size}) must be a multiple of "
+             f"train.grad_accum_steps ({t.grad_accum_steps})")
+    _require(t.grad_clip_norm >= 0, f"train.grad_clip_norm must be >= 0, got {t.grad_clip_norm}")
+    for name in ("log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints"):
+        _require(getattr(t, name) > 0, f"train.{name} must be positive, got {getattr(t, name)}")
+    sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
+    _require(sum(v == -1 for v in sizes.values()) <= 1, f"at most one mesh axis may be -1, got {sizes}")
+    for name, value in sizes.items():
+        _require(value == -1 or value > 0, f"mesh.{name} must be positive or -1, got {value}")
+    _require(dec.block_size >= 0, f"decode.block_size must be >= 0 (0 = trained size), got {dec.block_size}")
+    _require(0.0 <= dec.beta <= 1.0, f"decode.beta must be in [0, 1], got {dec.beta}")
+    _require(dec.temperature >= 0, f"decode.temperature must be >= 0, got {dec.temperature}")
+    _require(dec.top_k >= 0, f"decode.top_k must be >= 0 (0 = off), got {dec.top_k}")
+    _require(0.0 < dec.top_p <= 1.0, f"decode.top_p must be in (0, 1], got {dec.top_p}")
+    _require(dec.max_new_tokens > 0, f"decode.max_new_tokens must be positive, got {dec.max_new_tokens}")
+    _require(len(dec.prompt_buckets) > 0 and list(dec.prompt_buckets) == sorted(set(dec.prompt_buckets)),
+             f"decode.prompt_buckets must be a non-empty strictly increasing list, got {list(dec.prompt_buckets)}")
+    _require(dec.prompt_buckets[0] > 0, f"decode.prompt_buckets must be positive, got {list(dec.prompt_buckets)}")
+    _require(dec.max_cache_len > dec.prompt_buckets[-1],
+             f"decode.max_cache_len ({dec.max_cache_len}) must exceed the largest prompt bucket "
+             f"({dec.prompt_buckets[-1]})")
+    return cfg
+
+
+def _merge(base: Any, *layers: Any) -> Config:
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(base), *layers)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        # OmegaConf's message already names the key (full_key: ...); keep it, drop the internals.
+        raise ConfigError(str(e).split("\n    reference_type")[0]) from None
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Builds a validated `Config` from defaults, an optional YAML preset and `a.b=value` overrides.
+
+    Raises `ConfigError` for a missing preset, an unknown key, a value of the wrong type or a broken cross-field rule.
+    """
+    layers = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            layers.append(OmegaConf.load(path))
+        except Exception as e:  # YAML syntax errors come from several libraries
+            raise ConfigError(f"cannot parse config file {path}: {e}") from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.field=value")
+    if overrides:
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+    return validate(_merge(Config, *layers))
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuilds a validated `Config` from `to_dict` output (e.g. read back from a checkpoint)."""
+    return validate(_merge(Config, OmegaConf.create(data)))
+
+
+def model_config_from_dict(data: dict) -> ModelConfig:
+    """Rebuilds a validated `ModelConfig` from a plain dict."""
+    cfg = _merge(ModelConfig, OmegaConf.create(data))
+    validate_model(cfg)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict (tuples become lists) suitable for JSON or YAML."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def replace(cfg: Config, **sections: dict) -> Config:
+    """Returns a validated copy with fields replaced per section, e.g. `replace(cfg, model={"n_layers": 4})`."""
+    updated = {name: dataclasses.replace(getattr(cfg, name), **values) for name, values in sections.items()}
+    return validate(dataclasses.replace(cfg, **updated))

@@ -1,0 +1,127 @@
+"""Attention masks and positions for TiDAR training, prefill and decode steps (design.md sections 2 and 3).
+
+Every function is pure and built from `iota` on static shapes, so under `jit` it costs no host transfer and a new
+cursor value never recompiles. A mask is boolean, `True` = the query (row) may attend to the key (column).
+
+Query layouts:
+- training: `[x_0 .. x_{S-1} | M x S]`, positions `[0..S-1, 0..S-1]`.
+- prefill: `[prompt (padded to a bucket P) | M x K]`, mask tokens at positions `len .. len+K-1`.
+- decode step: `[v_1 .. v_K | P_1 | .. | P_K]` (proposal blocks of K mask tokens, or none for the AR / draft-model
+  verify step), drafts at `L .. L+K-1`, proposal j's slot r at `L+j+r-1` (j, r from 1).
+With a KV cache the key axis is `[cache slots (max_len) | current tokens]`; `with_cache` prepends the cache part.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def training_mask(seq_len: int, block_size: int) -> Array:
+    """[2S, 2S] bool hybrid mask: clean causal; mask block b sees clean keys < b*K and its own block."""
+    if seq_len % block_size:
+        raise ValueError(f"seq_len ({seq_len}) must be a multiple of block_size ({block_size})")
+    idx = jnp.arange(2 * seq_len, dtype=jnp.int32)
+    q, k = idx[:, None], idx[None, :]
+    q_clean, k_clean = q < seq_len, k < seq_len
+    q_pos, k_pos = q % seq_len, k % seq_len
+    q_block, k_block = q_pos // block_size, k_pos // block_size
+    clean_to_clean = q_clean & k_clean & (k_pos <= q_pos)
+    mask_to_clean = ~q_clean & k_clean & (k_pos < q_block * block_size)
+    mask_to_own_block = ~q_clean & ~k_clean & (q_block == k_block)
+    return clean_to_clean | mask_to_clean | mask_to_own_block
+
+
+def training_positions(seq_len: int) -> Array:
+    """[2S] int32: `[0..S-1, 0..S-1]`."""
+    pos = jnp.arange(seq_len, dtype=jnp.int32)
+    return jnp.concatenate([pos, pos])
+
+
+def training_inputs(tokens: Array, mask_token_id: int) -> Array:
+    """tokens: [batch, S] -> [batch, 2S]: the clean tokens followed by S mask tokens."""
+    return jnp.concatenate([tokens, jnp.full_like(tokens, mask_token_id)], axis=1)
+
+
+def with_key_padding(mask: Array, key_valid: Array) -> Array:
+    """mask: [q, k] or [batch, q, k]; key_valid: [batch, k] bool -> [batch, q, k] with padded keys removed."""
+    if mask.ndim == 2:
+        mask = mask[None]
+    return mask & key_valid[:, None, :]
+
+
+def causal_mask(length: int) -> Array:
+    """[length, length] bool lower-triangular mask (plain AR training and full recomputes)."""
+    idx = jnp.arange(length, dtype=jnp.int32)
+    return idx[None, :] <= idx[:, None]
+
+
+def prefill_mask(prompt_len: int, lengths: Array, block_size: int) -> Array:
+    """[batch, P+K, P+K] bool for `[prompt padded to P | K mask tokens]` (no cache part).
+
+    Prompt tokens are causal (a padded row sees itself, so no row is empty); mask tokens see the real prompt
+    tokens (slot < lengths[b]) and all K mask tokens; prompt tokens never see mask tokens.
+    """
+    total = prompt_len + block_size
+    idx = jnp.arange(total, dtype=jnp.int32)
+    q, k = idx[:, None], idx[None, :]
+    q_prompt, k_prompt = q < prompt_len, k < prompt_len
+    prompt_causal = (q_prompt & k_prompt & (k <= q))[None]
+    mask_to_prompt = (~q_prompt & k_prompt)[None] & (k[None] < lengths[:, None, None])
+    mask_to_mask = (~q_prompt & ~k_prompt)[None]
+    return prompt_causal | mask_to_prompt | mask_to_mask
+
+
+def prefill_positions(prompt_len: int, lengths: Array, block_size: int) -> Array:
+    """[batch, P+K] int32: prompt slots at 0..P-1, mask slot r (from 0) at lengths[b] + r."""
+    prompt = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (lengths.shape[0], prompt_len))
+    masks = lengths[:, None].astype(jnp.int32) + jnp.arange(block_size, dtype=jnp.int32)[None]
+    return jnp.concatenate([prompt, masks], axis=1)
+
+
+def step_query_count(num_drafts: int, with_proposals: bool) -> int:
+    """Q = K + K*K for a TiDAR step, K for a verify-only step (K = 1: the AR step)."""
+    return num_drafts + (num_drafts * num_drafts if with_proposals else 0)
+
+
+def step_mask(num_drafts: int, with_proposals: bool) -> Array:
+    """[Q, Q] bool among the current tokens of a decode step (design.md section 3).
+
+    Drafts are causal among themselves; proposal block j (1..K) sees drafts v_1..v_j and its own block.
+    """
+    total = step_query_count(num_drafts, with_proposals)
+    idx = jnp.arange(total, dtype=jnp.int32)
+    q, k = idx[:, None], idx[None, :]
+    q_draft, k_draft = q < num_drafts, k < num_drafts
+    q_block = (q - num_drafts) // num_drafts  # j - 1 for proposal queries
+    k_block = (k - num_drafts) // num_drafts
+    draft_causal = q_draft & k_draft & (k <= q)
+    proposal_to_drafts = ~q_draft & k_draft & (k <= q_block)
+    proposal_own_block = ~q_draft & ~k_draft & (q_block == k_block)
+    return draft_causal | proposal_to_drafts | proposal_own_block
+
+
+def step_positions(cursor: Array, num_drafts: int, with_proposals: bool) -> Array:
+    """[batch, Q] int32: drafts at L..L+K-1, proposal j slot r at L+j+r-1 (j, r from 1), L = cursor[b]."""
+    offsets = [jnp.arange(num_drafts, dtype=jnp.int32)]
+    if with_proposals:
+        j = jnp.arange(1, num_drafts + 1, dtype=jnp.int32)[:, None]
+        r = jnp.arange(1, num_drafts + 1, dtype=jnp.int32)[None, :]
+        offsets.append((j + r - 1).reshape(-1))
+    return cursor[:, None].astype(jnp.int32) + jnp.concatenate(offsets)[None, :]
+
+
+def with_cache(cache_valid: Array, local_mask: Array) -> Array:
+    """Prepends the cache part to a mask among current tokens.
+
+    cache_valid: [batch, max_len] bool (committed slots); local_mask: [q, q] or [batch, q, q].
+    Returns [batch, q, max_len + q]: every query sees every committed slot, plus `local_mask` among current tokens.
+    """
+    batch = cache_valid.shape[0]
+    if local_mask.ndim == 2:
+        local_mask = jnp.broadcast_to(local_mask[None], (batch,) + local_mask.shape)
+    q = local_mask.shape[1]
+    cache_part = jnp.broadcast_to(cache_valid[:, None, :], (batch, q, cache_valid.shape[1]))
+    return jnp.concatenate([cache_part, local_mask], axis=2)

@@ -1,0 +1,222 @@
+"""Decoder-only transformer (Qwen2 / Qwen2.5 / Qwen3 / Llama / SmolLM2 family) in Flax NNX.
+
+One forward serves every use: the 2S-token TiDAR training input, prefill and cached decode steps. Positions and the
+boolean attention mask are explicit inputs, so the caller decides who sees whom (see `masks.py`). With a KV cache,
+keys are `[cache slots | current tokens]` and the first `n_write` current tokens' K/V are written into the cache at a
+per-row slot after attention, so mask tokens (placed after them) never enter the cache.
+
+Parameters carry logical axis names (`embed`, `mlp`, `heads`, `kv_heads`, `head_dim`, `vocab`) in their
+`out_sharding` metadata; `sharding.py` maps them to mesh axes. Jitted code stays pure in the split state: use
+`nnx.split(model)` once and `forward(graphdef, params, ...)` inside `jax.jit`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tidar_jax.config import ModelConfig
+from tidar_jax.kv_cache import KVCache
+
+Array = jax.Array
+
+
+def _param(rngs: nnx.Rngs, init: Callable, shape: tuple[int, ...], axes: tuple[str | None, ...],
+           dtype: jnp.dtype) -> nnx.Param:
+    # eager_sharding=False: logical names are not mesh axes; sharding.py places params under jit instead.
+    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+    """`x * rsqrt(mean(x^2) + eps) * scale` computed in float32 (HF Llama/Qwen convention, scale starts at 1)."""
+
+    def __init__(self, dim: int, eps: float, axis_name: str | None, param_dtype, *, rngs: nnx.Rngs):
+        self.eps = eps
+        self.scale = _param(rngs, nnx.initializers.ones, (dim,), (axis_name,), param_dtype)
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rotary_embedding(x: Array, positions: Array, theta: float) -> Array:
+    """Applies rotate-half RoPE (HF layout) at explicit positions.
+
+    x: [batch, seq, heads, head_dim]; positions: [batch, seq] int. Returns x's shape and dtype.
+    """
+    head_dim = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, seq, head_dim/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def _write_rows(buffer: Array, new: Array, start: Array) -> Array:
+    """buffer: [batch, max_len, kv_heads, head_dim]; new: [batch, n, kv_heads, head_dim]; start: [batch] slot.
+
+    The caller guarantees start + n <= max_len (dynamic_update_slice would otherwise clamp the start).
+    """
+    zero = jnp.zeros((), jnp.int32)
+    return jax.vmap(lambda b, n, s: jax.lax.dynamic_update_slice(b, n, (s, zero, zero)))(buffer, new, start)
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention over an explicit boolean mask, with optional QKV bias (Qwen2) and QK-norm (Qwen3)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pd = jnp.dtype(cfg.param_dtype)
+        init = nnx.initializers.normal(cfg.init_std)
+        d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = _param(rngs, init, (d, h, hd), ("embed", "heads", "head_dim"), pd)
+        self.k_proj = _param(rngs, init, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pd)
+        self.v_proj = _param(rngs, init, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pd)
+        self.o_proj = _param(rngs, init, (h, hd, d), ("heads", "head_dim", "embed"), pd)
+        if cfg.qkv_bias:
+            zeros = nnx.initializers.zeros
+            self.q_bias = _param(rngs, zeros, (h, hd), ("heads", "head_dim"), pd)
+            self.k_bias = _param(rngs, zeros, (kv, hd), ("kv_heads", "head_dim"), pd)
+            self.v_bias = _param(rngs, zeros, (kv, hd), ("kv_heads", "head_dim"), pd)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, "head_dim", pd, rngs=rngs)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, "head_dim", pd, rngs=rngs)
+
+    def _project(self, x: Array, kernel: nnx.Param, bias_name: str) -> Array:
+        dt = x.dtype
+        out = jnp.einsum("bsd,dhk->bshk", x, kernel[...].astype(dt))
+        if self.cfg.qkv_bias:
+            out = out + getattr(self, bias_name)[...].astype(dt)
+        return out
+
+    def __call__(self, x: Array, positions: Array, mask: Array, cache_kv: tuple[Array, Array] | None,
+                 write_start: Array | None, n_write: int) -> tuple[Array, tuple[Array, Array] | None]:
+        """x: [batch, q, d_model]; positions: [batch, q]; mask: [batch or 1, q, keys] bool where keys is
+        `max_len + q` with a cache (cache slots first) and `q` without; cache_kv: ([batch, max_len, kv_heads,
+        head_dim],) * 2 or None; write_start: [batch] slot where the first `n_write` tokens' K/V go.
+
+        Returns ([batch, q, d_model], updated cache_kv or None).
+        """
+        cfg = self.cfg
+        q = self._project(x, self.q_proj, "q_bias")
+        k = self._project(x, self.k_proj, "k_bias")
+        v = self._project(x, self.v_proj, "v_bias")
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = rotary_embedding(q, positions, cfg.rope_theta)
+        k = rotary_embedding(k, positions, cfg.rope_theta)
+        if cache_kv is None:
+            keys, values, new_cache = k, v, None
+        else:
+            cache_k, cache_v = cache_kv
+            keys = jnp.concatenate([cache_k.astype(k.dtype), k], axis=1)
+            values = jnp.concatenate([cache_v.astype(v.dtype), v], axis=1)
+            new_cache = cache_kv
+            if n_write > 0:
+                new_cache = (_write_rows(cache_k, k[:, :n_write].astype(cache_k.dtype), write_start),
+                             _write_rows(cache_v, v[:, :n_write].astype(cache_v.dtype), write_start))
+        out = jax.nn.dot_product_attention(q, keys, values, mask=mask[:, None, :, :],
+                                           implementation=cfg.attention_impl)
+        out = jnp.einsum("bshk,hkd->bsd", out, self.o_proj[...].astype(out.dtype))
+        return out, new_cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        pd = jnp.dtype(cfg.param_dtype)
+        init = nnx.initializers.normal(cfg.init_std)
+        self.gate_proj = _param(rngs, init, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), pd)
+        self.up_proj = _param(rngs, init, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), pd)
+        self.down_proj = _param(rngs, init, (cfg.d_ff, cfg.d_model), ("mlp", "embed"), pd)
+
+    def __call__(self, x: Array) -> Array:
+        dt = x.dtype
+        gate = x @ self.gate_proj[...].astype(dt)
+        up = x @ self.up_proj[...].astype(dt)
+        return (jax.nn.silu(gate) * up) @ self.down_proj[...].astype(dt)
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        pd = jnp.dtype(cfg.param_dtype)
+        self.input_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps, "embed", pd, rngs=rngs)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.post_attn_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps, "embed", pd, rngs=rngs)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, positions, mask, cache_kv, write_start, n_write):
+        attn_out, cache_kv = self.attn(self.input_norm(x), positions, mask, cache_kv, write_start, n_write)
+        x = x + attn_out
+        x = x + self.mlp(self.post_attn_norm(x))
+        return x, cache_kv
+
+
+class Transformer(nnx.Module):
+    """The full model. `__call__` returns float32 logits `[batch, q, vocab]` and the updated cache (or None)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pd = jnp.dtype(cfg.param_dtype)
+        self.embed = _param(rngs, nnx.initializers.normal(cfg.init_std), (cfg.vocab_size, cfg.d_model),
+                            ("vocab", "embed"), pd)
+        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.final_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps, "embed", pd, rngs=rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head = _param(rngs, nnx.initializers.normal(cfg.init_std), (cfg.d_model, cfg.vocab_size),
+                                  ("embed", "vocab"), pd)
+
+    def __call__(self, tokens: Array, positions: Array, mask: Array, cache: KVCache | None = None,
+                 write_start: Array | None = None, n_write: int = 0) -> tuple[Array, KVCache | None]:
+        """tokens, positions: [batch, q] int32; mask: [batch or 1, q, keys] bool (keys = cache.max_len + q with a
+        cache, else q); cache: per-layer K/V buffers (its cursor is not read or moved here); write_start: [batch];
+        n_write: static count of leading tokens whose K/V are written at `write_start`.
+        """
+        cfg = self.cfg
+        cd = jnp.dtype(cfg.compute_dtype)
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(cd)
+        layer_fn = DecoderLayer.__call__
+        if cfg.remat:
+            layer_fn = nnx.remat(layer_fn, static_argnums=(6,))
+        new_keys, new_values = [], []
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
+            x, layer_cache = layer_fn(layer, x, positions, mask, layer_cache, write_start, n_write)
+            if cache is not None:
+                new_keys.append(layer_cache[0])
+                new_values.append(layer_cache[1])
+        x = self.final_norm(x)
+        head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
+        logits = jnp.einsum("bsd,dv->bsv", x, head.astype(cd), preferred_element_type=jnp.float32)
+        new_cache = None if cache is None else cache.replace(keys=tuple(new_keys), values=tuple(new_values))
+        return logits.astype(jnp.float32), new_cache
+
+
+def create_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
+    """Builds a randomly initialised model on the default device (use `sharding.py` for sharded init)."""
+    return Transformer(cfg, rngs=nnx.Rngs(params=seed))
+
+
+def forward(graphdef: nnx.GraphDef, params: nnx.State, tokens: Array, positions: Array, mask: Array,
+            cache: KVCache | None = None, write_start: Array | None = None,
+            n_write: int = 0) -> tuple[Array, KVCache | None]:
+    """Pure forward for use inside `jax.jit`: merges `params` into `graphdef` and calls the model.
+
+    `n_write` must be static (a Python int). See `Transformer.__call__` for shapes.
+    """
+    model = nnx.merge(graphdef, params)
+    return model(tokens, positions, mask, cache, write_start, n_write)
+
+
+def count_params(params: nnx.State) -> int:
+    return sum(x.size for x in jax.tree.leaves(params))
