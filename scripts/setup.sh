@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Creates .venv (if missing) and installs tidar-jax with the extras named in $TIDAR_EXTRAS (default: tests,plots,interop).
+# Idempotent: a second run only checks that the install is current.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+EXTRAS="${TIDAR_EXTRAS:-tests,plots,interop}"
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+  .venv/bin/python -m pip install --quiet --upgrade pip
+fi
+# torch is pinned to the CPU wheel this machine carries (a bare `torch` would fetch a multi-GB CUDA build).
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[${EXTRAS}]"

@@ -1,0 +1,28 @@
+"""Test setup: 8 simulated CPU devices and offline Hugging Face, both fixed before jax is imported."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+import jax  # noqa: E402  (must come after the environment above)
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> str:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """The tiny preset (d_model 64, 2 layers, vocab 512), validated."""
+    from tidar_jax.config import load_config
+
+    return load_config(os.path.join(REPO_ROOT, "configs", "tiny.yaml"))
