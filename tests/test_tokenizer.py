@@ -1,0 +1,118 @@
+"""Byte-level BPE tokenizer: training, exact vocabulary, fixed special ids, lossless round trip, clear errors."""
+
+import json
+import random
+
+import pytest
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import models
+
+from tidar_jax.tokenizer import SPECIAL_TOKENS, Tokenizer, TokenizerError, train_bpe
+from train import train_tokenizer
+
+
+def synthetic_docs(n_docs=30, seed=0):
+    """Seeded random prose over a few hundred made-up words: enough distinct byte pairs for a 512-token BPE."""
+    rng = random.Random(seed)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(300)]
+    docs = []
+    for _ in range(n_docs):
+        sentences = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))).capitalize() + "."
+                     for _ in range(rng.randint(2, 8))]
+        docs.append(" ".join(sentences) + "\n")
+    return docs
+
+
+ODD_TEXTS = [
+    "Hello, world!",
+    "  leading and trailing spaces  \n\n\ttabs\r\nwindows newlines",
+    "unicode: héllo wörld, 日本語のテキスト, emoji 🚀🔥, combining é, zero-width \u200b joiner",
+    "literal specials stay text: <|endoftext|> <|mask|> <|pad|>",
+    "",
+    "\x00\x01 control bytes \x7f",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    return train_bpe(synthetic_docs(), 512, path)
+
+
+def test_trains_exact_vocab_with_fixed_special_ids(tokenizer):
+    assert tokenizer.vocab_size == 512
+    assert (tokenizer.eos_id, tokenizer.mask_id, tokenizer.pad_id) == (0, 1, 2)
+    assert [tokenizer.hf_tokenizer.id_to_token(i) for i in range(3)] == list(SPECIAL_TOKENS)
+    assert tokenizer.path is not None and tokenizer.path.is_file()
+
+
+def test_round_trip_is_lossless_and_never_emits_special_ids(tokenizer):
+    for text in ODD_TEXTS + synthetic_docs(5, seed=1):
+        ids = tokenizer.encode(text)
+        assert tokenizer.decode(ids) == text
+        assert all(3 <= i < tokenizer.vocab_size for i in ids), text
+    # Learned merges compress text the BPE was trained on: fewer tokens than bytes.
+    doc = synthetic_docs(1, seed=0)[0]
+    assert len(tokenizer.encode(doc)) < 0.7 * len(doc.encode())
+
+
+def test_decode_special_ids(tokenizer):
+    ids = [tokenizer.eos_id] + tokenizer.encode("ab") + [tokenizer.mask_id, tokenizer.pad_id]
+    assert tokenizer.decode(ids) == "<|endoftext|>ab<|mask|><|pad|>"
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "ab"
+
+
+def test_encode_batch_matches_encode(tokenizer):
+    assert tokenizer.encode_batch(ODD_TEXTS) == [tokenizer.encode(t) for t in ODD_TEXTS]
+
+
+def test_save_and_reload_encode_identically(tokenizer, tmp_path):
+    reloaded = Tokenizer.from_file(tokenizer.path)
+    assert reloaded.fingerprint == tokenizer.fingerprint
+    copy = tmp_path / "copy.json"
+    reloaded.save(copy)
+    again = Tokenizer.from_file(copy)
+    assert again.path == copy
+    for text in ODD_TEXTS:
+        assert again.encode(text) == tokenizer.encode(text)
+        assert again.decode(again.encode(text)) == text
+
+
+def test_training_is_deterministic(tokenizer, tmp_path):
+    assert train_bpe(synthetic_docs(), 512).fingerprint == tokenizer.fingerprint
+
+
+def test_from_file_errors(tmp_path):
+    with pytest.raises(TokenizerError, match="not found"):
+        Tokenizer.from_file(tmp_path / "missing.json")
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text("{not json")
+    with pytest.raises(TokenizerError, match="cannot read tokenizer file .*corrupt.json"):
+        Tokenizer.from_file(corrupt)
+    no_specials = tmp_path / "plain.json"
+    HFTokenizer(models.BPE()).save(str(no_specials))
+    with pytest.raises(TokenizerError, match="no special token '<\\|endoftext\\|>'"):
+        Tokenizer.from_file(no_specials)
+
+
+def test_train_errors():
+    with pytest.raises(TokenizerError, match="below the byte-level minimum of 259"):
+        train_bpe(synthetic_docs(2), 200)
+    with pytest.raises(TokenizerError, match="only supports .* fewer than the requested vocab_size 4096"):
+        train_bpe(["tiny text"], 4096)
+
+
+def test_cli_trains_on_train_split_of_files(tmp_path, capsys):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in synthetic_docs()))
+    out = tmp_path / "out" / "tok.json"
+    args = ["--corpus", "files", "--paths", str(corpus), "--vocab-size", "400", "--out", str(out)]
+    assert train_tokenizer.main(args) == 0
+    tok = Tokenizer.from_file(out)
+    assert (tok.vocab_size, tok.eos_id, tok.mask_id, tok.pad_id) == (400, 0, 1, 2)
+    assert "bytes/token" in capsys.readouterr().out
+    assert train_tokenizer.main(args) == 2  # refuses to overwrite without --force
+    assert train_tokenizer.main(args + ["--force"]) == 0
+    assert train_tokenizer.main(["--corpus", "files", "--paths", str(tmp_path / "nope.txt"), "--out",
+                                 str(tmp_path / "x.json")]) == 2
+    assert "data file not found" in capsys.readouterr().err
