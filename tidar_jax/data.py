@@ -38,11 +38,14 @@ _PREFETCH_BATCHES = 4  # batches read ahead by one background thread; a batch is
 
 
 def check_tokenizer_matches(tokenizer: Tokenizer, model_cfg: ModelConfig) -> None:
-    """Raises ConfigError unless the tokenizer's vocabulary size and eos / mask / pad ids equal the model's."""
+    """Raises ConfigError unless every tokenizer id fits the model's embedding and the eos / mask / pad ids agree.
+
+    The embedding may have more rows than the tokenizer has tokens (imported models keep spare rows).
+    """
     where = f" ({tokenizer.path})" if tokenizer.path else ""
-    if tokenizer.vocab_size != model_cfg.vocab_size:
+    if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ConfigError(f"tokenizer{where} has {tokenizer.vocab_size} tokens but model.vocab_size is "
-                          f"{model_cfg.vocab_size}: they must be equal")
+                          f"{model_cfg.vocab_size}: the embedding needs a row for every token")
     for field, tok_id in (("eos_token_id", tokenizer.eos_id), ("mask_token_id", tokenizer.mask_id),
                           ("pad_token_id", tokenizer.pad_id)):
         if getattr(model_cfg, field) != tok_id:
