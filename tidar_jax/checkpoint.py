@@ -1,0 +1,362 @@
+"""Orbax checkpoints of a run: async save with keep-latest-N, resume from `--workdir` alone, and a params-only
+restore for inference, each onto whatever mesh the reader runs on.
+
+Layout (Orbax `CheckpointManager`, default step names):
+    WORKDIR/checkpoints/<step>/state    train state pytree {"step", "params" (nnx pure dict), "opt_state"};
+                                        inference checkpoints hold {"step", "params"} only
+    WORKDIR/checkpoints/<step>/data     grain iterator state (JSON), absent when none was given
+    WORKDIR/checkpoints/<step>/config   `config.to_dict(Config)` (JSON)
+    WORKDIR/tokenizer.json              the run's tokenizer (written by data.py / save_inference_checkpoint)
+
+Guarantees: a step is written to `<step>.orbax-checkpoint-tmp` and renamed into place only once complete, so a
+process killed mid-save leaves every earlier step loadable (unfinished directories are never listed as steps, and
+the writer removes them when it next opens the directory). An existing step is never overwritten; only the
+keep-latest-N policy deletes steps. Arrays restore onto the shardings of the abstract target, so a checkpoint
+written on one mesh loads on any other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import filecmp
+import json
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from tidar_jax.config import Config, ConfigError, config_from_dict, to_dict
+from tidar_jax.sharding import abstract_model, param_shardings, replicated
+
+if TYPE_CHECKING:
+    from tidar_jax.tokenizer import Tokenizer
+
+CHECKPOINT_DIR = "checkpoints"
+TOKENIZER_FILE = "tokenizer.json"
+_STATE, _DATA, _CONFIG = "state", "data", "config"
+_UNFINISHED = ".orbax-checkpoint-tmp"
+_STEP_METADATA = "_CHECKPOINT_METADATA"
+# Fields that change how a run executes, not what it computes: a resumed run may change them freely.
+_RUNTIME_FIELDS = frozenset({"model.remat", "model.attention_impl", "model.compute_dtype", "data.worker_count"})
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unfinished, corrupt, or does not match what the caller asked for."""
+
+
+def _handlers(state_handler: ocp.CheckpointHandler) -> dict[str, ocp.CheckpointHandler]:
+    return {_STATE: state_handler, _DATA: ocp.JsonCheckpointHandler(), _CONFIG: ocp.JsonCheckpointHandler()}
+
+
+def _reader(root: Path, state_handler: ocp.CheckpointHandler | None = None) -> ocp.CheckpointManager:
+    """A manager that only reads `root` (creates nothing, cleans nothing up, so a live writer is undisturbed)."""
+    options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False)
+    return ocp.CheckpointManager(root, options=options,
+                                 item_handlers=_handlers(state_handler or ocp.StandardCheckpointHandler()))
+
+
+def _steps(root: Path) -> list[int]:
+    """Finished steps under `root` (unfinished `*.orbax-checkpoint-tmp` directories are not steps)."""
+    if not root.is_dir():
+        return []
+    with _reader(root) as manager:
+        return sorted(manager.all_steps())
+
+
+def _keystr(path: tuple) -> str:
+    parts = []
+    for key in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+    return "/".join(parts)
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...] | None]:
+    """Flattened `path -> shape` (None for scalars without a shape) of an array, abstract or metadata tree."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(getattr(tree, "tree", tree))  # Orbax TreeMetadata -> dict
+    return {_keystr(path): (tuple(leaf.shape) if getattr(leaf, "shape", None) is not None else None)
+            for path, leaf in flat}
+
+
+def _mismatch(have: Any, want: Any, names: tuple[str, str] = ("checkpoint", "target"),
+              subtree: str | None = None) -> list[str]:
+    """Differences in leaves and shapes between tree `have` and tree `want` (arrays, abstract or Orbax metadata),
+    worded with `names` = (what `have` is, what `want` is). With `subtree`, only that part of `have` must match."""
+    have_shapes, want_shapes = _shapes(have), _shapes(want)
+    if subtree is not None:
+        have_shapes = {k: v for k, v in have_shapes.items() if k == subtree or k.startswith(subtree + "/")}
+    h, w = names
+    problems = [f"{k} missing from {h}" for k in want_shapes if k not in have_shapes]
+    problems += [f"{k} in {h} but not in {w}" for k in have_shapes if k not in want_shapes]
+    problems += [f"{k}: {h} shape {have_shapes[k]}, {w} shape {want_shapes[k]}" for k in want_shapes
+                 if k in have_shapes and None not in (have_shapes[k], want_shapes[k])
+                 and have_shapes[k] != want_shapes[k]]
+    return problems
+
+
+def _raise_mismatch(problems: list[str], what: str) -> None:
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; ... ({len(problems) - 8} more)" if len(problems) > 8 else "")
+        raise CheckpointError(f"{what}: {shown}")
+
+
+def _check_finished(step_dir: Path, items: tuple[str, ...]) -> None:
+    missing = [item for item in items if not (step_dir / item).is_dir()]
+    if missing:
+        raise CheckpointError(f"checkpoint {step_dir} is incomplete: item(s) {missing} are missing")
+
+
+def _corrupt(step_dir: Path, error: Exception | str) -> CheckpointError:
+    if isinstance(error, Exception):
+        error = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    return CheckpointError(f"checkpoint {step_dir} is corrupt or partially written and cannot be read ({error})")
+
+
+def _state_metadata(manager: ocp.CheckpointManager, step: int, step_dir: Path) -> Any:
+    """The saved state's metadata tree (shapes and dtypes, no array data)."""
+    try:
+        saved = manager.item_metadata(step)[_STATE]
+    except Exception as e:  # any failure to read metadata means the files are damaged
+        raise _corrupt(step_dir, e) from e
+    if saved is None or not _shapes(saved):
+        raise _corrupt(step_dir, f"no readable array metadata in {step_dir / _STATE}")
+    return saved
+
+
+class Checkpointer:
+    """Saves and restores a run's train state, data-iterator state and config under WORKDIR/checkpoints.
+
+    `keep` = how many latest steps to keep (None keeps all). With `async_save` the device-to-host copy happens in
+    `save` and the write continues in the background; `wait()` blocks until it is on disk. All processes of a
+    multi-host job call every method (Orbax coordinates them).
+    """
+
+    def __init__(self, workdir: str | Path, keep: int | None = 3, async_save: bool = True):
+        self.workdir = Path(workdir).absolute()
+        self.directory = self.workdir / CHECKPOINT_DIR
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                               create=True, cleanup_tmp_directories=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                              item_handlers=_handlers(ocp.StandardCheckpointHandler()))
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, train_state: Any, data_state: dict | None, config: Config, force: bool = False) -> bool:
+        """Starts saving `step`; returns False (saving nothing) when `step` is below the latest saved step unless
+        `force`. Raises `CheckpointError` if `step` already exists: checkpoints are never overwritten.
+
+        train_state: pytree of arrays, e.g. {"step": int32 [], "params": pure dict, "opt_state": optax state};
+        data_state: JSON-serialisable dict (grain `get_state()`) or None.
+        """
+        step = int(step)
+        if step in self._manager.all_steps():
+            raise CheckpointError(f"step {step} is already saved in {self.directory}; checkpoints are never "
+                                  "overwritten")
+        items = {_STATE: ocp.args.StandardSave(train_state), _CONFIG: ocp.args.JsonSave(to_dict(config))}
+        if data_state is not None:
+            try:
+                json.dumps(data_state)
+            except TypeError as e:
+                raise CheckpointError(f"data_state must be JSON-serialisable: {e}") from None
+            items[_DATA] = ocp.args.JsonSave(data_state)
+        return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def restore(self, abstract_train_state: Any, step: int | None = None) -> tuple[Any, dict | None, Config]:
+        """Restores (train_state, data_state or None, config) of `step` (default: the latest).
+
+        abstract_train_state: the train state's pytree with `jax.ShapeDtypeStruct(shape, dtype, sharding=...)`
+        leaves; arrays come back with those shardings, whatever mesh wrote them.
+        """
+        self.wait()
+        steps = self.all_steps()
+        if not steps:
+            raise CheckpointError(f"no checkpoint to restore in {self.directory}")
+        step = steps[-1] if step is None else int(step)
+        if step not in steps:
+            raise CheckpointError(f"step {step} is not saved in {self.directory}; saved steps: {steps}")
+        step_dir = self.directory / str(step)
+        _check_finished(step_dir, (_STATE, _CONFIG))
+        saved = _state_metadata(self._manager, step, step_dir)
+        _raise_mismatch(_mismatch(saved, abstract_train_state),
+                        f"checkpoint {step_dir} does not match the restore target")
+        args = {_STATE: ocp.args.StandardRestore(abstract_train_state), _CONFIG: ocp.args.JsonRestore()}
+        has_data = (step_dir / _DATA).is_dir()
+        if has_data:
+            args[_DATA] = ocp.args.JsonRestore()
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+        except Exception as e:
+            raise _corrupt(step_dir, e) from e
+        return restored[_STATE], restored[_DATA] if has_data else None, config_from_dict(restored[_CONFIG])
+
+    def wait(self) -> None:
+        """Blocks until every started save is complete on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases Orbax's threads."""
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _read_config(root: Path, step: int) -> Config:
+    step_dir = root / str(step)
+    _check_finished(step_dir, (_CONFIG,))
+    try:
+        with _reader(root) as manager:
+            data = manager.restore(step, args=ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore()}))[_CONFIG]
+    except Exception as e:
+        raise _corrupt(step_dir, e) from e
+    return config_from_dict(data)
+
+
+def read_checkpoint_config(workdir: str | Path) -> Config | None:
+    """The config stored with WORKDIR's latest checkpoint, or None when WORKDIR has none (how `--workdir` alone
+    resumes a run)."""
+    root = Path(workdir) / CHECKPOINT_DIR
+    steps = _steps(root)
+    return _read_config(root, steps[-1]) if steps else None
+
+
+def _run_fields(cfg: Config) -> dict[str, Any]:
+    """The fields that define what a run computes: model and data sections and the training objective."""
+    flat = {f"{section}.{k}": v for section in ("model", "data") for k, v in to_dict(getattr(cfg, section)).items()}
+    flat["train.objective"] = cfg.train.objective
+    return {k: v for k, v in flat.items() if k not in _RUNTIME_FIELDS}
+
+
+def check_workdir_compatible(workdir: str | Path, config: Config) -> None:
+    """Raises `ConfigError` naming the differing fields if WORKDIR already holds checkpoints of a run with another
+    model / data / objective config. Only reads: nothing in WORKDIR is changed or deleted."""
+    saved = read_checkpoint_config(workdir)
+    if saved is None:
+        return
+    old, new = _run_fields(saved), _run_fields(config)
+    diffs = [f"{k}: saved {old[k]!r}, requested {new[k]!r}" for k in old if old[k] != new[k]]
+    if diffs:
+        raise ConfigError(f"workdir {workdir} already holds a run with a different config ({'; '.join(diffs)}); "
+                          "resume with the saved config or choose another --workdir")
+
+
+@dataclasses.dataclass
+class InferenceBundle:
+    """Everything generation / eval needs: `forward(graphdef, params, ...)` and the tokenizer (None if absent)."""
+
+    config: Config
+    graphdef: nnx.GraphDef
+    params: nnx.State
+    tokenizer: Tokenizer | None
+    step: int
+
+
+def _locate(path: str | Path) -> tuple[Path, int, Path]:
+    """Resolves a workdir, a checkpoints directory or one step directory to (checkpoints root, step, workdir)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint path {path} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint path {path} is not a directory")
+    if path.name.isdigit() and any((path / name).exists() for name in (_STATE, _CONFIG, _STEP_METADATA)):
+        root, step = path.parent, int(path.name)
+    else:
+        root = path / CHECKPOINT_DIR if (path / CHECKPOINT_DIR).is_dir() else path
+        steps = _steps(root)
+        if not steps:
+            unfinished = sorted(p.name for p in root.glob(f"*{_UNFINISHED}*"))
+            hint = f" (only unfinished saves: {unfinished})" if unfinished else ""
+            raise CheckpointError(f"no checkpoint found in {path}{hint}; expected WORKDIR/{CHECKPOINT_DIR}/<step>/")
+        step = steps[-1]
+    workdir = root.parent if root.name == CHECKPOINT_DIR else root
+    return root, step, workdir
+
+
+def _pure(tree: Any) -> Any:
+    return nnx.to_pure_dict(tree) if isinstance(tree, nnx.State) else tree
+
+
+def _inference_shardings(abstract_state: nnx.State, mesh: jax.sharding.Mesh | None) -> Any:
+    """Pure dict of target shardings: the training rules on `mesh`, else replicated on the local devices."""
+    if mesh is None:
+        local = jax.sharding.Mesh(np.array(jax.local_devices()), ("data",))
+        return jax.tree.map(lambda _: replicated(local), nnx.to_pure_dict(abstract_state))
+    return param_shardings(abstract_state, mesh)
+
+
+def load_for_inference(path: str | Path, mesh: jax.sharding.Mesh | None = None) -> InferenceBundle:
+    """Restores params (never the optimizer state: a partial restore reads only the `params` subtree) and config
+    from a workdir (latest step), a checkpoints directory (latest step) or one step directory, placed on `mesh`
+    (default: replicated on the local devices), plus WORKDIR/tokenizer.json when present.
+
+    Raises `CheckpointError` for a missing path, no checkpoint, or unfinished / corrupt files.
+    """
+    root, step, workdir = _locate(path)
+    step_dir = root / str(step)
+    _check_finished(step_dir, (_STATE, _CONFIG))
+    config = _read_config(root, step)
+    graphdef, abstract_state = abstract_model(config.model)
+    abstract = jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                            nnx.to_pure_dict(abstract_state), _inference_shardings(abstract_state, mesh))
+    target = {"params": abstract}
+    with _reader(root, ocp.PyTreeCheckpointHandler()) as manager:
+        saved = _state_metadata(manager, step, step_dir)
+        _raise_mismatch(_mismatch(saved, target, subtree="params"),
+                        f"checkpoint {step_dir} does not match its config.model")
+        restore = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                         partial_restore=True)
+        try:
+            params = manager.restore(step, args=ocp.args.Composite(**{_STATE: restore}))[_STATE]["params"]
+        except Exception as e:
+            raise _corrupt(step_dir, e) from e
+    nnx.replace_by_pure_dict(abstract_state, params)
+    tokenizer = None
+    if (workdir / TOKENIZER_FILE).is_file():
+        from tidar_jax.tokenizer import Tokenizer  # imported lazily: only needed when a tokenizer was saved
+
+        tokenizer = Tokenizer.from_file(workdir / TOKENIZER_FILE)
+    return InferenceBundle(config=config, graphdef=graphdef, params=abstract_state, tokenizer=tokenizer, step=step)
+
+
+def save_inference_checkpoint(workdir: str | Path, config: Config, params: nnx.State | dict,
+                              tokenizer_file: str | Path | None = None) -> Path:
+    """Writes `params` (nnx.State or its pure dict, matching `config.model`) as a params-only step-0 checkpoint
+    that `load_for_inference(workdir)` reads, and copies `tokenizer_file` to WORKDIR/tokenizer.json.
+
+    Refuses (CheckpointError) if WORKDIR already holds checkpoints or a different tokenizer.json. Returns WORKDIR.
+    """
+    workdir = Path(workdir)
+    root = workdir / CHECKPOINT_DIR
+    existing = _steps(root)
+    if existing:
+        raise CheckpointError(f"{root} already holds checkpoints (steps {existing}); refusing to write over "
+                              "them, choose an empty workdir")
+    pure = _pure(params)
+    template = nnx.to_pure_dict(abstract_model(config.model)[1])
+    _raise_mismatch(_mismatch(pure, template, names=("params", "config.model")), "params do not match config.model")
+    tokenizer_dest = workdir / TOKENIZER_FILE
+    if tokenizer_file is not None:
+        if not Path(tokenizer_file).is_file():
+            raise CheckpointError(f"tokenizer file {tokenizer_file} does not exist")
+        if tokenizer_dest.exists() and not filecmp.cmp(tokenizer_file, tokenizer_dest, shallow=False):
+            raise CheckpointError(f"{tokenizer_dest} already exists with different contents; refusing to "
+                                  "overwrite it")
+    state = {"step": np.zeros((), np.int32), "params": pure}
+    with Checkpointer(workdir, keep=None, async_save=False) as checkpointer:
+        checkpointer.save(0, state, None, config)
+    if tokenizer_file is not None and not tokenizer_dest.exists() and jax.process_index() == 0:
+        shutil.copyfile(tokenizer_file, tokenizer_dest)
+    return workdir
