@@ -1,0 +1,169 @@
+"""Device mesh, the logical-axis rules table, and shardings for params and batches.
+
+The mesh has three `AxisType.Auto` axes `(data, fsdp, tensor)`. Parameters carry logical axis names in their
+`out_sharding` metadata (see model.py); `LOGICAL_AXIS_RULES` is the one place that maps those names (and `batch`) to
+mesh axes. A dimension that the mesh axes do not divide is replicated instead of failing, so a tiny model still runs
+on a large mesh (e.g. 2 KV heads on tensor=4).
+
+Params are created already sharded: `init_sharded_model` traces the constructor under `jax.jit` with
+`out_shardings`, so no device ever holds the full unsharded model.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from tidar_jax.config import ConfigError, MeshConfig, ModelConfig
+from tidar_jax.model import Transformer
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical name -> mesh axis, tuple of mesh axes, or None (replicated). The only rules table in the project.
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("vocab", "tensor"),
+    ("head_dim", None),
+)
+BATCH_AXES = dict(LOGICAL_AXIS_RULES)["batch"]
+
+
+def mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
+    """Resolves `-1` (= all remaining devices) and checks that the sizes multiply to `num_devices`."""
+    sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
+    named = dict(zip(MESH_AXES, sizes))
+    fixed = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % fixed:
+            raise ConfigError(f"mesh sizes {named}: the fixed axes ({fixed} devices) do not divide the "
+                              f"{num_devices} available devices")
+        sizes[sizes.index(-1)] = num_devices // fixed
+    elif fixed != num_devices:
+        raise ConfigError(f"mesh sizes {named} need {fixed} devices but {num_devices} are available "
+                          f"(set one axis to -1 to use the rest)")
+    return tuple(sizes)
+
+
+def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A `(data, fsdp, tensor)` mesh with `AxisType.Auto` axes over `devices` (default: all global devices)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(mesh_cfg, len(devices))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def _axis_size(mesh: Mesh, axes: str | tuple[str, ...] | None) -> int:
+    if axes is None:
+        return 1
+    names = (axes,) if isinstance(axes, str) else axes
+    return math.prod(mesh.shape[a] for a in names)
+
+
+def logical_to_mesh(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> P:
+    """Maps logical axis names (one per dim of `shape`) to a mesh `PartitionSpec`.
+
+    A dim falls back to replication when its mesh axes do not divide it, when a mesh axis was already used by an
+    earlier dim of the same array, or when the name has no rule (unknown names are replicated, never an error).
+    """
+    if len(logical) != len(shape):
+        raise ValueError(f"logical axes {tuple(logical)} do not match array rank {len(shape)} (shape {tuple(shape)})")
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(logical, shape):
+        axes = table.get(name) if name is not None else None
+        names = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+        if not names or used.intersection(names) or dim % _axis_size(mesh, axes):
+            spec.append(None)
+            continue
+        used.update(names)
+        spec.append(axes)
+    return P(*spec)
+
+
+def param_shardings(abstract_params: nnx.State, mesh: Mesh) -> dict:
+    """abstract_params: an `nnx.State` whose variables carry `out_sharding` logical names (from `nnx.eval_shape`
+    + `nnx.split`, or real arrays). Returns a pure dict (the structure of `nnx.to_pure_dict(abstract_params)`)
+    of `NamedSharding`.
+    """
+    specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
+    shapes = nnx.to_pure_dict(abstract_params)
+
+    def one(spec, leaf):
+        logical = tuple(spec) if isinstance(spec, P) and len(spec) else (None,) * len(leaf.shape)
+        return NamedSharding(mesh, logical_to_mesh(logical, leaf.shape, mesh))
+
+    return jax.tree.map(one, specs, shapes, is_leaf=lambda x: isinstance(x, P))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of a `[batch, ...]` array: the batch dim split over the `batch` rule's mesh axes (data x fsdp)."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """How many ways the batch dim is split; global (micro)batch sizes must be multiples of it."""
+    return _axis_size(mesh, BATCH_AXES)
+
+
+def make_global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assembles this process's `[local_batch, ...]` arrays into global `[global_batch, ...]` jax arrays sharded
+    along the batch dim (global batch = concatenation of the processes' local batches in process order).
+    """
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+
+
+def abstract_model(model_cfg: ModelConfig, seed: int = 0) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, abstract state of ShapeDtypeStructs with logical-name metadata); allocates nothing.
+
+    Uses `jax.eval_shape` rather than `nnx.eval_shape`, which under an active mesh would try to turn the logical
+    names into mesh axes.
+    """
+    graphdefs = []
+
+    def build() -> nnx.State:
+        graphdef, state = nnx.split(Transformer(model_cfg, rngs=nnx.Rngs(params=seed)))
+        graphdefs.append(graphdef)
+        return state
+
+    state = jax.eval_shape(build)
+    return graphdefs[0], state
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_init(model_cfg: ModelConfig, mesh: Mesh, seed: int) -> Callable[[], dict]:
+    """The constructor traced under jit with the params' shardings (cached: a second init does not recompile)."""
+    shardings = param_shardings(abstract_model(model_cfg, seed)[1], mesh)
+
+    def init() -> dict:
+        return nnx.to_pure_dict(nnx.split(Transformer(model_cfg, rngs=nnx.Rngs(params=seed)))[1])
+
+    return jax.jit(init, out_shardings=shardings)
+
+
+def init_sharded_model(model_cfg: ModelConfig, mesh: Mesh, seed: int = 0) -> tuple[nnx.GraphDef, nnx.State]:
+    """Randomly initialised (graphdef, params) with every param created directly in its mesh sharding.
+
+    The values equal `create_model(model_cfg, seed)` on one device up to the last bit (threefry is
+    partitionable, so sharding does not change the random bits).
+    """
+    with jax.set_mesh(mesh):
+        pure = _jitted_init(model_cfg, mesh, seed)()
+    graphdef, params = abstract_model(model_cfg, seed)
+    nnx.replace_by_pure_dict(params, pure)
+    return graphdef, params

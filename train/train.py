@@ -1,0 +1,131 @@
+"""Train a TiDAR (or plain AR baseline) model on a device mesh, with checkpoints, resume and held-out eval.
+
+    python -m train.train --config configs/tiny.yaml --workdir runs/tiny                 # new run (or resume)
+    python -m train.train --config configs/tiny.yaml --workdir runs/tiny train.steps=200 data.seq_len=128
+    python -m train.train --workdir runs/tiny                                             # resume, saved config
+    python -m train.train --workdir runs/tiny train.steps=400                             # resume and extend
+
+Overrides are `section.field=value` (sections: model, data, train, mesh, decode), e.g. train.steps=100,
+train.objective=ar, mesh.data=2 mesh.tensor=4, train.init_from=runs/imported-hf-model. A WORKDIR that already holds
+checkpoints resumes from its latest step; a config that changes the model, the data or the objective of that run
+is refused (choose another --workdir). Outputs: WORKDIR/checkpoints/<step>, WORKDIR/metrics.jsonl,
+WORKDIR/tokenizer.json (and WORKDIR/tensorboard when tensorboardX is installed).
+
+Several hosts: run the same command on every host with --distributed (or mesh.distributed=true); on GPU/TPU
+clusters jax.distributed.initialize() finds the coordinator itself, elsewhere give --coordinator,
+--num-processes and --process-id.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m train.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML preset (e.g. configs/tiny.yaml). Omit it to resume WORKDIR with the "
+                                         "config saved in its latest checkpoint")
+    parser.add_argument("--workdir", required=True,
+                        help="run directory: checkpoints, metrics.jsonl and tokenizer.json go here; resumed from "
+                             "its latest checkpoint when it has one")
+    parser.add_argument("overrides", nargs="*", metavar="section.field=value",
+                        help="config overrides applied after the preset (or the saved config), e.g. "
+                             "train.steps=100 train.objective=ar mesh.data=-1")
+    parser.add_argument("--distributed", action="store_true",
+                        help="multi-process run: call jax.distributed.initialize() before anything else (also "
+                             "enabled by mesh.distributed=true in the config or overrides)")
+    parser.add_argument("--coordinator", help="HOST:PORT of process 0 for jax.distributed.initialize (needed on "
+                                              "CPU; auto-detected on most GPU/TPU clusters)")
+    parser.add_argument("--num-processes", type=int, help="total number of processes (with --coordinator)")
+    parser.add_argument("--process-id", type=int, help="this process's index in [0, num-processes)")
+    parser.add_argument("--stop-at-step", type=int,
+                        help="stop (with a checkpoint) after this step although train.steps is larger, as a "
+                             "preempted job would; the learning-rate schedule still spans train.steps")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    return parser.parse_args(argv)
+
+
+def _wants_distributed(args: argparse.Namespace) -> bool:
+    """--distributed, or mesh.distributed=true in the preset / overrides (decided before jax starts)."""
+    if args.distributed:
+        return True
+    if args.config:
+        from tidar_jax.config import load_config
+
+        return load_config(args.config, args.overrides).mesh.distributed
+    return any(o.replace(" ", "").lower() in ("mesh.distributed=true", "mesh.distributed=1") for o in args.overrides)
+
+
+def _start_distributed(args: argparse.Namespace) -> None:
+    import jax
+
+    # CPU backends need a collectives implementation for cross-process arrays; GPU/TPU ignore this option.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs = {"coordinator_address": args.coordinator, "num_processes": args.num_processes,
+              "process_id": args.process_id}
+    jax.distributed.initialize(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+def resolve_config(args: argparse.Namespace):
+    """The run's Config: the preset + overrides, or WORKDIR's saved config + overrides."""
+    from omegaconf import OmegaConf
+
+    from tidar_jax.checkpoint import read_checkpoint_config
+    from tidar_jax.config import ConfigError, config_from_dict, load_config, to_dict
+
+    if args.config:
+        return load_config(args.config, args.overrides)
+    saved = read_checkpoint_config(args.workdir)
+    if saved is None:
+        raise ConfigError(f"{args.workdir} holds no checkpoint to resume: pass --config to start a new run")
+    for item in args.overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.field=value")
+    merged = OmegaConf.merge(OmegaConf.create(to_dict(saved)), OmegaConf.from_dotlist(list(args.overrides)))
+    return config_from_dict(OmegaConf.to_container(merged))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from tidar_jax.config import ConfigError
+
+    try:
+        distributed = _wants_distributed(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if distributed:
+        _start_distributed(args)  # before any other jax call (resolve_config reads checkpoints via Orbax)
+
+    from tidar_jax.checkpoint import CheckpointError
+    from tidar_jax.config import to_yaml
+    from tidar_jax.corpora import DataError
+    from tidar_jax.tokenizer import TokenizerError
+
+    try:
+        cfg = resolve_config(args)
+        if cfg.mesh.distributed and not distributed:
+            raise ConfigError(f"the run in {args.workdir} is multi-process (mesh.distributed=true): pass "
+                              "--distributed so that jax.distributed.initialize() runs first")
+        if args.print_config:
+            print(to_yaml(cfg), end="")
+            return 0
+        from tidar_jax.trainer import train
+
+        result = train(cfg, args.workdir, stop_at_step=args.stop_at_step, progress=not args.no_progress)
+    except (ConfigError, CheckpointError, DataError, TokenizerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    last = next((r for r in reversed(result.records) if "loss" in r), None)
+    summary = f"step {result.step}/{cfg.train.steps}"
+    if last is not None:
+        summary += f": loss {last['loss']:.4f} (ar {last['ar_loss']:.4f}, diff {last['diff_loss']:.4f})"
+    print(f"{summary}; checkpoints in {args.workdir}/checkpoints", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
