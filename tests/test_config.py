@@ -64,3 +64,12 @@ def test_replace_validates(tiny_config):
     assert replace(tiny_config, model={"n_layers": 3}).model.n_layers == 3
     with pytest.raises(ConfigError, match="model.n_kv_heads"):
         replace(tiny_config, model={"n_kv_heads": 3})
+
+
+def test_apply_overrides_on_a_loaded_config(tiny_config):
+    from tidar_jax.config import apply_overrides
+
+    cfg = apply_overrides(tiny_config, ["train.steps=7", "decode.beta=0.5"])
+    assert (cfg.train.steps, cfg.decode.beta, cfg.model) == (7, 0.5, tiny_config.model)
+    with pytest.raises(ConfigError, match="train.steps"):
+        apply_overrides(tiny_config, ["train.steps=seven"])

@@ -218,12 +218,20 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             layers.append(OmegaConf.load(path))
         except Exception as e:  # YAML syntax errors come from several libraries
             raise ConfigError(f"cannot parse config file {path}: {e}") from None
+    layers.extend(_override_layers(overrides))
+    return validate(_merge(Config, *layers))
+
+
+def _override_layers(overrides: Sequence[str]) -> list:
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.field=value")
-    if overrides:
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
-    return validate(_merge(Config, *layers))
+    return [OmegaConf.from_dotlist(list(overrides))] if overrides else []
+
+
+def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+    """`cfg` with `section.field=value` overrides applied (typed and validated like `load_config`)."""
+    return validate(_merge(Config, OmegaConf.create(to_dict(cfg)), *_override_layers(overrides)))
 
 
 def config_from_dict(data: dict) -> Config:

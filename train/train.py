@@ -71,21 +71,15 @@ def _start_distributed(args: argparse.Namespace) -> None:
 
 def resolve_config(args: argparse.Namespace):
     """The run's Config: the preset + overrides, or WORKDIR's saved config + overrides."""
-    from omegaconf import OmegaConf
-
     from tidar_jax.checkpoint import read_checkpoint_config
-    from tidar_jax.config import ConfigError, config_from_dict, load_config, to_dict
+    from tidar_jax.config import ConfigError, apply_overrides, load_config
 
     if args.config:
         return load_config(args.config, args.overrides)
     saved = read_checkpoint_config(args.workdir)
     if saved is None:
         raise ConfigError(f"{args.workdir} holds no checkpoint to resume: pass --config to start a new run")
-    for item in args.overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like section.field=value")
-    merged = OmegaConf.merge(OmegaConf.create(to_dict(saved)), OmegaConf.from_dotlist(list(args.overrides)))
-    return config_from_dict(OmegaConf.to_container(merged))
+    return apply_overrides(saved, args.overrides)
 
 
 def main(argv=None) -> int:
