@@ -1,0 +1,141 @@
+"""Generate text from a checkpoint with TiDAR (draft + verify in one forward) or plain AR decoding.
+
+    python -m infer.generate --checkpoint runs/tiny --prompt "The market" --max-new-tokens 64
+    python -m infer.generate --checkpoint runs/tiny --prompt-ids 464,1910 --mode ar --json
+    python -m infer.generate --checkpoint runs/tiny --prompt "Hi" --temperature 0.8 --top-p 0.95 --seed 1
+    python -m infer.generate --checkpoint runs/tiny --prompt-ids 464 decode.max_cache_len=1024 "decode.prompt_buckets=[64]"
+
+Text streams to stdout as tokens are accepted (statistics go to stderr); with --json one JSON object is printed at
+the end instead: token_ids (the new tokens), text, forwards, tokens_per_forward, tokens_per_second and more.
+Defaults for every knob come from the checkpoint's `decode` config section; `decode.field=value` overrides change it
+(flags win over overrides). The block size defaults to the one the model was trained with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m infer.generate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True,
+                        help="a training WORKDIR (its latest step), its checkpoints/ directory or one step directory")
+    prompt = parser.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text (needs WORKDIR/tokenizer.json)")
+    prompt.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 464,1910,318")
+    parser.add_argument("--max-new-tokens", type=int, help="tokens to generate (default: decode.max_new_tokens)")
+    parser.add_argument("--mode", choices=("tidar", "ar"), default="tidar",
+                        help="tidar: K drafts verified + K proposals drafted per forward; ar: one token per forward")
+    parser.add_argument("--beta", type=float,
+                        help="verifier logit mix beta*AR + (1-beta)*diffusion, in [0, 1]; 1 = exact AR output")
+    parser.add_argument("--temperature", type=float, help="0 = greedy; > 0 samples (speculative sampling in tidar)")
+    parser.add_argument("--top-k", type=int, help="sample among the k most likely tokens (0 = off)")
+    parser.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1] (1 = off)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    parser.add_argument("--block-size", type=int,
+                        help="draft block size K (default: the trained one; another K needs the next flag)")
+    parser.add_argument("--allow-block-size-mismatch", action="store_true",
+                        help="decode with a block size other than the one the model was trained with")
+    parser.add_argument("--json", action="store_true", help="print one JSON object with tokens and statistics")
+    parser.add_argument("overrides", nargs="*", metavar="decode.field=value",
+                        help="decode config overrides, e.g. decode.max_cache_len=1024 decode.prompt_buckets=[32,256]")
+    return parser.parse_args(argv)
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+
+
+def _decode_config(config, args: argparse.Namespace):
+    """The checkpoint's config with decode.* overrides and flags applied (validated)."""
+    from omegaconf import OmegaConf
+
+    from tidar_jax.config import ConfigError, config_from_dict, to_dict
+
+    for item in args.overrides:
+        if "=" not in item or not item.startswith("decode."):
+            raise ConfigError(f"override {item!r} must look like decode.field=value (only decode.* can change)")
+    merged = OmegaConf.merge(OmegaConf.create(to_dict(config)), OmegaConf.from_dotlist(list(args.overrides)))
+    flags = {"max_new_tokens": args.max_new_tokens, "block_size": args.block_size, "beta": args.beta,
+             "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    for name, value in flags.items():
+        if value is not None:
+            merged.decode[name] = value
+    return config_from_dict(OmegaConf.to_container(merged))
+
+
+class _TextStream:
+    """Prints the decoded text of the tokens so far, holding back an incomplete UTF-8 tail ('\ufffd')."""
+
+    def __init__(self, tokenizer, out):
+        self.tokenizer, self.out, self.ids, self.printed = tokenizer, out, [], 0
+
+    def __call__(self, new_tokens: list[list[int]]) -> None:
+        self.ids += new_tokens[0]
+        if self.tokenizer is None:
+            if new_tokens[0]:
+                self.out.write(" ".join(map(str, new_tokens[0])) + " ")
+        else:
+            text = self.tokenizer.decode(self.ids, skip_special_tokens=True).rstrip("\ufffd")
+            self.out.write(text[self.printed:])
+            self.printed = max(self.printed, len(text))
+        self.out.flush()
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Loads the checkpoint, generates, streams unless --json; returns the JSON summary."""
+    from tidar_jax.checkpoint import load_for_inference
+    from tidar_jax.generation import Generator
+
+    bundle = load_for_inference(args.checkpoint)
+    cfg = _decode_config(bundle.config, args)
+    tokenizer = bundle.tokenizer
+    if args.prompt is not None:
+        if tokenizer is None:
+            raise ValueError(f"{args.checkpoint} has no tokenizer.json: pass the prompt as --prompt-ids")
+        prompt_ids = tokenizer.encode(args.prompt)
+    else:
+        prompt_ids = _parse_ids(args.prompt_ids)
+    generator = Generator(bundle.graphdef, bundle.params, cfg.model, cfg.decode,
+                          allow_block_size_mismatch=args.allow_block_size_mismatch)
+    stream = None if args.json else _TextStream(tokenizer, sys.stdout)
+    result = generator.generate([prompt_ids], args.mode, seed=args.seed, on_tokens=stream)
+    tokens = result.tokens[0]
+    return {
+        "token_ids": tokens,
+        "text": None if tokenizer is None else tokenizer.decode(tokens, skip_special_tokens=True),
+        "prompt_ids": prompt_ids, "mode": args.mode, "block_size": result.block_size,
+        "forwards": result.forwards, "tokens_per_forward": result.tokens_per_forward,
+        "tokens_per_second": result.tokens_per_second, "wall_time_s": result.wall_time_s,
+        "compile_time_s": result.compile_time_s, "acceptance_histogram": result.acceptance_histogram,
+        "finish_reason": result.finish_reasons[0], "checkpoint_step": bundle.step,
+    }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from tidar_jax.checkpoint import CheckpointError
+
+    try:
+        summary = run(args)
+    except (ValueError, CheckpointError) as e:  # ConfigError and TokenizerError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print()
+        print(f"[{len(summary['token_ids'])} tokens, {summary['forwards']} forwards, "
+              f"{summary['tokens_per_forward']:.2f} tokens/forward, {summary['tokens_per_second']:.1f} tokens/s, "
+              f"finished by {summary['finish_reason']}]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""`python -m infer.generate` in-process: a random tiny model saved with `save_inference_checkpoint` and reloaded by
+the CLI must print what `Generator` produces. The reference Generator runs on the same restored params (replicated
+on the test's 8 CPU devices), so both share compiled programs; the save / load round trip is checkpoint.py's test."""
+
+import json
+import os
+
+import pytest
+from flax import nnx
+
+from infer.generate import main
+from tidar_jax.checkpoint import load_for_inference, save_inference_checkpoint
+from tidar_jax.config import replace
+from tidar_jax.generation import Generator
+from tidar_jax.model import create_model
+from tidar_jax.tokenizer import train_bpe
+
+OVERRIDES = ["decode.max_cache_len=48", "decode.prompt_buckets=[16,32]"]
+NEW = 12  # also the reference Generator's capacity, so that it reuses the CLI's compiled programs
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_config, tmp_path_factory):
+    """(workdir, config, reference Generator, tokenizer): random weights plus a BPE trained on stdlib source."""
+    cfg = replace(tiny_config, decode={"max_cache_len": 48, "prompt_buckets": (16, 32), "max_new_tokens": NEW})
+    graphdef, params = nnx.split(create_model(cfg.model, seed=3))
+    workdir = tmp_path_factory.mktemp("generate_cli")
+    sources = [open(os.path.join(os.path.dirname(os.__file__), name)).read() for name in ("argparse.py", "ast.py")]
+    tokenizer = train_bpe(sources, cfg.model.vocab_size, workdir / "bpe.json")
+    save_inference_checkpoint(workdir / "run", cfg, params, tokenizer_file=workdir / "bpe.json")
+    bundle = load_for_inference(workdir / "run")
+    return workdir / "run", cfg, Generator(bundle.graphdef, bundle.params, cfg.model, cfg.decode), tokenizer
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_json_output_equals_generator(checkpoint, capsys):
+    workdir, cfg, generator, _ = checkpoint
+    code, out, err = _run(["--checkpoint", str(workdir), "--prompt-ids", "5,6,7,8", "--max-new-tokens", str(NEW),
+                           "--mode", "tidar", "--temperature", "0.9", "--top-k", "20", "--seed", "4", "--json",
+                           *OVERRIDES], capsys)
+    assert code == 0, err
+    summary = json.loads(out)
+    expected = generator.generate([[5, 6, 7, 8]], "tidar", NEW, seed=4, temperature=0.9, top_k=20)
+    assert summary["token_ids"] == expected.tokens[0] and len(summary["token_ids"]) == NEW
+    assert summary["forwards"] == expected.forwards
+    assert summary["tokens_per_forward"] == pytest.approx(NEW / summary["forwards"])
+    assert summary["tokens_per_second"] > 0 and summary["block_size"] == cfg.model.block_size
+    assert isinstance(summary["text"], str)
+
+
+def test_streamed_text_equals_generator(checkpoint, capsys):
+    workdir, cfg, generator, tokenizer = checkpoint
+    code, out, err = _run(["--checkpoint", str(workdir), "--prompt", "def parse(self", "--max-new-tokens",
+                           str(NEW), "--mode", "ar", *OVERRIDES], capsys)
+    assert code == 0, err
+    expected = generator.generate([tokenizer.encode("def parse(self")], "ar", NEW)
+    assert out.rstrip("\n") == tokenizer.decode(expected.tokens[0], skip_special_tokens=True)
+    assert f"{NEW} tokens, {NEW} forwards" in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--prompt-ids", "5,x"], "comma-separated integers"),
+    (["--prompt-ids", "5,512"], "outside the vocabulary"),
+    (["--prompt-ids", "5,1"], "mask token"),
+    (["--prompt-ids", ""], "empty"),
+    (["--prompt-ids", "5", "train.steps=3"], "only decode"),
+    (["--prompt-ids", "5", "--block-size", "2"], "trained block size"),
+])
+def test_bad_requests_fail_with_clear_errors(checkpoint, capsys, argv, message):
+    code, out, err = _run(["--checkpoint", str(checkpoint[0]), *argv, *OVERRIDES], capsys)
+    assert code == 2 and message in err and out == ""
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    code, _, err = _run(["--checkpoint", str(tmp_path / "nowhere"), "--prompt-ids", "5"], capsys)
+    assert code == 2 and "does not exist" in err
+    code, _, err = _run(["--checkpoint", str(tmp_path), "--prompt-ids", "5"], capsys)
+    assert code == 2 and "no checkpoint" in err

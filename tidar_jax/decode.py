@@ -1,0 +1,258 @@
+"""TiDAR and AR decoding over a KV cache: prefill, one decode step, and the `lax.while_loop` around it.
+
+design.md section 3. State between steps: the cache holds committed tokens at slots `[0, cursor)`; the draft block
+`drafts = [v_1 .. v_K]` sits at positions `cursor .. cursor+K-1`, v_1 already decided. A TiDAR step feeds the K
+drafts plus K proposal blocks of K mask tokens in ONE forward, writes the drafts' K/V at the cursor (mask tokens'
+K/V is never written), verifies (`sampling.greedy_verify` / `speculative_verify`), commits v_1..v_a by moving the
+cursor, and takes the next drafts `[t_a, proposal a's slots 2..K]`. The AR step is the same code with K = 1 and no
+proposals.
+
+Output convention: a token is emitted as soon as it is decided, i.e. v_1 after prefill, then `v_2..v_a, t_a` (a
+tokens) per step; committing to the cache lags one token behind. So AR emits one token per forward (prefill
+included) and a TiDAR step emits a tokens. A row finishes on EOS (kept, nothing after it), on reaching its
+max_new_tokens, or when its cache cannot hold another block (cursor + K > max_len); finished rows still ride along
+in the fixed-shape forward but none of their state changes (their cache slots at or past the cursor may).
+
+All functions are pure and meant for `jax.jit` with `spec` (and `graphdef`) static; see generation.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from tidar_jax import masks, sampling
+from tidar_jax.config import DecodeConfig, ModelConfig
+from tidar_jax.kv_cache import KVCache
+from tidar_jax.model import forward
+
+Array = jax.Array
+
+MODES = ("tidar", "ar")
+RUNNING, FINISH_EOS, FINISH_LENGTH, FINISH_CACHE = 0, 1, 2, 3
+FINISH_NAMES = {RUNNING: "running", FINISH_EOS: "eos", FINISH_LENGTH: "length", FINISH_CACHE: "cache"}
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSpec:
+    """Static (hashable) description of a compiled decode loop.
+
+    num_drafts: K for TiDAR, 1 for AR; with_proposals: TiDAR (K proposal blocks) vs AR; greedy: argmax vs
+    speculative sampling; capacity: output buffer length (the largest max_new_tokens it can serve).
+    """
+
+    num_drafts: int
+    with_proposals: bool
+    greedy: bool
+    capacity: int
+    mask_token_id: int
+    eos_token_id: int
+
+    @classmethod
+    def create(cls, mode: str, block_size: int, greedy: bool, capacity: int, model_cfg: ModelConfig) -> "DecodeSpec":
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        tidar = mode == "tidar"
+        return cls(num_drafts=block_size if tidar else 1, with_proposals=tidar, greedy=greedy, capacity=capacity,
+                   mask_token_id=model_cfg.mask_token_id, eos_token_id=model_cfg.eos_token_id)
+
+
+def resolve_block_size(model_cfg: ModelConfig, decode_cfg: DecodeConfig, allow_mismatch: bool = False) -> int:
+    """decode.block_size, or the trained model.block_size when it is 0. A different K than the trained one is an
+    error unless `allow_mismatch` (the diffusion drafts were trained for one block size)."""
+    k = decode_cfg.block_size or model_cfg.block_size
+    if k < 1:
+        raise ValueError(f"block size must be >= 1, got {k}")
+    if k != model_cfg.block_size and not allow_mismatch:
+        raise ValueError(f"decode block size {k} differs from the model's trained block size "
+                         f"{model_cfg.block_size}; pass allow_block_size_mismatch=True to decode anyway")
+    return k
+
+
+@struct.dataclass
+class DecodeState:
+    """Everything the loop carries (fixed shapes; b = batch, K = spec.num_drafts, V = vocab).
+
+    cache: KVCache with per-row cursor [b]; drafts: [b, K] int32 (v_1..v_K); draft_probs: [b, K-1, V] float32, the
+    distributions v_2..v_K were sampled from ([b, 0, 0] when greedy); tokens: [b, capacity + K] int32 output buffer
+    (the K slack lets a step write a whole block); num_tokens: [b] int32 valid prefix of `tokens`; max_new_tokens:
+    [] int32 per-call limit <= capacity; finish: [b] int32 (RUNNING or a FINISH_* reason); row_forwards: [b] int32
+    forwards each row was active for (prefill included); forwards: [] int32 batch forwards so far (prefill
+    included); accept_hist: [K+1] int32, accept_hist[a] = row-steps that accepted a tokens; key: PRNG key.
+    """
+
+    cache: KVCache
+    drafts: Array
+    draft_probs: Array
+    tokens: Array
+    num_tokens: Array
+    max_new_tokens: Array
+    finish: Array
+    row_forwards: Array
+    forwards: Array
+    accept_hist: Array
+    key: Array
+
+
+def _model_logits(graphdef: nnx.GraphDef, params: nnx.State, tokens: Array, positions: Array, mask: Array,
+                  cache: KVCache, write_start: Array, n_write: int, spec: DecodeSpec) -> tuple[Array, KVCache]:
+    """`model.forward` (logits [b, q, V]), with the mask token made impossible as an output: it is never a training
+    target and a prompt may not contain it. A finite -1e30, not -inf, so the beta mix `1 * x + 0 * y` is never NaN."""
+    logits, cache = forward(graphdef, params, tokens, positions, mask, cache, write_start, n_write=n_write)
+    return logits.at[..., spec.mask_token_id].set(-1e30), cache
+
+
+def _take_rows(x: Array, index: Array) -> Array:
+    """x: [batch, n, ...]; index: [batch] -> x[b, index[b]]: [batch, ...]."""
+    index = index.reshape(index.shape + (1,) * (x.ndim - 1))
+    return jnp.take_along_axis(x, index, axis=1)[:, 0]
+
+
+def _draft(slot_logits: Array, u: Array | None, sp: sampling.SamplingParams,
+           spec: DecodeSpec) -> tuple[Array, Array]:
+    """Guesses from diffusion slots. slot_logits: [b, n, V]; u: [b, n] uniforms (None when greedy) ->
+    (tokens [b, n] int32, the distributions they were drawn from: [b, n, V], or [b, 0, 0] when greedy)."""
+    if spec.greedy:
+        return jnp.argmax(slot_logits, axis=-1).astype(jnp.int32), jnp.zeros((slot_logits.shape[0], 0, 0))
+    probs = sampling.distribution(slot_logits, sp)
+    return sampling.sample(probs, u), probs
+
+
+def _next_uniforms(key: Array, shape: tuple[int, ...], spec: DecodeSpec) -> tuple[Array, Array | None]:
+    """(next key, uniforms of `shape`); greedy decoding uses no randomness. All of a forward's randomness comes from
+    one draw: each threefry call costs about a second of CPU compile time."""
+    if spec.greedy:
+        return key, None
+    key, sub = jax.random.split(key)
+    return key, sampling.uniforms(sub, shape)
+
+
+def _append_output(state: DecodeState, emitted: Array, count: Array, active: Array,
+                   spec: DecodeSpec) -> DecodeState:
+    """Appends the first count[b] tokens of emitted [b, n] to the output of active rows, keeping an EOS but
+    nothing after it and stopping at max_new_tokens; marks rows that finish for those two reasons."""
+    n = emitted.shape[1]
+    idx = jnp.arange(n, dtype=jnp.int32)[None, :]
+    is_eos = (emitted == spec.eos_token_id) & (idx < count[:, None])
+    has_eos = jnp.any(is_eos, axis=1)
+    first_eos = jnp.argmax(is_eos, axis=1).astype(jnp.int32)
+    count = jnp.where(has_eos, first_eos + 1, count)
+    count = jnp.where(active, jnp.minimum(count, state.max_new_tokens - state.num_tokens), 0)
+    start = state.num_tokens
+    window = jax.vmap(lambda row, s: jax.lax.dynamic_slice(row, (s,), (n,)))(state.tokens, start)
+    window = jnp.where(idx < count[:, None], emitted, window)
+    tokens = jax.vmap(lambda row, w, s: jax.lax.dynamic_update_slice(row, w, (s,)))(state.tokens, window, start)
+    num_tokens = start + count
+    finish = jnp.where(active & has_eos & (first_eos < count), FINISH_EOS, state.finish)
+    finish = jnp.where((finish == RUNNING) & (num_tokens >= state.max_new_tokens), FINISH_LENGTH, finish)
+    return state.replace(tokens=tokens, num_tokens=num_tokens, finish=finish)
+
+
+def _mark_cache_full(state: DecodeState, spec: DecodeSpec) -> DecodeState:
+    """A row whose cache cannot take the next K-token write stops (the write needs cursor + K <= max_len)."""
+    full = state.cache.cursor + spec.num_drafts > state.cache.max_len
+    return state.replace(finish=jnp.where((state.finish == RUNNING) & full, FINISH_CACHE, state.finish))
+
+
+def prefill(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, prompts: Array, lengths: Array,
+            max_new_tokens: Array, key: Array, sp: sampling.SamplingParams, *, spec: DecodeSpec) -> DecodeState:
+    """Runs the prompt (plus K mask tokens for TiDAR) through the model and decides the first block.
+
+    cache: empty KVCache [b, max_len, ...] (donate it); prompts: [b, P] int32, left-aligned and padded to the
+    bucket P; lengths: [b] int32 real prompt lengths (1 <= lengths <= P, lengths + K <= max_len); max_new_tokens:
+    [] int32 (<= spec.capacity). v_1 = the verifier's choice from the last prompt token's AR logits (mixed with
+    mask slot 1 by beta); v_2..v_K from mask slots 2..K. v_1 is emitted at once.
+    """
+    k = spec.num_drafts
+    n_masks = k if spec.with_proposals else 0
+    batch, prompt_len = prompts.shape
+    tokens = jnp.concatenate([prompts, jnp.full((batch, n_masks), spec.mask_token_id, prompts.dtype)], axis=1)
+    positions = masks.prefill_positions(prompt_len, lengths, n_masks)
+    mask = masks.with_cache(jnp.zeros((batch, cache.max_len), bool),
+                            masks.prefill_mask(prompt_len, lengths, n_masks))
+    # Pad slots' K/V lands past each row's cursor, so it is never attended to and gets overwritten.
+    logits, cache = _model_logits(graphdef, params, tokens, positions, mask, cache,
+                                  jnp.zeros((batch,), jnp.int32), prompt_len, spec)
+    cache = cache.rewind_to(lengths)
+    target = _take_rows(logits, lengths - 1)
+    slots = logits[:, prompt_len:]
+    if spec.with_proposals:
+        target = sampling.mix_logits(target, slots[:, 0], sp.beta)
+    key, u = _next_uniforms(key, (batch, k), spec)
+    if spec.greedy:
+        first = jnp.argmax(target, axis=-1).astype(jnp.int32)
+    else:
+        first = sampling.sample(sampling.distribution(target, sp), u[:, 0])
+    guesses, guess_probs = _draft(slots[:, 1:], None if u is None else u[:, 1:], sp, spec)
+    state = DecodeState(
+        cache=cache, drafts=jnp.concatenate([first[:, None], guesses], axis=1), draft_probs=guess_probs,
+        tokens=jnp.zeros((batch, spec.capacity + k), jnp.int32), num_tokens=jnp.zeros((batch,), jnp.int32),
+        max_new_tokens=jnp.asarray(max_new_tokens, jnp.int32), finish=jnp.zeros((batch,), jnp.int32),
+        row_forwards=jnp.ones((batch,), jnp.int32), forwards=jnp.ones((), jnp.int32),
+        accept_hist=jnp.zeros((k + 1,), jnp.int32), key=key)
+    state = _append_output(state, first[:, None], jnp.ones((batch,), jnp.int32), jnp.ones((batch,), bool), spec)
+    return _mark_cache_full(state, spec)
+
+
+def decode_step(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, sp: sampling.SamplingParams, *,
+                spec: DecodeSpec) -> DecodeState:
+    """One forward: verify the draft block, commit v_1..v_a, emit v_2..v_a and t_a, draft the next block.
+
+    Query tokens [b, K + K*K] for TiDAR ([b, 1] for AR); the K drafts' K/V is written at the cursor.
+    """
+    k = spec.num_drafts
+    cache, drafts = state.cache, state.drafts
+    batch = drafts.shape[0]
+    active = state.finish == RUNNING
+    tokens = drafts
+    if spec.with_proposals:
+        tokens = jnp.concatenate([drafts, jnp.full((batch, k * k), spec.mask_token_id, drafts.dtype)], axis=1)
+    positions = masks.step_positions(cache.cursor, k, spec.with_proposals)
+    mask = masks.with_cache(cache.valid_slots(), masks.step_mask(k, spec.with_proposals))
+    # Finished rows still ride along; clamp their write into the buffer (it lands past their cursor or, for a row
+    # stopped by a full cache, over slots it will never read again).
+    write_start = jnp.minimum(cache.cursor, cache.max_len - k)
+    logits, cache = _model_logits(graphdef, params, tokens, positions, mask, cache, write_start, k, spec)
+    target = logits[:, :k]  # draft j predicts position L+j
+    if spec.with_proposals:
+        blocks = logits[:, k:].reshape(batch, k, k, -1)  # [b, proposal j, slot r, V]: position L+j+r-1
+        target = sampling.mix_logits(target, blocks[:, :, 0], sp.beta)
+    key, u = _next_uniforms(state.key, (batch, 2 * k - 1), spec)  # K to verify, K-1 to draft
+    if spec.greedy:
+        accepted, decided = sampling.greedy_verify(target, drafts)
+    else:
+        accepted, decided = sampling.speculative_verify(sampling.distribution(target, sp), state.draft_probs,
+                                                        drafts, u[:, :k])
+    next_drafts, next_probs = decided[:, None], state.draft_probs
+    if spec.with_proposals:
+        # Proposal a saw exactly v_1..v_a; its slot 1 is t_a's position, slots 2..K draft the rest.
+        guesses, next_probs = _draft(_take_rows(blocks, accepted - 1)[:, 1:], None if u is None else u[:, k:],
+                                     sp, spec)
+        next_drafts = jnp.concatenate([decided[:, None], guesses], axis=1)
+    # Tokens for positions L+1 .. L+a: v_2 .. v_a, then t_a.
+    following = jnp.concatenate([drafts[:, 1:], decided[:, None]], axis=1)
+    emitted = jnp.where(jnp.arange(k)[None, :] == accepted[:, None] - 1, decided[:, None], following)
+    row = active[:, None]
+    state = state.replace(
+        cache=cache.rewind_to(jnp.where(active, cache.cursor + accepted, cache.cursor)),
+        drafts=jnp.where(row, next_drafts, drafts),
+        draft_probs=jnp.where(row[..., None], next_probs, state.draft_probs),
+        row_forwards=state.row_forwards + active.astype(jnp.int32),
+        forwards=state.forwards + 1,
+        accept_hist=state.accept_hist.at[accepted].add(active.astype(jnp.int32)),
+        key=key)
+    state = _append_output(state, emitted, accepted, active, spec)
+    return _mark_cache_full(state, spec)
+
+
+def decode_loop(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, sp: sampling.SamplingParams,
+                max_forwards: Array, *, spec: DecodeSpec) -> DecodeState:
+    """`decode_step` in a `lax.while_loop` until every row finished or `state.forwards` reaches max_forwards
+    ([] int32, traced: chunked streaming reuses the same compiled loop). Donate `state`."""
+    def cond(s: DecodeState) -> Array:
+        return jnp.any(s.finish == RUNNING) & (s.forwards < max_forwards)
+
+    return jax.lax.while_loop(cond, lambda s: decode_step(graphdef, params, s, sp, spec=spec), state)
