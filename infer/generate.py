@@ -4,6 +4,7 @@
     python -m infer.generate --checkpoint runs/tiny --prompt-ids 464,1910 --mode ar --json
     python -m infer.generate --checkpoint runs/tiny --prompt "Hi" --temperature 0.8 --top-p 0.95 --seed 1
     python -m infer.generate --checkpoint runs/tiny --prompt-ids 464 decode.max_cache_len=1024 "decode.prompt_buckets=[64]"
+    python -m infer.generate --checkpoint runs/smollm2 --chat --prompt "What is the capital of France?" --mode ar
 
 Text streams to stdout as tokens are accepted (statistics go to stderr); with --json one JSON object is printed at
 the end instead: token_ids (the new tokens), text, forwards, tokens_per_forward, tokens_per_second and more.
@@ -26,6 +27,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (needs WORKDIR/tokenizer.json)")
     prompt.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 464,1910,318")
+    parser.add_argument("--chat", action="store_true",
+                        help="wrap --prompt as one user message in the checkpoint's chat template (imported instruct "
+                             "models keep theirs in WORKDIR/chat_template.jinja or tokenizer_config.json)")
     parser.add_argument("--max-new-tokens", type=int, help="tokens to generate (default: decode.max_new_tokens)")
     parser.add_argument("--mode", choices=("tidar", "ar"), default="tidar",
                         help="tidar: K drafts verified + K proposals drafted per forward; ar: one token per forward")
@@ -53,21 +57,32 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def _decode_config(config, args: argparse.Namespace):
-    """The checkpoint's config with decode.* overrides and flags applied (validated)."""
-    from omegaconf import OmegaConf
-
-    from tidar_jax.config import ConfigError, config_from_dict, to_dict
+    """The checkpoint's config with decode.* overrides, then flags, applied (typed and validated)."""
+    from tidar_jax.config import ConfigError, apply_overrides
 
     for item in args.overrides:
         if "=" not in item or not item.startswith("decode."):
             raise ConfigError(f"override {item!r} must look like decode.field=value (only decode.* can change)")
-    merged = OmegaConf.merge(OmegaConf.create(to_dict(config)), OmegaConf.from_dotlist(list(args.overrides)))
     flags = {"max_new_tokens": args.max_new_tokens, "block_size": args.block_size, "beta": args.beta,
              "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
-    for name, value in flags.items():
-        if value is not None:
-            merged.decode[name] = value
-    return config_from_dict(OmegaConf.to_container(merged))
+    flag_overrides = [f"decode.{name}={value}" for name, value in flags.items() if value is not None]
+    return apply_overrides(config, list(args.overrides) + flag_overrides)
+
+
+def _prompt_ids(args: argparse.Namespace, bundle) -> list[int]:
+    """Token ids of --prompt-ids, --prompt, or --prompt wrapped in the checkpoint's chat template (--chat)."""
+    if args.prompt is None:
+        if args.chat:
+            raise ValueError("--chat needs --prompt TEXT (the template renders text)")
+        return _parse_ids(args.prompt_ids)
+    tokenizer = bundle.tokenizer
+    if tokenizer is None:
+        raise ValueError(f"{args.checkpoint} has no tokenizer.json: pass the prompt as --prompt-ids")
+    if args.chat:
+        from tidar_jax.chat import encode_chat
+
+        return encode_chat(tokenizer.path.parent, [{"role": "user", "content": args.prompt}])
+    return tokenizer.encode(args.prompt)
 
 
 class _TextStream:
@@ -96,12 +111,7 @@ def run(args: argparse.Namespace) -> dict:
     bundle = load_for_inference(args.checkpoint)
     cfg = _decode_config(bundle.config, args)
     tokenizer = bundle.tokenizer
-    if args.prompt is not None:
-        if tokenizer is None:
-            raise ValueError(f"{args.checkpoint} has no tokenizer.json: pass the prompt as --prompt-ids")
-        prompt_ids = tokenizer.encode(args.prompt)
-    else:
-        prompt_ids = _parse_ids(args.prompt_ids)
+    prompt_ids = _prompt_ids(args, bundle)
     generator = Generator(bundle.graphdef, bundle.params, cfg.model, cfg.decode,
                           allow_block_size_mismatch=args.allow_block_size_mismatch)
     stream = None if args.json else _TextStream(tokenizer, sys.stdout)

@@ -81,3 +81,25 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert code == 2 and "does not exist" in err
     code, _, err = _run(["--checkpoint", str(tmp_path), "--prompt-ids", "5"], capsys)
     assert code == 2 and "no checkpoint" in err
+
+
+def test_chat_wraps_the_prompt_in_the_checkpoint_template(checkpoint, capsys, tmp_path):
+    import shutil
+
+    from tidar_jax.chat import encode_chat
+
+    workdir, _, generator, _ = checkpoint
+    code, out, err = _run(["--checkpoint", str(workdir), "--chat", "--prompt", "hi", *OVERRIDES], capsys)
+    assert code == 2 and "no chat template" in err and out == ""
+    chat_dir = tmp_path / "chat_run"
+    shutil.copytree(workdir, chat_dir)
+    (chat_dir / "chat_template.jinja").write_text(
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}")
+    code, out, err = _run(["--checkpoint", str(chat_dir), "--chat", "--prompt", "hi", "--mode", "ar", "--json",
+                           "--max-new-tokens", str(NEW), *OVERRIDES], capsys)
+    assert code == 0, err
+    summary = json.loads(out)
+    expected_prompt = encode_chat(chat_dir, [{"role": "user", "content": "hi"}])
+    assert summary["prompt_ids"] == expected_prompt and len(expected_prompt) > 3
+    assert summary["token_ids"] == generator.generate([expected_prompt], "ar", NEW).tokens[0]
