@@ -338,3 +338,15 @@ def test_sigkill_during_async_save_keeps_previous_step(tmp_path, repo_root):
         restored, data, _ = ckpt.restore(abstract)
     assert int(restored["step"]) == 2 and data == {"pos": 2}
     np.testing.assert_array_equal(restored["w"], np.ones(1024, np.float32))
+
+
+def test_load_for_inference_accepts_a_relative_path(tmp_path, monkeypatch, tiny_config):
+    from flax import nnx
+
+    from tidar_jax.model import create_model
+
+    _, params = nnx.split(create_model(tiny_config.model, seed=1))
+    save_inference_checkpoint(tmp_path / "run", tiny_config, params)
+    monkeypatch.chdir(tmp_path)
+    bundle = load_for_inference("run")
+    assert bundle.step == 0 and bundle.config == tiny_config

@@ -265,8 +265,11 @@ class InferenceBundle:
 
 
 def _locate(path: str | Path) -> tuple[Path, int, Path]:
-    """Resolves a workdir, a checkpoints directory or one step directory to (checkpoints root, step, workdir)."""
-    path = Path(path)
+    """Resolves a workdir, a checkpoints directory or one step directory to (checkpoints root, step, workdir).
+
+    Paths are made absolute first: Orbax refuses relative ones.
+    """
+    path = Path(path).absolute()
     if not path.exists():
         raise CheckpointError(f"checkpoint path {path} does not exist")
     if not path.is_dir():

@@ -1,0 +1,281 @@
+"""Speed benchmark: TiDAR vs AR (vs draft-model speculative decoding) and the forward-latency curve, in one run.
+
+    python -m infer.bench --checkpoint runs/tidar-k4 runs/tidar-k8 runs/ar --draft runs/draft \\
+        --json docs/results/bench.json --plot-dir docs
+    python -m infer.bench --checkpoint runs/tidar-k4 --block-sizes 2 4 8 --allow-block-size-mismatch
+    python -m infer.bench --checkpoint runs/tidar-k4 --skip-generation --latency-prefixes 512 2048
+
+Generation: for every checkpoint, decode block size K and batch size, greedy decoding of the same held-out prompts
+(batch 1 cycles through them, one per repeat) runs in each method: `ar` (one token per forward), `tidar` (for
+tidar-objective checkpoints) and `spec` (with --draft: the draft model proposes K-1 tokens, the checkpoint
+verifies K per forward). Every method is compiled and run once first; then --repeats rounds alternate the methods'
+order, and medians are reported. The speed-up of a method is the median over rounds of its tokens/s divided by AR's
+tokens/s in the same round. A fair K sweep uses checkpoints trained with each K; decoding with another K than the
+trained one needs --allow-block-size-mismatch.
+
+Latency curve: one cached forward of q causal query tokens (q = 1 .. 512) over a KV cache holding a prefix of 512
+and 2048 tokens, timed the same way: it shows how many tokens a forward can carry almost for free (TiDAR's step
+has K + K*K query tokens).
+
+Everything runs on one device (the first visible one), CPU or GPU alike. Outputs: a table on stdout, --json, and
+PLOT_DIR/bench_speedup.png, PLOT_DIR/bench_latency.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m infer.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", nargs="+", required=True,
+                        help="one or more training WORKDIRs (or step directories), all with the same tokenizer")
+    parser.add_argument("--draft", help="WORKDIR of a small AR draft model (same tokenizer) for the speculative-"
+                                        "decoding baseline")
+    parser.add_argument("--block-sizes", type=int, nargs="+",
+                        help="decode block sizes K (default: each checkpoint's trained K)")
+    parser.add_argument("--allow-block-size-mismatch", action="store_true",
+                        help="allow --block-sizes other than a checkpoint's trained K (its drafts were not trained "
+                             "for them)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="batch sizes to decode")
+    parser.add_argument("--prompt-len", type=int, default=32, help="tokens per held-out prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds per measurement (after one warm-up)")
+    parser.add_argument("--skip-generation", action="store_true", help="only the latency curve")
+    parser.add_argument("--skip-latency", action="store_true", help="only the generation benchmark")
+    parser.add_argument("--latency-checkpoint", help="checkpoint for the latency curve (default: the first one)")
+    parser.add_argument("--latency-prefixes", type=int, nargs="+", default=[512, 2048],
+                        help="cached prefix lengths of the latency curve")
+    parser.add_argument("--latency-queries", type=int, nargs="+",
+                        help="query-token counts of the latency curve (default: 1, 2, 4, ..., 512 with the TiDAR "
+                             "step sizes of K = 4, 8 and 16 among them)")
+    parser.add_argument("--latency-repeats", type=int, default=7, help="timed rounds per latency point")
+    parser.add_argument("--json", metavar="PATH", help="write the results as JSON to this file")
+    parser.add_argument("--plot-dir", metavar="DIR", help="write bench_speedup.png and bench_latency.png here")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    for name in ("repeats", "latency_repeats", "prompt_len", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if min(args.batch_sizes) < 1:
+        parser.error("--batch-sizes must be >= 1")
+    return args
+
+
+def _load(path: str, mesh):
+    from tidar_jax.checkpoint import load_for_inference
+    from tidar_jax.config import ConfigError
+
+    bundle = load_for_inference(path, mesh)
+    if bundle.tokenizer is None:
+        raise ConfigError(f"{path} has no tokenizer.json next to its checkpoints")
+    return bundle
+
+
+def _label(path: str, bundle) -> str:
+    name = Path(path).name if Path(path).name not in ("checkpoints", "") else Path(path).parent.name
+    return f"{name} ({bundle.config.train.objective}, K={bundle.config.model.block_size})"
+
+
+def _decode_cfg(bundle, args, k: int):
+    """The checkpoint's decode config with room for the benchmark's prompts and outputs."""
+    import dataclasses
+
+    dec = bundle.config.decode
+    buckets = dec.prompt_buckets if args.prompt_len <= dec.prompt_buckets[-1] else (*dec.prompt_buckets,
+                                                                                    args.prompt_len)
+    cache = max(dec.max_cache_len, buckets[-1] + 1, args.prompt_len + args.max_new_tokens + 2 * k)
+    return dataclasses.replace(dec, block_size=k, max_new_tokens=args.max_new_tokens, prompt_buckets=buckets,
+                               max_cache_len=cache)
+
+
+def _group(methods: dict, prompts: list[list[int]], batch: int, args) -> dict:
+    """Interleaved timing of `methods` {name: (decoder, mode)} on `batch` prompts; one dict of summaries."""
+    from tidar_jax import benchmark
+    from tidar_jax.evaluation import summarize_generation
+
+    def runner(name):
+        decoder, mode = methods[name]
+
+        def run(r: int):
+            rows = prompts[:batch] if batch > 1 else [prompts[r % len(prompts)]]
+            if mode == "spec":
+                return decoder.generate(rows, args.max_new_tokens, temperature=0.0)
+            return decoder.generate(rows, mode, args.max_new_tokens, temperature=0.0)
+        return run
+
+    runs = benchmark.interleaved({name: runner(name) for name in methods}, args.repeats)
+    out = {}
+    ar_tps = [sum(len(t) for t in res.tokens) / sec for sec, res in runs["ar"]]
+    for name, results in runs.items():
+        tps = [sum(len(t) for t in res.tokens) / sec for sec, res in results]
+        last = summarize_generation(results[-1][1])
+        out[name] = {
+            "tokens_per_second": benchmark.median(tps), "tokens_per_second_all": tps,
+            "wall_time_s": benchmark.median([sec for sec, _ in results]),
+            "tokens_per_forward": sum(summarize_generation(res)["tokens_per_forward"] for _, res in results)
+            / len(results),
+            "speedup_vs_ar": benchmark.median([t / a for t, a in zip(tps, ar_tps)]),
+            "new_tokens": last["new_tokens"],
+            "forwards": benchmark.median([summarize_generation(res)["forwards"] for _, res in results]),
+            "acceptance_histogram": [sum(x) for x in zip(*(res.acceptance_histogram for _, res in results))],
+            "same_tokens_as_ar": all(res.tokens == ar.tokens for (_, res), (_, ar) in zip(results, runs["ar"]))}
+        if "draft_forwards" in last:
+            out[name]["draft_forwards"] = last["draft_forwards"]
+    return out
+
+
+def run_generation(args, bundles: dict, draft, prompts: list[list[int]], progress) -> list[dict]:
+    """Every (checkpoint, K, batch) group; returns one record per group."""
+    from tidar_jax.generation import Generator
+    from tidar_jax.spec_decode import SpecDecoder
+
+    records = []
+    for path, bundle in bundles.items():
+        m = bundle.config.model
+        for k in args.block_sizes or [m.block_size]:
+            if k != m.block_size and not args.allow_block_size_mismatch:
+                raise ValueError(f"--block-sizes {k} differs from the trained K={m.block_size} of {path}; pass "
+                                 "--allow-block-size-mismatch to decode anyway (or train a checkpoint with that K)")
+            dec = _decode_cfg(bundle, args, k)
+            generator = Generator(bundle.graphdef, bundle.params, m, dec, allow_block_size_mismatch=True)
+            methods = {"ar": (generator, "ar")}
+            if bundle.config.train.objective == "tidar":
+                methods["tidar"] = (generator, "tidar")
+            if draft is not None and k >= 2:
+                methods["spec"] = (SpecDecoder(bundle.graphdef, bundle.params, m, dec, draft.graphdef, draft.params,
+                                               draft.config.model, k), "spec")
+            for batch in args.batch_sizes:
+                progress(f"generation: {_label(path, bundle)}, K={k}, batch {batch}: {', '.join(methods)}")
+                records.append({"checkpoint": path, "label": _label(path, bundle), "trained_block_size": m.block_size,
+                                "objective": bundle.config.train.objective, "block_size": k, "batch_size": batch,
+                                "methods": _group(methods, prompts, batch, args)})
+    return records
+
+
+def run_latency(args, bundle, progress) -> dict:
+    from tidar_jax import benchmark
+
+    queries = args.latency_queries or list(benchmark.DEFAULT_QUERY_COUNTS)
+    for k in (4, 8, 16):  # the TiDAR step sizes the curve is read at
+        if not args.latency_queries and k + k * k <= max(queries) and k + k * k not in queries:
+            queries.append(k + k * k)
+    queries = sorted(set(queries))
+    curves = {}
+    for prefix in args.latency_prefixes:
+        curves[str(prefix)] = benchmark.forward_latency_curve(bundle.graphdef, bundle.params, bundle.config.model,
+                                                              prefix, queries, repeats=args.latency_repeats,
+                                                              progress=progress)
+    return {"query_tokens": queries, "curves": curves}
+
+
+def format_tables(report: dict) -> str:
+    lines = []
+    for g in report.get("generation", []):
+        ms = g["methods"]
+        lines += ["", f"{g['label']}  decode K={g['block_size']}  batch {g['batch_size']}",
+                  f"  {'method':<8}{'tokens/s':>10}{'speed-up vs AR':>16}{'tokens/forward':>16}{'forwards':>10}"
+                  f"{'draft fwd':>10}  same tokens as AR"]
+        for name, s in ms.items():
+            lines.append(f"  {name:<8}{s['tokens_per_second']:>10.1f}{s['speedup_vs_ar']:>15.2f}x"
+                         f"{s['tokens_per_forward']:>16.2f}{s['forwards']:>10}{s.get('draft_forwards', '-'):>10}"
+                         f"  {s['same_tokens_as_ar']}")
+    lat = report.get("latency")
+    if lat:
+        prefixes = list(lat["curves"])
+        lines += ["", f"forward latency ({lat['label']}), ms (median) per forward of q query tokens",
+                  f"  {'q':>5}" + "".join(f"{'prefix ' + p:>14}{'x 1-token':>10}" for p in prefixes)]
+        for i, q in enumerate(lat["query_tokens"]):
+            row = f"  {q:>5}"
+            for p in prefixes:
+                c = lat["curves"][p]
+                row += f"{c[i]['median_ms']:>14.2f}{c[i]['median_ms'] / c[0]['median_ms']:>10.2f}"
+            lines.append(row)
+    return "\n".join(lines)
+
+
+def _plots(report: dict, plot_dir: str) -> list[str]:
+    from tidar_jax import benchmark
+
+    Path(plot_dir).mkdir(parents=True, exist_ok=True)
+    written = []
+    d = report["device"]
+    device = d["processor"] if d["backend"] == "cpu" else f"{d['backend']}: {d['device_kind']}"
+    if report.get("generation"):
+        rows = [{"label": f"{Path(g['checkpoint']).name} K={g['block_size']}", "batch_size": g["batch_size"],
+                 "speedup": {n: s["speedup_vs_ar"] for n, s in g["methods"].items() if n != "ar"},
+                 "tokens_per_forward": {n: s["tokens_per_forward"] for n, s in g["methods"].items()}}
+                for g in report["generation"]]
+        path = str(Path(plot_dir) / "bench_speedup.png")
+        benchmark.plot_speedups(rows, path, f"Greedy decoding, {report['settings']['max_new_tokens']} new tokens "
+                                            f"({device})")
+        written.append(path)
+    if report.get("latency"):
+        lat = report["latency"]
+        path = str(Path(plot_dir) / "bench_latency.png")
+        marks = {f"K={k}": k + k * k for k in (4, 8, 16) if k + k * k in lat["query_tokens"]}
+        benchmark.plot_latency({f"prefix {p}": c for p, c in lat["curves"].items()}, path,
+                               f"One forward with a KV cache, {lat['label']} ({device})", marks)
+        written.append(path)
+    return written
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import jax
+    from tqdm.auto import tqdm
+
+    from tidar_jax import data
+    from tidar_jax.benchmark import device_info
+    from tidar_jax.checkpoint import CheckpointError
+    from tidar_jax.config import ConfigError, MeshConfig
+    from tidar_jax.corpora import DataError
+    from tidar_jax.sharding import make_mesh
+    from tidar_jax.tokenizer import TokenizerError
+
+    def progress(message: str) -> None:
+        if not args.no_progress:
+            tqdm.write(message, file=sys.stderr)
+
+    try:
+        mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+        paths = list(dict.fromkeys(args.checkpoint + ([args.latency_checkpoint] if args.latency_checkpoint else [])))
+        bundles = {p: _load(p, mesh) for p in paths}
+        draft = _load(args.draft, mesh) if args.draft else None
+        first = bundles[args.checkpoint[0]]
+        fingerprint = first.tokenizer.fingerprint
+        for path, b in list(bundles.items()) + ([(args.draft, draft)] if draft else []):
+            if b.tokenizer.fingerprint != fingerprint:
+                raise ConfigError(f"{path} uses another tokenizer than {args.checkpoint[0]}: one prompt set needs "
+                                  "one tokenizer")
+        report = {"device": device_info(), "settings": {k: v for k, v in vars(args).items()}}
+        with jax.set_mesh(mesh):
+            if not args.skip_generation:
+                # Batch 1 cycles through the same prompts, one per round.
+                prompts = data.heldout_prompts(first.config, first.tokenizer, max(args.batch_sizes), args.prompt_len)
+                report["prompts"] = {"count": len(prompts), "prompt_len": args.prompt_len,
+                                     "first": first.tokenizer.decode(prompts[0])}
+                gen_bundles = {p: bundles[p] for p in args.checkpoint}
+                report["generation"] = run_generation(args, gen_bundles, draft, prompts, progress)
+            if not args.skip_latency:
+                path = args.latency_checkpoint or args.checkpoint[0]
+                report["latency"] = {"checkpoint": path, "label": _label(path, bundles[path]),
+                                     **run_latency(args, bundles[path], progress)}
+    except (ConfigError, CheckpointError, DataError, TokenizerError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.plot_dir:
+        report["plots"] = _plots(report, args.plot_dir)
+    print(format_tables(report))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

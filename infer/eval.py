@@ -1,0 +1,183 @@
+"""Evaluate a checkpoint on held-out data: likelihood, diffusion draft accuracy, TiDAR tokens per forward, samples.
+
+    python -m infer.eval --checkpoint runs/small --json docs/results/eval_small.json
+    python -m infer.eval --checkpoint runs/small --eval-batches 4 --num-prompts 4 --max-new-tokens 64
+    python -m infer.eval --checkpoint runs/small mesh.data=2 mesh.tensor=4 decode.max_cache_len=1024
+
+The held-out split is the checkpoint's own (its data config and WORKDIR/tokenizer.json). Reported:
+- AR-mode next-token loss (nats), perplexity = exp(loss), top-1 accuracy and bits per byte (cross-entropy in bits
+  over the UTF-8 bytes of the predicted held-out text);
+- for a `tidar` checkpoint: diffusion loss and per-slot draft accuracy on the training layout (losses.tidar_loss);
+  an `ar`-objective checkpoint reports the AR part only;
+- greedy decoding of held-out prompts: TiDAR tokens per forward and acceptance histogram, the same prompts decoded
+  AR, and whether the two outputs are identical (they must be at beta = 1);
+- a few generations as text.
+The params are restored onto a mesh of all visible devices (`mesh.*` overrides shape it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m infer.eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True,
+                        help="a training WORKDIR (its latest step), its checkpoints/ directory or one step directory")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to this file")
+    parser.add_argument("--eval-batches", type=int, default=16,
+                        help="held-out batches of data.global_batch_size x data.seq_len tokens (fewer if the "
+                             "held-out split is smaller)")
+    parser.add_argument("--batch-size", type=int,
+                        help="rows per held-out batch (default: the checkpoint's data.global_batch_size)")
+    parser.add_argument("--num-prompts", type=int, default=8,
+                        help="held-out prompts decoded as one batch for tokens per forward (0 = skip decoding)")
+    parser.add_argument("--prompt-len", type=int, default=32, help="tokens per held-out prompt")
+    parser.add_argument("--max-new-tokens", type=int, help="tokens generated per prompt (default: "
+                                                           "decode.max_new_tokens of the checkpoint)")
+    parser.add_argument("--samples", type=int, default=3, help="generations printed (and stored) as text")
+    parser.add_argument("--block-size", type=int,
+                        help="TiDAR decode block size K (default: the trained one; another K needs the next flag)")
+    parser.add_argument("--allow-block-size-mismatch", action="store_true",
+                        help="decode with a block size other than the one the model was trained with")
+    parser.add_argument("overrides", nargs="*", metavar="section.field=value",
+                        help="mesh.* and decode.* overrides, e.g. mesh.tensor=2 decode.max_cache_len=1024")
+    return parser.parse_args(argv)
+
+
+def _check_overrides(args: argparse.Namespace) -> None:
+    from tidar_jax.config import ConfigError
+
+    for item in args.overrides:
+        if "=" not in item or not item.split("=", 1)[0].startswith(("mesh.", "decode.")):
+            raise ConfigError(f"override {item!r} must look like mesh.field=value or decode.field=value")
+
+
+def _mesh_config(args: argparse.Namespace):
+    """The evaluation mesh: every visible device on the data axis unless mesh.* overrides say otherwise (the
+    training run's mesh is irrelevant here)."""
+    from tidar_jax.config import load_config
+
+    _check_overrides(args)
+    return load_config(None, [o for o in args.overrides if o.startswith("mesh.")]).mesh
+
+
+def _effective_config(config, args: argparse.Namespace):
+    """The checkpoint's config with the evaluation mesh, decode.* overrides and the batch / block-size flags."""
+    from omegaconf import OmegaConf
+
+    from tidar_jax.config import config_from_dict, to_dict
+
+    _check_overrides(args)
+    merged = OmegaConf.merge(OmegaConf.create(to_dict(config)),
+                             {"mesh": to_dict(_mesh_config(args))},
+                             OmegaConf.from_dotlist([o for o in args.overrides if o.startswith("decode.")]))
+    if args.batch_size is not None:
+        merged.data.global_batch_size = args.batch_size
+    if args.block_size is not None:
+        merged.decode.block_size = args.block_size
+    return config_from_dict(OmegaConf.to_container(merged))
+
+
+def evaluate_checkpoint(args: argparse.Namespace) -> dict:
+    """Runs every measurement; returns the JSON-ready report."""
+    import jax
+
+    from tidar_jax import data, evaluation
+    from tidar_jax.benchmark import device_info
+    from tidar_jax.checkpoint import load_for_inference
+    from tidar_jax.config import ConfigError
+    from tidar_jax.generation import Generator
+    from tidar_jax.model import count_params
+    from tidar_jax.sharding import make_mesh
+
+    mesh = make_mesh(_mesh_config(args))
+    # Orbax needs absolute paths (load_for_inference does not make them so yet).
+    bundle = load_for_inference(args.checkpoint, mesh)
+    cfg = _effective_config(bundle.config, args)
+    if bundle.tokenizer is None:
+        raise ConfigError(f"{args.checkpoint} has no tokenizer.json next to its checkpoints; held-out data needs it")
+    tok, m = bundle.tokenizer, cfg.model
+    report = {"checkpoint": str(args.checkpoint), "step": bundle.step, "objective": cfg.train.objective,
+              "block_size": m.block_size, "params": count_params(bundle.params),
+              "model": {k: getattr(m, k) for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
+                                                   "d_ff")},
+              "corpus": cfg.data.corpus, "device": device_info()}
+    batches = data.make_eval_batches(cfg, tok, args.eval_batches)
+    report["heldout"] = evaluation.heldout_likelihood(bundle.graphdef, bundle.params, cfg, batches, mesh,
+                                                      evaluation.token_byte_lengths(tok, m.vocab_size))
+    report["heldout"].update(batches=len(batches), batch_size=cfg.data.global_batch_size, seq_len=cfg.data.seq_len)
+    if args.num_prompts > 0:
+        max_new = args.max_new_tokens or cfg.decode.max_new_tokens
+        prompts = data.heldout_prompts(cfg, tok, args.num_prompts, args.prompt_len)
+        generator = Generator(bundle.graphdef, bundle.params, m, cfg.decode,
+                              allow_block_size_mismatch=args.allow_block_size_mismatch)
+        modes = ("tidar", "ar") if cfg.train.objective == "tidar" else ("ar",)
+        with jax.set_mesh(mesh):
+            stats, outputs = evaluation.decoding_stats(generator, prompts, max_new, modes)
+        report["decoding"] = {"num_prompts": len(prompts), "prompt_len": args.prompt_len,
+                              "max_new_tokens": max_new, "decode_block_size": generator.block_size, **stats}
+        report["samples"] = [{"prompt": tok.decode(p), "continuation": tok.decode(outputs[modes[0]][i]),
+                              "mode": modes[0]} for i, p in enumerate(prompts[:args.samples])]
+    return report
+
+
+def format_report(report: dict) -> str:
+    """The readable table printed to stdout."""
+    h = report["heldout"]
+    lines = [f"checkpoint {report['checkpoint']}  (step {report['step']}, objective {report['objective']}, "
+             f"K={report['block_size']}, {report['params'] / 1e6:.2f}M params, {report['device']['backend']} "
+             f"x{report['device']['device_count']})",
+             f"held-out: {h['batches']} batches of {h['batch_size']}x{h['seq_len']}, {h['num_targets']:,} targets, "
+             f"{h.get('bytes', 0):,} bytes", "",
+             f"  {'metric':<28}{'value':>12}",
+             f"  {'AR loss (nats/token)':<28}{h['ar_loss']:>12.4f}",
+             f"  {'AR perplexity':<28}{h['perplexity']:>12.3f}",
+             f"  {'AR bits per byte':<28}{h.get('bits_per_byte', float('nan')):>12.4f}",
+             f"  {'AR top-1 accuracy':<28}{h['ar_accuracy']:>12.4f}"]
+    if "diff_loss" in h:
+        lines += [f"  {'diffusion loss':<28}{h['diff_loss']:>12.4f}",
+                  f"  {'diffusion top-1 accuracy':<28}{h['diff_accuracy']:>12.4f}",
+                  f"  {'draft accuracy per slot':<28}  " + " ".join(f"{a:.3f}" for a in h["diff_slot_accuracy"])]
+    d = report.get("decoding")
+    if d:
+        lines += ["", f"greedy decoding: {d['num_prompts']} held-out prompts x {d['prompt_len']} tokens, "
+                      f"{d['max_new_tokens']} new tokens, one batch (K={d['decode_block_size']})",
+                  f"  {'mode':<8}{'tokens/forward':>16}{'forwards':>10}{'tokens/s':>10}  acceptance histogram [a=1..K]"]
+        for mode in ("tidar", "ar"):
+            if mode in d:
+                s = d[mode]
+                lines.append(f"  {mode:<8}{s['tokens_per_forward']:>16.3f}{s['forwards']:>10}"
+                             f"{s['tokens_per_second']:>10.1f}  {s['acceptance_histogram'][1:]}")
+        if "tidar_equals_ar" in d:
+            lines.append(f"  TiDAR greedy output identical to AR greedy output: {d['tidar_equals_ar']}")
+    for i, s in enumerate(report.get("samples", [])):
+        lines += ["", f"sample {i} ({s['mode']}): {s['prompt']!r}", f"  -> {s['continuation']!r}"]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from tidar_jax.checkpoint import CheckpointError
+    from tidar_jax.config import ConfigError
+    from tidar_jax.corpora import DataError
+    from tidar_jax.tokenizer import TokenizerError
+
+    try:
+        report = evaluate_checkpoint(args)
+    except (ConfigError, CheckpointError, DataError, TokenizerError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""infer/bench.py and tidar_jax/benchmark.py: one smoke run of the CLI on tiny random checkpoints (TiDAR, AR and an
+AR draft model), the latency curve's contract, and the interleaving order of timed runs."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from infer import bench
+from tidar_jax import benchmark
+from tidar_jax.model import create_model
+from test_eval import corpus, make_run, token_cache  # noqa: F401  (fixtures shared with the eval tests)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_config, corpus):  # noqa: F811
+    draft_model = {"d_model": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "d_ff": 64}
+    return {"tidar": make_run(tmp_path_factory, tiny_config, corpus, "tidar"),
+            "ar": make_run(tmp_path_factory, tiny_config, corpus, "ar", objective="ar", seed=1),
+            "draft": make_run(tmp_path_factory, tiny_config, corpus, "draft", objective="ar", model=draft_model,
+                              seed=2)}
+
+
+def test_bench_cli_smoke(runs, tmp_path):
+    out, plots = tmp_path / "bench.json", tmp_path / "plots"
+    argv = ["--checkpoint", str(runs["tidar"][0]), str(runs["ar"][0]), "--draft", str(runs["draft"][0]),
+            "--batch-sizes", "1", "2", "--repeats", "2", "--prompt-len", "8", "--max-new-tokens", "6",
+            "--latency-prefixes", "16", "--latency-queries", "1", "3", "--latency-repeats", "2", "--no-progress",
+            "--json", str(out), "--plot-dir", str(plots)]
+    assert bench.main(argv) == 0
+    report = json.loads(out.read_text())
+    groups = report["generation"]
+    assert [(g["objective"], g["batch_size"]) for g in groups] == [("tidar", 1), ("tidar", 2), ("ar", 1), ("ar", 2)]
+    for g in groups:
+        methods = g["methods"]
+        assert set(methods) == ({"ar", "tidar", "spec"} if g["objective"] == "tidar" else {"ar", "spec"})
+        assert methods["ar"]["speedup_vs_ar"] == 1.0 and methods["ar"]["tokens_per_forward"] == 1.0
+        for name, s in methods.items():
+            assert s["same_tokens_as_ar"] is True, name  # greedy TiDAR and speculative decoding are lossless
+            assert len(s["tokens_per_second_all"]) == 2
+            assert all(math.isfinite(t) and t > 0 for t in s["tokens_per_second_all"])
+            assert s["tokens_per_second"] == pytest.approx(float(np.median(s["tokens_per_second_all"])))
+            assert 1.0 <= s["tokens_per_forward"] <= g["block_size"]
+            assert s["new_tokens"] == 6 * g["batch_size"]
+        spec = methods["spec"]
+        assert spec["draft_forwards"] == 1 + (spec["forwards"] - 1) * (g["block_size"] - 1)
+    curve = report["latency"]["curves"]["16"]
+    assert [p["query_tokens"] for p in curve] == [1, 3] and all(p["median_ms"] > 0 for p in curve)
+    for name in ("bench_speedup.png", "bench_latency.png"):
+        assert (plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_block_size_other_than_trained_needs_the_flag(runs, capsys):
+    argv = ["--checkpoint", str(runs["tidar"][0]), "--block-sizes", "2", "--skip-latency", "--no-progress",
+            "--prompt-len", "8"]
+    assert bench.main(argv) == 2
+    assert "--allow-block-size-mismatch" in capsys.readouterr().err
+
+
+def test_latency_curve_gives_one_timing_per_query_count(tiny_config):
+    graphdef, params = nnx.split(create_model(tiny_config.model))
+    counts = [5, 1, 2]
+    curve = benchmark.forward_latency_curve(graphdef, params, tiny_config.model, prefix_len=8, query_counts=counts,
+                                            repeats=3)
+    assert [p["query_tokens"] for p in curve] == counts
+    for p in curve:
+        assert len(p["times_ms"]) == 3 and p["median_ms"] == pytest.approx(float(np.median(p["times_ms"])))
+        assert 0 < p["min_ms"] <= p["median_ms"]
+    with pytest.raises(ValueError, match="positive"):
+        benchmark.forward_latency_curve(graphdef, params, tiny_config.model, prefix_len=8, query_counts=[0])
+
+
+def test_interleaved_warms_up_then_alternates_order():
+    calls = []
+    runners = {name: (lambda r, name=name: calls.append((name, r)) or r) for name in ("a", "b", "c")}
+    runs = benchmark.interleaved(runners, repeats=3, warmup=1)
+    assert calls == [("a", 0), ("b", 0), ("c", 0),  # warm-up round, untimed
+                     ("a", 0), ("b", 0), ("c", 0), ("c", 1), ("b", 1), ("a", 1), ("a", 2), ("b", 2), ("c", 2)]
+    assert {name: [res for _, res in v] for name, v in runs.items()} == {n: [0, 1, 2] for n in "abc"}
+    assert all(sec >= 0 for v in runs.values() for sec, _ in v)
