@@ -1,7 +1,7 @@
 """Reproduce the results in docs/RESULTS.md: train, evaluate, benchmark, and render the tables from the JSON.
 
-    bash scripts/reproduce.sh              # full run, fills docs/RESULTS.md (~25 min on a quiet 2-core CPU:
-                                           # ~20 min training, ~2 min eval, ~3 min bench)
+    bash scripts/reproduce.sh              # full run, fills docs/RESULTS.md (~35 min on a quiet 2-core CPU:
+                                           # ~28 min training, ~2 min eval, ~4 min bench)
     bash scripts/reproduce.sh --quick      # smoke test in ~3 min: a few steps, output under runs/reproduce-quick
     python -m infer.reproduce --render-only  # re-render docs/RESULTS.md from docs/results/*.json
 
@@ -51,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--workdir", help="where the four runs go (default runs/reproduce, or runs/reproduce-quick)")
     parser.add_argument("--docs", help="where results/*.json, the PNGs and RESULTS.md go (default docs/, or "
                                        "WORKDIR/docs with --quick)")
-    parser.add_argument("--steps", type=int, help="training steps of every run (default 300; 4 with --quick)")
+    parser.add_argument("--steps", type=int, help="training steps of every run (default 500; 4 with --quick)")
     parser.add_argument("--config", default=str(REPO / "configs" / "small.yaml"), help="base preset of every run")
     parser.add_argument("--render-only", action="store_true", help="only re-render RESULTS.md from existing JSON")
     return parser.parse_args(argv)
@@ -78,7 +78,7 @@ def _train_overrides(steps: int, quick: bool) -> list[str]:
 
 def run_all(args: argparse.Namespace, workdir: Path, docs: Path) -> dict:
     py = sys.executable
-    steps = args.steps or (QUICK["steps"] if args.quick else 300)
+    steps = args.steps or (QUICK["steps"] if args.quick else 500)
     log: list[dict] = []
     results = docs / "results"
     results.mkdir(parents=True, exist_ok=True)
