@@ -3,7 +3,6 @@
 References are plain Python: encode each document, append eos, concatenate, chunk into seq_len.
 """
 
-import json
 import sys
 
 import numpy as np

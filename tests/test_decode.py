@@ -12,20 +12,16 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
-from flax import nnx
 
 from tidar_jax import config as config_lib
-from tidar_jax import decode, generation, losses, masks, sampling
+from tidar_jax import decode, generation, masks, sampling
 from tidar_jax.generation import Generator
 from tidar_jax.kv_cache import init_cache
-from tidar_jax.model import create_model, forward
+from tidar_jax.model import forward
 
-CHAIN_STATES = np.arange(3, 11)  # token ids of the Markov chain the trained model learns
-MAIN_PROB = 0.9  # each state goes to its main successor with this probability, else to its side successor
-_PERMUTE = np.random.default_rng(0).permutation
-SUCCESSORS = np.stack([_PERMUTE(CHAIN_STATES), _PERMUTE(CHAIN_STATES)], 1)  # [state, (main, side)] successors
+from markov import CHAIN_STATES, SUCCESSORS, scaled_random_model, trained_model
+
 RAGGED = [[3, 4, 5], [7, 3, 9, 4, 10, 5, 6, 8, 3, 9, 4, 7, 5], [9, 8, 7, 6, 5, 4, 3]]  # bucket 16
 MAX_NEW = 12
 
@@ -38,44 +34,13 @@ def cfg(tiny_config):
 
 @pytest.fixture(scope="module")
 def random_params(cfg):
-    graphdef, params = nnx.split(create_model(cfg.model, seed=1))
-    # Scale the matrices up from init_std 0.02 so that greedy outputs are not just "repeat the last token".
-    return graphdef, jax.tree.map(lambda x: x * 15 if x.ndim >= 2 else x, params)
-
-
-def _chain(rng, batch, length):
-    out = np.zeros((batch, length), np.int32)
-    out[:, 0] = rng.choice(CHAIN_STATES, batch)
-    for i in range(1, length):
-        side = (rng.random(batch) > MAIN_PROB).astype(int)
-        out[:, i] = SUCCESSORS[out[:, i - 1] - CHAIN_STATES[0], side]
-    return out
+    return scaled_random_model(cfg.model, seed=1)
 
 
 @pytest.fixture(scope="module")
 def trained_params(cfg):
-    """~150 Adam steps of the TiDAR loss on a Markov chain (a few seconds); drafts then often match the AR."""
-    rng = np.random.default_rng(0)
-    graphdef, params = nnx.split(create_model(cfg.model, seed=0))
-    k, seq = cfg.model.block_size, 16
-    tx = optax.adam(1e-2)
-    inputs_mask, positions = masks.training_mask(seq, k)[None], masks.training_positions(seq)[None]
-
-    @jax.jit
-    def train_step(params, opt_state, tokens):
-        def loss_fn(p):
-            logits, _ = forward(graphdef, p, masks.training_inputs(tokens, cfg.model.mask_token_id),
-                                jnp.broadcast_to(positions, (tokens.shape[0], 2 * seq)), inputs_mask)
-            return losses.tidar_loss(logits, tokens, jnp.ones(tokens.shape, bool), k)[0]
-
-        grads = jax.grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
-    opt_state = tx.init(params)
-    for _ in range(100):
-        params, opt_state = train_step(params, opt_state, _chain(rng, 32, seq))
-    return graphdef, params
+    """100 Adam steps of the TiDAR loss on a Markov chain (a few seconds); drafts then often match the AR."""
+    return trained_model(cfg.model, "tidar", seed=0, steps=100)
 
 
 def _generator(cfg, model, block_size=0, **decode_overrides):

@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 from jax.sharding import AxisType, PartitionSpec as P
 
-from tidar_jax.config import ConfigError, MeshConfig, replace
+from tidar_jax.config import ConfigError, MeshConfig
 from tidar_jax.model import create_model
 from tidar_jax.sharding import (abstract_model, batch_sharding, init_sharded_model, logical_to_mesh,
                                 make_global_batch, make_mesh, mesh_shape, param_shardings)

@@ -8,21 +8,15 @@ which every guess must be accepted, greedy or sampled.
 
 import dataclasses
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
 import pytest
-from flax import nnx
 
 from tidar_jax import config as config_lib
-from tidar_jax import generation, losses, masks
+from tidar_jax import generation
 from tidar_jax.generation import Generator
-from tidar_jax.model import create_model, forward
 from tidar_jax.spec_decode import SpecDecoder
 
-STATES = np.arange(3, 11)  # token ids of the Markov chain
-SUCCESSORS = np.stack([np.random.default_rng(0).permutation(STATES), np.random.default_rng(1).permutation(STATES)], 1)
+from markov import scaled_random_model, trained_model
+
 PROMPTS = [[3, 4, 5], [7, 3, 9, 4, 10, 5, 6, 8, 3, 9, 4, 7, 5], [9, 8, 7, 6, 5, 4, 3]]
 MAX_NEW = 12
 
@@ -38,48 +32,14 @@ def draft_cfg(cfg):
     return dataclasses.replace(cfg.model, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64)
 
 
-def _chain(rng, batch, length):
-    out = np.zeros((batch, length), np.int32)
-    out[:, 0] = rng.choice(STATES, batch)
-    for i in range(1, length):
-        side = (rng.random(batch) > 0.9).astype(int)
-        out[:, i] = SUCCESSORS[out[:, i - 1] - STATES[0], side]
-    return out
-
-
-def _train_ar(model_cfg, seed, steps=60):
-    """A few Adam steps of the next-token loss on the Markov chain (causal forward)."""
-    graphdef, params = nnx.split(create_model(model_cfg, seed=seed))
-    tx, rng, seq = optax.adam(1e-2), np.random.default_rng(seed), 16
-
-    @jax.jit
-    def step(params, opt_state, tokens):
-        def loss_fn(p):
-            positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), tokens.shape)
-            logits, _ = forward(graphdef, p, tokens, positions, masks.causal_mask(seq)[None])
-            return losses.ar_loss(logits, tokens, jnp.ones(tokens.shape, bool))[0]
-
-        updates, opt_state = tx.update(jax.grad(loss_fn)(params), opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
-    opt_state = tx.init(params)
-    for _ in range(steps):
-        params, opt_state = step(params, opt_state, _chain(rng, 32, seq))
-    return graphdef, params
-
-
 @pytest.fixture(scope="module")
 def random_models(cfg, draft_cfg):
-    def scaled(model_cfg, seed):  # larger weights: greedy outputs are not just "repeat the last token"
-        graphdef, params = nnx.split(create_model(model_cfg, seed=seed))
-        return graphdef, jax.tree.map(lambda x: x * 15 if x.ndim >= 2 else x, params)
-
-    return scaled(cfg.model, 1), scaled(draft_cfg, 2)
+    return scaled_random_model(cfg.model, 1), scaled_random_model(draft_cfg, 2)
 
 
 @pytest.fixture(scope="module")
 def trained_models(cfg, draft_cfg):
-    return _train_ar(cfg.model, 0), _train_ar(draft_cfg, 1)
+    return trained_model(cfg.model, "ar", seed=0, steps=60), trained_model(draft_cfg, "ar", seed=1, steps=60)
 
 
 def _spec(cfg, draft_cfg, target, draft, k):

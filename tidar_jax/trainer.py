@@ -335,11 +335,14 @@ def _loop(cfg: Config, trainer: Trainer, state: TrainState, start: int, end_step
             record: dict[str, Any] = {}
             if step % t.log_every == 0 or step == end_step:
                 record.update(jax.device_get(metrics))  # waits for the step: the timing below is honest
+                if t.objective == "ar":
+                    del record["diff_loss"]  # a constant 0 placeholder of the shared step, not a measurement
                 now = time.perf_counter()
                 record["tokens_per_s"] = tokens_per_step * (step - last_step) / max(now - last_time, 1e-9)
                 last_time, last_step = now, step
-                bar.set_postfix(loss=f"{record['loss']:.4f}", ar=f"{record['ar_loss']:.4f}",
-                                diff=f"{record['diff_loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                terms = {name: f"{record[key]:.4f}" for name, key in (("ar", "ar_loss"), ("diff", "diff_loss"))
+                         if key in record}
+                bar.set_postfix(loss=f"{record['loss']:.4f}", **terms, tok_s=f"{record['tokens_per_s']:.0f}")
             elif step == start + 1:  # the first step compiles: leave it out of the next throughput figure
                 jax.block_until_ready(metrics)
                 last_time, last_step = time.perf_counter(), step

@@ -116,7 +116,9 @@ def main(argv=None) -> int:
     last = next((r for r in reversed(result.records) if "loss" in r), None)
     summary = f"step {result.step}/{cfg.train.steps}"
     if last is not None:
-        summary += f": loss {last['loss']:.4f} (ar {last['ar_loss']:.4f}, diff {last['diff_loss']:.4f})"
+        terms = ", ".join(f"{name} {last[key]:.4f}" for name, key in (("ar", "ar_loss"), ("diff", "diff_loss"))
+                          if key in last)
+        summary += f": loss {last['loss']:.4f} ({terms})"
     print(f"{summary}; checkpoints in {args.workdir}/checkpoints", file=sys.stderr)
     return 0
 
