@@ -97,8 +97,8 @@ class DecodeState:
     key: Array
 
 
-def _model_logits(graphdef: nnx.GraphDef, params: nnx.State, tokens: Array, positions: Array, mask: Array,
-                  cache: KVCache, write_start: Array, n_write: int, spec: DecodeSpec) -> tuple[Array, KVCache]:
+def model_logits(graphdef: nnx.GraphDef, params: nnx.State, tokens: Array, positions: Array, mask: Array,
+                 cache: KVCache, write_start: Array, n_write: int, spec: DecodeSpec) -> tuple[Array, KVCache]:
     """`model.forward` (logits [b, q, V]), with the mask token made impossible as an output: it is never a training
     target and a prompt may not contain it. A finite -1e30, not -inf, so the beta mix `1 * x + 0 * y` is never NaN."""
     logits, cache = forward(graphdef, params, tokens, positions, mask, cache, write_start, n_write=n_write)
@@ -111,8 +111,8 @@ def _take_rows(x: Array, index: Array) -> Array:
     return jnp.take_along_axis(x, index, axis=1)[:, 0]
 
 
-def _draft(slot_logits: Array, u: Array | None, sp: sampling.SamplingParams,
-           spec: DecodeSpec) -> tuple[Array, Array]:
+def draft_from_slots(slot_logits: Array, u: Array | None, sp: sampling.SamplingParams,
+                     spec: DecodeSpec) -> tuple[Array, Array]:
     """Guesses from diffusion slots. slot_logits: [b, n, V]; u: [b, n] uniforms (None when greedy) ->
     (tokens [b, n] int32, the distributions they were drawn from: [b, n, V], or [b, 0, 0] when greedy)."""
     if spec.greedy:
@@ -121,7 +121,7 @@ def _draft(slot_logits: Array, u: Array | None, sp: sampling.SamplingParams,
     return sampling.sample(probs, u), probs
 
 
-def _next_uniforms(key: Array, shape: tuple[int, ...], spec: DecodeSpec) -> tuple[Array, Array | None]:
+def next_uniforms(key: Array, shape: tuple[int, ...], spec: DecodeSpec) -> tuple[Array, Array | None]:
     """(next key, uniforms of `shape`); greedy decoding uses no randomness. All of a forward's randomness comes from
     one draw: each threefry call costs about a second of CPU compile time."""
     if spec.greedy:
@@ -151,7 +151,7 @@ def _append_output(state: DecodeState, emitted: Array, count: Array, active: Arr
     return state.replace(tokens=tokens, num_tokens=num_tokens, finish=finish)
 
 
-def _mark_cache_full(state: DecodeState, spec: DecodeSpec) -> DecodeState:
+def mark_cache_full(state: DecodeState, spec: DecodeSpec) -> DecodeState:
     """A row whose cache cannot take the next K-token write stops (the write needs cursor + K <= max_len)."""
     full = state.cache.cursor + spec.num_drafts > state.cache.max_len
     return state.replace(finish=jnp.where((state.finish == RUNNING) & full, FINISH_CACHE, state.finish))
@@ -174,19 +174,19 @@ def prefill(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, prompts: 
     mask = masks.with_cache(jnp.zeros((batch, cache.max_len), bool),
                             masks.prefill_mask(prompt_len, lengths, n_masks))
     # Pad slots' K/V lands past each row's cursor, so it is never attended to and gets overwritten.
-    logits, cache = _model_logits(graphdef, params, tokens, positions, mask, cache,
+    logits, cache = model_logits(graphdef, params, tokens, positions, mask, cache,
                                   jnp.zeros((batch,), jnp.int32), prompt_len, spec)
     cache = cache.rewind_to(lengths)
     target = _take_rows(logits, lengths - 1)
     slots = logits[:, prompt_len:]
     if spec.with_proposals:
         target = sampling.mix_logits(target, slots[:, 0], sp.beta)
-    key, u = _next_uniforms(key, (batch, k), spec)
+    key, u = next_uniforms(key, (batch, k), spec)
     if spec.greedy:
         first = jnp.argmax(target, axis=-1).astype(jnp.int32)
     else:
         first = sampling.sample(sampling.distribution(target, sp), u[:, 0])
-    guesses, guess_probs = _draft(slots[:, 1:], None if u is None else u[:, 1:], sp, spec)
+    guesses, guess_probs = draft_from_slots(slots[:, 1:], None if u is None else u[:, 1:], sp, spec)
     state = DecodeState(
         cache=cache, drafts=jnp.concatenate([first[:, None], guesses], axis=1), draft_probs=guess_probs,
         tokens=jnp.zeros((batch, spec.capacity + k), jnp.int32), num_tokens=jnp.zeros((batch,), jnp.int32),
@@ -194,7 +194,7 @@ def prefill(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, prompts: 
         row_forwards=jnp.ones((batch,), jnp.int32), forwards=jnp.ones((), jnp.int32),
         accept_hist=jnp.zeros((k + 1,), jnp.int32), key=key)
     state = _append_output(state, first[:, None], jnp.ones((batch,), jnp.int32), jnp.ones((batch,), bool), spec)
-    return _mark_cache_full(state, spec)
+    return mark_cache_full(state, spec)
 
 
 def decode_step(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, sp: sampling.SamplingParams, *,
@@ -215,12 +215,12 @@ def decode_step(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, s
     # Finished rows still ride along; clamp their write into the buffer (it lands past their cursor or, for a row
     # stopped by a full cache, over slots it will never read again).
     write_start = jnp.minimum(cache.cursor, cache.max_len - k)
-    logits, cache = _model_logits(graphdef, params, tokens, positions, mask, cache, write_start, k, spec)
+    logits, cache = model_logits(graphdef, params, tokens, positions, mask, cache, write_start, k, spec)
     target = logits[:, :k]  # draft j predicts position L+j
     if spec.with_proposals:
         blocks = logits[:, k:].reshape(batch, k, k, -1)  # [b, proposal j, slot r, V]: position L+j+r-1
         target = sampling.mix_logits(target, blocks[:, :, 0], sp.beta)
-    key, u = _next_uniforms(state.key, (batch, 2 * k - 1), spec)  # K to verify, K-1 to draft
+    key, u = next_uniforms(state.key, (batch, 2 * k - 1), spec)  # K to verify, K-1 to draft
     if spec.greedy:
         accepted, decided = sampling.greedy_verify(target, drafts)
     else:
@@ -229,8 +229,8 @@ def decode_step(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, s
     next_drafts, next_probs = decided[:, None], state.draft_probs
     if spec.with_proposals:
         # Proposal a saw exactly v_1..v_a; its slot 1 is t_a's position, slots 2..K draft the rest.
-        guesses, next_probs = _draft(_take_rows(blocks, accepted - 1)[:, 1:], None if u is None else u[:, k:],
-                                     sp, spec)
+        chosen_slots = _take_rows(blocks, accepted - 1)[:, 1:]
+        guesses, next_probs = draft_from_slots(chosen_slots, None if u is None else u[:, k:], sp, spec)
         next_drafts = jnp.concatenate([decided[:, None], guesses], axis=1)
     # Tokens for positions L+1 .. L+a: v_2 .. v_a, then t_a.
     following = jnp.concatenate([drafts[:, 1:], decided[:, None]], axis=1)
@@ -245,7 +245,7 @@ def decode_step(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, s
         accept_hist=state.accept_hist.at[accepted].add(active.astype(jnp.int32)),
         key=key)
     state = _append_output(state, emitted, accepted, active, spec)
-    return _mark_cache_full(state, spec)
+    return mark_cache_full(state, spec)
 
 
 def decode_loop(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, sp: sampling.SamplingParams,

@@ -24,7 +24,7 @@ from tidar_jax.config import Config
 from tidar_jax.generation import Generator
 from tidar_jax.sharding import batch_sharding, batch_shards
 from tidar_jax.tokenizer import Tokenizer
-from tidar_jax.trainer import _objective_metrics
+from tidar_jax.trainer import objective_metrics
 
 LN2 = math.log(2.0)
 
@@ -72,7 +72,7 @@ def heldout_likelihood(graphdef: nnx.GraphDef, params: nnx.State, cfg: Config, b
     if not batches:
         raise ValueError("no held-out batches to evaluate: the held-out split is empty")
     objective, k = cfg.train.objective, cfg.model.block_size
-    step = jax.jit(lambda p, tok, val: _objective_metrics(graphdef, p, tok, val, cfg, objective))
+    step = jax.jit(lambda p, tok, val: objective_metrics(graphdef, p, tok, val, cfg, objective))
     placement = _batch_placement(mesh, batches[0]["tokens"].shape[0])
     sums: dict[str, Any] = {"ar_nats": 0.0, "ar_hits": 0.0, "ar_count": 0.0, "diff_nats": 0.0, "diff_hits": 0.0,
                             "diff_count": 0.0, "slot_hits": np.zeros(k), "slot_count": np.zeros(k), "bytes": 0}

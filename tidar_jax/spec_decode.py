@@ -92,9 +92,9 @@ def spec_prefill(graphdef: nnx.GraphDef, params: nnx.State, draft_params: nnx.St
     state = state.replace(drafts=jnp.concatenate([state.drafts, pad], axis=1), draft_probs=draft_probs,
                           tokens=jnp.concatenate([state.tokens, pad], axis=1),
                           accept_hist=jnp.zeros((k + 1,), jnp.int32))
-    state = decode._mark_cache_full(state, spec)
+    state = decode.mark_cache_full(state, spec)
     mask = masks.with_cache(jnp.zeros((batch, draft_cache.max_len), bool), masks.prefill_mask(prompt_len, lengths, 0))
-    _, draft_cache = decode._model_logits(spec.draft_graphdef, draft_params, prompts,
+    _, draft_cache = decode.model_logits(spec.draft_graphdef, draft_params, prompts,
                                           masks.prefill_positions(prompt_len, lengths, 0), mask, draft_cache,
                                           jnp.zeros((batch,), jnp.int32), prompt_len, spec)
     return SpecState(base=state, draft_cache=draft_cache, last=_rows(prompts, lengths - 1),
@@ -115,9 +115,9 @@ def _draft_guesses(draft_params: nnx.State, draft_cache: KVCache, last: Array, f
         cache = cache.rewind_to(start)  # valid slots: [0, start)
         positions = start[:, None] + jnp.arange(n, dtype=jnp.int32)[None]
         mask = masks.with_cache(cache.valid_slots(), masks.causal_mask(n))
-        logits, cache = decode._model_logits(spec.draft_graphdef, draft_params, tokens, positions, mask, cache,
+        logits, cache = decode.model_logits(spec.draft_graphdef, draft_params, tokens, positions, mask, cache,
                                              jnp.minimum(start, max_len - n), n, spec)
-        guess, probs = decode._draft(logits[:, -1:], u_slot, sp, spec)
+        guess, probs = decode.draft_from_slots(logits[:, -1:], u_slot, sp, spec)
         return cache, guess[:, 0], probs
 
     u_first = None if u is None else u[:, :1]
@@ -144,7 +144,7 @@ def spec_step(graphdef: nnx.GraphDef, params: nnx.State, draft_params: nnx.State
     """One step: K-1 draft forwards, then the target's verify-only `decode.decode_step` (one forward)."""
     state = s.base
     cursor = state.cache.cursor
-    key, u = decode._next_uniforms(state.key, (cursor.shape[0], spec.num_drafts - 1), spec)
+    key, u = decode.next_uniforms(state.key, (cursor.shape[0], spec.num_drafts - 1), spec)
     guesses, probs, draft_cache = _draft_guesses(draft_params, s.draft_cache, s.last, state.drafts[:, 0], cursor,
                                                  u, sp, spec)
     drafts = jnp.concatenate([state.drafts[:, :1], guesses], axis=1)

@@ -42,7 +42,7 @@ from tidar_jax.tokenizer import Tokenizer
 Array = jax.Array
 TrainState = dict  # {"step": Array, "params": dict, "opt_state": optax.OptState}
 
-def _objective_metrics(graphdef: nnx.GraphDef, params: dict, tokens: Array, valid: Array, cfg: Config,
+def objective_metrics(graphdef: nnx.GraphDef, params: dict, tokens: Array, valid: Array, cfg: Config,
                        objective: str) -> dict[str, Array]:
     """One forward of `objective` on tokens, valid: [batch, S]; returns losses.* metrics (scalars, slot acc [K])."""
     m = cfg.model
@@ -72,7 +72,7 @@ def weighted_loss(graphdef: nnx.GraphDef, params: dict, tokens: Array, valid: Ar
     scale is exactly 1, so the value is bit-identical to calling the loss directly).
     """
     ar_total, diff_total = totals
-    metrics = _objective_metrics(graphdef, params, tokens, valid, cfg, cfg.train.objective)
+    metrics = objective_metrics(graphdef, params, tokens, valid, cfg, cfg.train.objective)
     ar = metrics["ar_loss"] * (metrics["ar_count"] / jnp.maximum(ar_total, 1.0))
     if cfg.train.objective == "ar":
         return ar, {"loss": ar, "ar_loss": ar, "diff_loss": jnp.zeros_like(ar)}
@@ -181,7 +181,7 @@ class Trainer:
         return new_state, metrics
 
     def _eval_step(self, params: dict, batch: dict) -> dict:
-        return _objective_metrics(self.graphdef, params, batch["tokens"], batch["valid"], self.cfg, "tidar")
+        return objective_metrics(self.graphdef, params, batch["tokens"], batch["valid"], self.cfg, "tidar")
 
 
 # Fields that never reach the compiled steps: runs differing only in these share one Trainer.
