@@ -24,7 +24,6 @@ PLOT_DIR/bench_speedup.png, PLOT_DIR/bench_latency.png.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -81,18 +80,6 @@ def _label(path: str, bundle) -> str:
     return f"{name} ({bundle.config.train.objective}, K={bundle.config.model.block_size})"
 
 
-def _decode_cfg(bundle, args, k: int):
-    """The checkpoint's decode config with room for the benchmark's prompts and outputs."""
-    import dataclasses
-
-    dec = bundle.config.decode
-    buckets = dec.prompt_buckets if args.prompt_len <= dec.prompt_buckets[-1] else (*dec.prompt_buckets,
-                                                                                    args.prompt_len)
-    cache = max(dec.max_cache_len, buckets[-1] + 1, args.prompt_len + args.max_new_tokens + 2 * k)
-    return dataclasses.replace(dec, block_size=k, max_new_tokens=args.max_new_tokens, prompt_buckets=buckets,
-                               max_cache_len=cache)
-
-
 def _group(methods: dict, prompts: list[list[int]], batch: int, args) -> dict:
     """Interleaved timing of `methods` {name: (decoder, mode)} on `batch` prompts; one dict of summaries."""
     from tidar_jax import benchmark
@@ -131,6 +118,7 @@ def _group(methods: dict, prompts: list[list[int]], batch: int, args) -> dict:
 
 def run_generation(args, bundles: dict, draft, prompts: list[list[int]], progress) -> list[dict]:
     """Every (checkpoint, K, batch) group; returns one record per group."""
+    from infer.common import decode_room
     from tidar_jax.generation import Generator
     from tidar_jax.spec_decode import SpecDecoder
 
@@ -141,7 +129,7 @@ def run_generation(args, bundles: dict, draft, prompts: list[list[int]], progres
             if k != m.block_size and not args.allow_block_size_mismatch:
                 raise ValueError(f"--block-sizes {k} differs from the trained K={m.block_size} of {path}; pass "
                                  "--allow-block-size-mismatch to decode anyway (or train a checkpoint with that K)")
-            dec = _decode_cfg(bundle, args, k)
+            dec = decode_room(bundle.config.decode, args.prompt_len, args.max_new_tokens, k)
             generator = Generator(bundle.graphdef, bundle.params, m, dec, allow_block_size_mismatch=True)
             methods = {"ar": (generator, "ar")}
             if bundle.config.train.objective == "tidar":
@@ -229,13 +217,11 @@ def main(argv=None) -> int:
     import jax
     from tqdm.auto import tqdm
 
+    from infer.common import USER_ERRORS, fail, write_json
     from tidar_jax import data
     from tidar_jax.benchmark import device_info
-    from tidar_jax.checkpoint import CheckpointError
     from tidar_jax.config import ConfigError, MeshConfig
-    from tidar_jax.corpora import DataError
     from tidar_jax.sharding import make_mesh
-    from tidar_jax.tokenizer import TokenizerError
 
     def progress(message: str) -> None:
         if not args.no_progress:
@@ -252,7 +238,7 @@ def main(argv=None) -> int:
             if b.tokenizer.fingerprint != fingerprint:
                 raise ConfigError(f"{path} uses another tokenizer than {args.checkpoint[0]}: one prompt set needs "
                                   "one tokenizer")
-        report = {"device": device_info(), "settings": {k: v for k, v in vars(args).items()}}
+        report = {"device": device_info(), "settings": dict(vars(args))}
         with jax.set_mesh(mesh):
             if not args.skip_generation:
                 # Batch 1 cycles through the same prompts, one per round.
@@ -265,15 +251,13 @@ def main(argv=None) -> int:
                 path = args.latency_checkpoint or args.checkpoint[0]
                 report["latency"] = {"checkpoint": path, "label": _label(path, bundles[path]),
                                      **run_latency(args, bundles[path], progress)}
-    except (ConfigError, CheckpointError, DataError, TokenizerError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return fail(e)
     if args.plot_dir:
         report["plots"] = _plots(report, args.plot_dir)
     print(format_tables(report))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+        write_json(args.json, report)
     return 0
 
 

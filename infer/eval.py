@@ -18,9 +18,7 @@ The params are restored onto a mesh of all visible devices (`mesh.*` overrides s
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,27 +64,23 @@ def _mesh_config(args: argparse.Namespace):
     return load_config(None, [o for o in args.overrides if o.startswith("mesh.")]).mesh
 
 
-def _effective_config(config, args: argparse.Namespace):
+def _effective_config(config, args: argparse.Namespace, mesh_cfg):
     """The checkpoint's config with the evaluation mesh, decode.* overrides and the batch / block-size flags."""
-    from omegaconf import OmegaConf
+    import dataclasses
 
-    from tidar_jax.config import config_from_dict, to_dict
+    from tidar_jax.config import apply_overrides
 
-    _check_overrides(args)
-    merged = OmegaConf.merge(OmegaConf.create(to_dict(config)),
-                             {"mesh": to_dict(_mesh_config(args))},
-                             OmegaConf.from_dotlist([o for o in args.overrides if o.startswith("decode.")]))
-    if args.batch_size is not None:
-        merged.data.global_batch_size = args.batch_size
-    if args.block_size is not None:
-        merged.decode.block_size = args.block_size
-    return config_from_dict(OmegaConf.to_container(merged))
+    flags = {"data.global_batch_size": args.batch_size, "decode.block_size": args.block_size}
+    overrides = [o for o in args.overrides if o.startswith("decode.")]
+    overrides += [f"{key}={value}" for key, value in flags.items() if value is not None]
+    return apply_overrides(dataclasses.replace(config, mesh=mesh_cfg), overrides)
 
 
 def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     """Runs every measurement; returns the JSON-ready report."""
     import jax
 
+    from infer.common import decode_room
     from tidar_jax import data, evaluation
     from tidar_jax.benchmark import device_info
     from tidar_jax.checkpoint import load_for_inference
@@ -95,10 +89,10 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     from tidar_jax.model import count_params
     from tidar_jax.sharding import make_mesh
 
-    mesh = make_mesh(_mesh_config(args))
-    # Orbax needs absolute paths (load_for_inference does not make them so yet).
+    mesh_cfg = _mesh_config(args)
+    mesh = make_mesh(mesh_cfg)
     bundle = load_for_inference(args.checkpoint, mesh)
-    cfg = _effective_config(bundle.config, args)
+    cfg = _effective_config(bundle.config, args, mesh_cfg)
     if bundle.tokenizer is None:
         raise ConfigError(f"{args.checkpoint} has no tokenizer.json next to its checkpoints; held-out data needs it")
     tok, m = bundle.tokenizer, cfg.model
@@ -114,7 +108,9 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     if args.num_prompts > 0:
         max_new = args.max_new_tokens or cfg.decode.max_new_tokens
         prompts = data.heldout_prompts(cfg, tok, args.num_prompts, args.prompt_len)
-        generator = Generator(bundle.graphdef, bundle.params, m, cfg.decode,
+        # Room for every prompt and continuation, so no row stops early for lack of cache.
+        dec = decode_room(cfg.decode, args.prompt_len, max_new, cfg.decode.block_size or m.block_size)
+        generator = Generator(bundle.graphdef, bundle.params, m, dec,
                               allow_block_size_mismatch=args.allow_block_size_mismatch)
         modes = ("tidar", "ar") if cfg.train.objective == "tidar" else ("ar",)
         with jax.set_mesh(mesh):
@@ -162,20 +158,15 @@ def format_report(report: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from tidar_jax.checkpoint import CheckpointError
-    from tidar_jax.config import ConfigError
-    from tidar_jax.corpora import DataError
-    from tidar_jax.tokenizer import TokenizerError
+    from infer.common import USER_ERRORS, fail, write_json
 
     try:
         report = evaluate_checkpoint(args)
-    except (ConfigError, CheckpointError, DataError, TokenizerError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return fail(e)
     print(format_report(report))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+        write_json(args.json, report)
     return 0
 
 

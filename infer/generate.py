@@ -130,13 +130,12 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from tidar_jax.checkpoint import CheckpointError
+    from infer.common import USER_ERRORS, fail
 
     try:
         summary = run(args)
-    except (ValueError, CheckpointError) as e:  # ConfigError and TokenizerError are ValueErrors
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return fail(e)
     if args.json:
         print(json.dumps(summary))
     else:

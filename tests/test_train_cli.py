@@ -93,8 +93,9 @@ def test_cli_end_to_end_writes_loadable_checkpoint_and_metrics(repo_root, tokeni
     records = read_metrics(workdir)
     assert [r["step"] for r in records] == [1, 2, 3]
     for r in records:
-        assert {"loss", "ar_loss", "diff_loss", "lr", "grad_norm", "tokens_per_s"} <= r.keys()
-        assert np.isfinite(r["loss"]) and r["tokens_per_s"] > 0
+        assert {"loss", "ar_loss", "diff_loss", "lr", "grad_norm"} <= r.keys() and np.isfinite(r["loss"])
+    # Step 1 compiles: it gets no throughput figure rather than one inflated by compilation.
+    assert "tokens_per_s" not in records[0] and all(r["tokens_per_s"] > 0 for r in records[1:])
     assert {"eval_loss", "eval_ar_loss", "eval_diff_loss", "eval_slot_accuracy"} <= records[-1].keys()
     assert len(records[-1]["eval_slot_accuracy"]) == 4
     assert (workdir / "tokenizer.json").is_file()

@@ -64,8 +64,6 @@ def resolve_block_size(model_cfg: ModelConfig, decode_cfg: DecodeConfig, allow_m
     """decode.block_size, or the trained model.block_size when it is 0. A different K than the trained one is an
     error unless `allow_mismatch` (the diffusion drafts were trained for one block size)."""
     k = decode_cfg.block_size or model_cfg.block_size
-    if k < 1:
-        raise ValueError(f"block size must be >= 1, got {k}")
     if k != model_cfg.block_size and not allow_mismatch:
         raise ValueError(f"decode block size {k} differs from the model's trained block size "
                          f"{model_cfg.block_size}; pass allow_block_size_mismatch=True to decode anyway")
@@ -103,12 +101,6 @@ def model_logits(graphdef: nnx.GraphDef, params: nnx.State, tokens: Array, posit
     target and a prompt may not contain it. A finite -1e30, not -inf, so the beta mix `1 * x + 0 * y` is never NaN."""
     logits, cache = forward(graphdef, params, tokens, positions, mask, cache, write_start, n_write=n_write)
     return logits.at[..., spec.mask_token_id].set(-1e30), cache
-
-
-def _take_rows(x: Array, index: Array) -> Array:
-    """x: [batch, n, ...]; index: [batch] -> x[b, index[b]]: [batch, ...]."""
-    index = index.reshape(index.shape + (1,) * (x.ndim - 1))
-    return jnp.take_along_axis(x, index, axis=1)[:, 0]
 
 
 def draft_from_slots(slot_logits: Array, u: Array | None, sp: sampling.SamplingParams,
@@ -177,7 +169,7 @@ def prefill(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, prompts: 
     logits, cache = model_logits(graphdef, params, tokens, positions, mask, cache,
                                   jnp.zeros((batch,), jnp.int32), prompt_len, spec)
     cache = cache.rewind_to(lengths)
-    target = _take_rows(logits, lengths - 1)
+    target = sampling.take_rows(logits, lengths - 1)
     slots = logits[:, prompt_len:]
     if spec.with_proposals:
         target = sampling.mix_logits(target, slots[:, 0], sp.beta)
@@ -229,7 +221,7 @@ def decode_step(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, s
     next_drafts, next_probs = decided[:, None], state.draft_probs
     if spec.with_proposals:
         # Proposal a saw exactly v_1..v_a; its slot 1 is t_a's position, slots 2..K draft the rest.
-        chosen_slots = _take_rows(blocks, accepted - 1)[:, 1:]
+        chosen_slots = sampling.take_rows(blocks, accepted - 1)[:, 1:]
         guesses, next_probs = draft_from_slots(chosen_slots, None if u is None else u[:, k:], sp, spec)
         next_drafts = jnp.concatenate([decided[:, None], guesses], axis=1)
     # Tokens for positions L+1 .. L+a: v_2 .. v_a, then t_a.
@@ -237,7 +229,7 @@ def decode_step(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, s
     emitted = jnp.where(jnp.arange(k)[None, :] == accepted[:, None] - 1, decided[:, None], following)
     row = active[:, None]
     state = state.replace(
-        cache=cache.rewind_to(jnp.where(active, cache.cursor + accepted, cache.cursor)),
+        cache=cache.advance(jnp.where(active, accepted, 0)),
         drafts=jnp.where(row, next_drafts, drafts),
         draft_probs=jnp.where(row[..., None], next_probs, state.draft_probs),
         row_forwards=state.row_forwards + active.astype(jnp.int32),

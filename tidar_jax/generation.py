@@ -190,13 +190,15 @@ class Generator:
             state = self.advance(state, spec, sp)
         else:
             seen = np.zeros(state.num_tokens.shape, np.int64)
+            bound = 1  # the prefill's forward; kept on the host so each chunk costs one device-to-host copy
             while True:
                 tokens, counts, finish = jax.device_get((state.tokens, state.num_tokens, state.finish))
                 on_tokens([tokens[i, seen[i]:counts[i]].tolist() for i in range(len(seen))])
                 seen = counts
                 if np.all(finish != decode.RUNNING):
                     break
-                state = self.advance(state, spec, sp, int(state.forwards) + chunk_forwards)
+                bound += chunk_forwards
+                state = self.advance(state, spec, sp, bound)
         host = jax.device_get(state.replace(cache=None, draft_probs=None, key=None))
         compile_time = self._compile_time - compile_before
         wall = time.perf_counter() - start - compile_time

@@ -83,8 +83,8 @@ def accepted_length(matches: Array) -> Array:
     return 1 + jnp.sum(jnp.cumprod(matches.astype(jnp.int32), axis=-1), axis=-1).astype(jnp.int32)
 
 
-def _take(x: Array, index: Array) -> Array:
-    """x: [batch, K, ...]; index: [batch] -> x[b, index[b]]."""
+def take_rows(x: Array, index: Array) -> Array:
+    """x: [batch, n, ...]; index: [batch] -> x[b, index[b]]: [batch, ...]."""
     index = index.reshape(index.shape + (1,) * (x.ndim - 1))
     return jnp.take_along_axis(x, index, axis=1)[:, 0]
 
@@ -97,7 +97,7 @@ def greedy_verify(target_logits: Array, drafts: Array) -> tuple[Array, Array]:
     """
     t = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)
     accepted = accepted_length(drafts[:, 1:] == t[:, :-1])
-    return accepted, _take(t, accepted - 1)
+    return accepted, take_rows(t, accepted - 1)
 
 
 def speculative_verify(target_probs: Array, draft_probs: Array, drafts: Array, u: Array) -> tuple[Array, Array]:
@@ -118,8 +118,8 @@ def speculative_verify(target_probs: Array, draft_probs: Array, drafts: Array, u
     accepted = accepted_length(u[:, :-1] * q_guess < p_guess)  # P(u < p/q) = min(1, p/q), no division by zero
     # Padding q with a zero row makes the "all accepted" residual exactly p_K.
     q_padded = jnp.concatenate([draft_probs, jnp.zeros_like(target_probs[:, :1])], axis=1)
-    p_chosen = _take(target_probs, accepted - 1)
-    residual = jnp.maximum(_take(target_probs - q_padded, accepted - 1), 0.0)
+    p_chosen = take_rows(target_probs, accepted - 1)
+    residual = jnp.maximum(take_rows(target_probs - q_padded, accepted - 1), 0.0)
     # A rejection with p == q has probability ~0; fall back to p if rounding ever makes the residual empty.
     residual = jnp.where(jnp.sum(residual, axis=-1, keepdims=True) > 0, residual, p_chosen)
     return accepted, sample(residual, u[:, -1])  # `sample` normalises

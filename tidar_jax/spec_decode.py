@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from tidar_jax import decode, masks
+from tidar_jax import decode, masks, sampling
 from tidar_jax.config import DecodeConfig, ModelConfig
 from tidar_jax.decode import DecodeSpec, DecodeState
 from tidar_jax.generation import GenerationResult, Generator
@@ -69,11 +69,6 @@ class SpecResult(GenerationResult):
     draft_forwards: int = 0
 
 
-def _rows(x: Array, index: Array) -> Array:
-    """x: [batch, n]; index: [batch] -> x[b, index[b]]."""
-    return jnp.take_along_axis(x, index[:, None], axis=1)[:, 0]
-
-
 def spec_prefill(graphdef: nnx.GraphDef, params: nnx.State, draft_params: nnx.State, cache: KVCache,
                  draft_cache: KVCache, prompts: Array, lengths: Array, max_new_tokens: Array, key: Array,
                  sp: SamplingParams, *, spec: SpecDecodeSpec) -> SpecState:
@@ -97,7 +92,7 @@ def spec_prefill(graphdef: nnx.GraphDef, params: nnx.State, draft_params: nnx.St
     _, draft_cache = decode.model_logits(spec.draft_graphdef, draft_params, prompts,
                                           masks.prefill_positions(prompt_len, lengths, 0), mask, draft_cache,
                                           jnp.zeros((batch,), jnp.int32), prompt_len, spec)
-    return SpecState(base=state, draft_cache=draft_cache, last=_rows(prompts, lengths - 1),
+    return SpecState(base=state, draft_cache=draft_cache, last=sampling.take_rows(prompts, lengths - 1),
                      draft_forwards=jnp.ones((), jnp.int32))
 
 
@@ -151,7 +146,7 @@ def spec_step(graphdef: nnx.GraphDef, params: nnx.State, draft_params: nnx.State
     new = decode.decode_step(graphdef, params, state.replace(drafts=drafts, draft_probs=probs, key=key), sp,
                              spec=spec)
     accepted = new.cache.cursor - cursor  # 0 for finished rows
-    last = jnp.where(accepted > 0, _rows(drafts, jnp.maximum(accepted - 1, 0)), s.last)
+    last = jnp.where(accepted > 0, sampling.take_rows(drafts, jnp.maximum(accepted - 1, 0)), s.last)
     return SpecState(base=new, draft_cache=draft_cache, last=last,
                      draft_forwards=s.draft_forwards + spec.num_drafts - 1)
 

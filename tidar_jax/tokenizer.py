@@ -8,6 +8,7 @@ encoded as ordinary bytes, so text can never inject an eos or mask id.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -65,7 +66,7 @@ class Tokenizer:
     def hf_tokenizer(self) -> HFTokenizer:
         return self._tok
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
         """sha256 of the serialised tokenizer: equal fingerprints encode identically."""
         return hashlib.sha256(self._tok.to_str().encode()).hexdigest()

@@ -75,7 +75,7 @@ def weighted_loss(graphdef: nnx.GraphDef, params: dict, tokens: Array, valid: Ar
     metrics = objective_metrics(graphdef, params, tokens, valid, cfg, cfg.train.objective)
     ar = metrics["ar_loss"] * (metrics["ar_count"] / jnp.maximum(ar_total, 1.0))
     if cfg.train.objective == "ar":
-        return ar, {"loss": ar, "ar_loss": ar, "diff_loss": jnp.zeros_like(ar)}
+        return ar, {"loss": ar, "ar_loss": ar}
     diff = metrics["diff_loss"] * (metrics["diff_count"] / jnp.maximum(diff_total, 1.0))
     alpha = cfg.train.alpha
     loss = (alpha * ar + diff) / (1.0 + alpha)
@@ -87,7 +87,7 @@ class Trainer:
 
     `train_step(state, batch) -> (state, metrics)`: jitted once with in/out shardings, the state donated;
     batch = {"tokens": int32 [global_batch, S], "valid": bool [global_batch, S]} sharded by `batch_sharding`;
-    metrics = replicated scalars `loss, ar_loss, diff_loss, grad_norm` (pre-clip global norm) and `lr` (the rate
+    metrics = replicated scalars `loss, ar_loss, diff_loss (tidar objective only), grad_norm` (pre-clip global norm) and `lr` (the rate
     applied in this update).
     `eval_step(params, batch) -> metrics`: TiDAR-layout forward (for either objective, so runs are comparable):
     `ar_loss, diff_loss, ar_accuracy, diff_accuracy, ar_count, diff_count` and `diff_slot_accuracy` [K].
@@ -154,7 +154,7 @@ class Trainer:
         return jax.lax.with_sharding_constraint(x, self._micro_sharding)
 
     def loss_and_grads(self, params: dict, batch: dict) -> tuple[dict, dict]:
-        """(float32 gradient of the full-batch loss w.r.t. params, {loss, ar_loss, diff_loss}), accumulated over
+        """(float32 gradient of the full-batch loss w.r.t. params, {loss, ar_loss[, diff_loss]}), accumulated over
         `train.grad_accum_steps` microbatches with `lax.scan` (pure; call inside jit)."""
         totals = _target_counts(batch["valid"])
         grad_fn = jax.value_and_grad(
@@ -333,19 +333,19 @@ def _loop(cfg: Config, trainer: Trainer, state: TrainState, start: int, end_step
             step += 1
             bar.update(1)
             record: dict[str, Any] = {}
-            if step % t.log_every == 0 or step == end_step:
-                record.update(jax.device_get(metrics))  # waits for the step: the timing below is honest
-                if t.objective == "ar":
-                    del record["diff_loss"]  # a constant 0 placeholder of the shared step, not a measurement
-                now = time.perf_counter()
-                record["tokens_per_s"] = tokens_per_step * (step - last_step) / max(now - last_time, 1e-9)
-                last_time, last_step = now, step
-                terms = {name: f"{record[key]:.4f}" for name, key in (("ar", "ar_loss"), ("diff", "diff_loss"))
-                         if key in record}
-                bar.set_postfix(loss=f"{record['loss']:.4f}", **terms, tok_s=f"{record['tokens_per_s']:.0f}")
-            elif step == start + 1:  # the first step compiles: leave it out of the next throughput figure
+            if step == start + 1:  # the first step compiles: leave it out of every throughput figure
                 jax.block_until_ready(metrics)
                 last_time, last_step = time.perf_counter(), step
+            if step % t.log_every == 0 or step == end_step:
+                record.update(jax.device_get(metrics))  # waits for the step: the timing below is honest
+                now = time.perf_counter()
+                if step > last_step:
+                    record["tokens_per_s"] = tokens_per_step * (step - last_step) / max(now - last_time, 1e-9)
+                last_time, last_step = now, step
+                shown = {name: f"{record[key]:.{digits}f}" for name, key, digits in
+                         (("loss", "loss", 4), ("ar", "ar_loss", 4), ("diff", "diff_loss", 4),
+                          ("tok_s", "tokens_per_s", 0)) if key in record}
+                bar.set_postfix(**shown)
             if eval_batches and (step % t.eval_every == 0 or step == end_step):
                 record.update(evaluate(trainer, state["params"], eval_batches))
                 last_time = time.perf_counter()  # eval time is not training throughput

@@ -1,0 +1,36 @@
+"""What the inference CLIs share: which exceptions are the user's input errors (exit code 2, one `error:` line),
+how a JSON report is written, and how a checkpoint's decode config is widened for a run's prompts and outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from tidar_jax.checkpoint import CheckpointError
+
+# ConfigError, DataError, TokenizerError and ChatTemplateError are ValueErrors.
+USER_ERRORS = (ValueError, CheckpointError)
+
+
+def write_json(path: str | Path, report: dict) -> None:
+    """Writes `report` to `path` (parent folders created), indented, newline-terminated."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
+
+
+def fail(error: Exception) -> int:
+    """Prints `error: ...` to stderr and returns the CLIs' exit code for bad input (2)."""
+    print(f"error: {error}", file=sys.stderr)
+    return 2
+
+
+def decode_room(dec, prompt_len: int, max_new_tokens: int, block_size: int):
+    """`dec` (a DecodeConfig) with block size K, a prompt bucket that fits `prompt_len` and a cache large enough for
+    prompt + `max_new_tokens` + two blocks, so that no row stops early for lack of room."""
+    buckets = dec.prompt_buckets if prompt_len <= dec.prompt_buckets[-1] else (*dec.prompt_buckets, prompt_len)
+    cache = max(dec.max_cache_len, buckets[-1] + 1, prompt_len + max_new_tokens + 2 * block_size)
+    return dataclasses.replace(dec, block_size=block_size, max_new_tokens=max_new_tokens, prompt_buckets=buckets,
+                               max_cache_len=cache)
