@@ -176,9 +176,11 @@ class Transformer(nnx.Module):
             self.lm_head = _param(rngs, nnx.initializers.normal(cfg.init_std), (cfg.d_model, cfg.vocab_size),
                                   ("embed", "vocab"), pd)
 
-    def __call__(self, tokens: Array, positions: Array, mask: Array, cache: KVCache | None = None,
-                 write_start: Array | None = None, n_write: int = 0) -> tuple[Array, KVCache | None]:
-        """tokens, positions: [batch, q] int32; mask: [batch or 1, q, keys] bool (keys = cache.max_len + q with a
+    def hidden_states(self, tokens: Array, positions: Array, mask: Array, cache: KVCache | None = None,
+                      write_start: Array | None = None, n_write: int = 0) -> tuple[Array, KVCache | None]:
+        """Final-normed hidden states [batch, q, d_model] (compute dtype) and the updated cache (or None).
+
+        tokens, positions: [batch, q] int32; mask: [batch or 1, q, keys] bool (keys = cache.max_len + q with a
         cache, else q); cache: per-layer K/V buffers (its cursor is not read or moved here); write_start: [batch];
         n_write: static count of leading tokens whose K/V are written at `write_start`.
         """
@@ -195,11 +197,24 @@ class Transformer(nnx.Module):
             if cache is not None:
                 new_keys.append(layer_cache[0])
                 new_values.append(layer_cache[1])
-        x = self.final_norm(x)
-        head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-        logits = jnp.einsum("bsd,dv->bsv", x, head.astype(cd), preferred_element_type=jnp.float32)
         new_cache = None if cache is None else cache.replace(keys=tuple(new_keys), values=tuple(new_values))
-        return logits.astype(jnp.float32), new_cache
+        return self.final_norm(x), new_cache
+
+    def logits(self, hidden: Array) -> Array:
+        """LM head: hidden [..., d_model] -> float32 logits [..., vocab] (tied to the embedding when configured).
+
+        Applied to any subset of rows it gives exactly those rows of the full-sequence logits, so callers may run
+        it only on the rows they read."""
+        cd = jnp.dtype(self.cfg.compute_dtype)
+        head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+        logits = jnp.einsum("...d,dv->...v", hidden.astype(cd), head.astype(cd), preferred_element_type=jnp.float32)
+        return logits.astype(jnp.float32)
+
+    def __call__(self, tokens: Array, positions: Array, mask: Array, cache: KVCache | None = None,
+                 write_start: Array | None = None, n_write: int = 0) -> tuple[Array, KVCache | None]:
+        """`logits(hidden_states(...))`: float32 logits [batch, q, vocab] and the updated cache (or None)."""
+        hidden, new_cache = self.hidden_states(tokens, positions, mask, cache, write_start, n_write)
+        return self.logits(hidden), new_cache
 
 
 def create_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
@@ -216,6 +231,20 @@ def forward(graphdef: nnx.GraphDef, params: nnx.State, tokens: Array, positions:
     """
     model = nnx.merge(graphdef, params)
     return model(tokens, positions, mask, cache, write_start, n_write)
+
+
+def forward_hidden(graphdef: nnx.GraphDef, params: nnx.State, tokens: Array, positions: Array, mask: Array,
+                   cache: KVCache | None = None, write_start: Array | None = None,
+                   n_write: int = 0) -> tuple[Array, KVCache | None]:
+    """Like `forward` but stops before the LM head: (final-normed hidden [batch, q, d_model], cache or None).
+    Pair it with `head_logits` on the rows actually read."""
+    model = nnx.merge(graphdef, params)
+    return model.hidden_states(tokens, positions, mask, cache, write_start, n_write)
+
+
+def head_logits(graphdef: nnx.GraphDef, params: nnx.State, hidden: Array) -> Array:
+    """LM head of the model: hidden [..., d_model] -> float32 logits [..., vocab] (see `Transformer.logits`)."""
+    return nnx.merge(graphdef, params).logits(hidden)
 
 
 def count_params(params: nnx.State) -> int:
