@@ -14,6 +14,7 @@ import jax
 
 from tidar_jax import trainer
 from tidar_jax.config import config_from_dict
+from tidar_jax.run_setup import plan_run
 from tidar_jax.sharding import make_mesh
 
 
@@ -30,7 +31,7 @@ def main() -> None:
 
     trainer.Checkpointer.save = save_then_die
     # One device, as the test's reference run uses (same program, so the same bits).
-    trainer.train(cfg, workdir, progress=False, mesh=make_mesh(cfg.mesh, jax.devices()[:1]))
+    trainer.train(plan_run(workdir, config=cfg), progress=False, mesh=make_mesh(cfg.mesh, jax.devices()[:1]))
     sys.exit("the run was expected to be killed")
 
 

@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tidar_jax import masks
-from tidar_jax.checkpoint import (CheckpointError, Checkpointer, check_workdir_compatible, load_for_inference,
+from tidar_jax.checkpoint import (CheckpointError, Checkpointer, load_for_inference,
                                   read_checkpoint_config, save_inference_checkpoint)
 from tidar_jax.config import ConfigError, load_config, replace
 from tidar_jax.model import create_model, forward
@@ -225,24 +225,32 @@ def test_load_for_inference_reads_workdir_tokenizer(tmp_path, tiny_config):
     assert bundle.tokenizer.encode("the cat sat") == hf.encode("the cat sat").ids
 
 
-def test_check_workdir_compatible(tmp_path, tiny_config):
-    check_workdir_compatible(tmp_path / "fresh", tiny_config)  # nothing there yet: fine
+def test_resume_refuses_a_different_run(tmp_path, tiny_config):
+    from tidar_jax.data import load_or_train_tokenizer
+    from tidar_jax.run_setup import plan_run
+
+    assert not plan_run(tmp_path / "fresh", config=tiny_config).resume  # nothing there yet: a new run
     assert not (tmp_path / "fresh").exists()
     _, state = make_train_state(tiny_config)
+    tokenizer = load_or_train_tokenizer(tiny_config)
+    tokenizer.save(tmp_path / "tokenizer.json")
     with Checkpointer(tmp_path) as ckpt:
-        ckpt.save(1, state, None, tiny_config)
+        ckpt.save(1, state, None, replace(tiny_config, data={"tokenizer_sha256": tokenizer.fingerprint}))
     before = snapshot(tmp_path)
-    check_workdir_compatible(tmp_path, tiny_config)
+    assert plan_run(tmp_path, config=tiny_config).resume
     # Longer training, another mesh, remat: the same run, resumable.
-    check_workdir_compatible(tmp_path, replace(tiny_config, train={"steps": 500}, mesh={"fsdp": 2},
-                                               model={"remat": True}))
+    plan_run(tmp_path, config=replace(tiny_config, train={"steps": 500}, mesh={"fsdp": 2}, model={"remat": True}))
     other = replace(tiny_config, model={"d_model": 128}, data={"seq_len": 32}, train={"objective": "ar"})
     with pytest.raises(ConfigError) as err:
-        check_workdir_compatible(tmp_path, other)
+        plan_run(tmp_path, config=other)
     for name in ("model.d_model", "data.seq_len", "train.objective"):
         assert name in str(err.value)
     assert "model.n_layers" not in str(err.value)
-    assert snapshot(tmp_path) == before
+    assert snapshot(tmp_path) == before  # refusing only read
+    # A replaced tokenizer.json is another token mapping: refused, naming the file.
+    load_or_train_tokenizer(replace(tiny_config, data={"seed": 1})).save(tmp_path / "tokenizer.json")
+    with pytest.raises(ConfigError, match="tokenizer.json is not the tokenizer this run was trained with"):
+        plan_run(tmp_path, config=tiny_config)
 
 
 # A failed read leaves an Orbax-internal asyncio task behind that may complain at garbage collection.

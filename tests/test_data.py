@@ -84,7 +84,7 @@ def test_file_formats_give_one_document_per_file_line_or_row(tmp_path, monkeypat
     (lambda p: ("files", (str(p / "x.csv"),)), "unsupported suffix '.csv'"),
     (lambda p: ("files", (str(p / "empty"),)), "holds no .txt/.jsonl/.parquet files"),
     (lambda p: ("files", (str(p / "blank.txt"),)), "contains no non-empty documents"),
-    (lambda p: ("files", (str(p / "bad.jsonl"),)), "bad.jsonl:2 has no string field \"text\""),
+    (lambda p: ("files", (str(p / "bad.jsonl"),)), "bad.jsonl:2 has neither a token-id list \"ids\" nor a string field \"text\""),
     (lambda p: ("files", (str(p / "latin1.txt"),)), "latin1.txt is not valid UTF-8"),
 ])
 def test_corpus_errors_name_the_problem(tmp_path, setup, message):
@@ -116,7 +116,7 @@ def test_split_is_disjoint_deterministic_and_seeded(docs):
 def test_packing_matches_plain_concatenation_and_chunking(cfg, docs, tokenizer):
     train_docs, _ = split_documents(docs, 0.1, seed=7)
     want, want_stream = reference_examples(train_docs, tokenizer, SEQ)
-    stream = data.split_token_stream(cfg.data, tokenizer, "train")
+    stream = data.split_token_stream(cfg, tokenizer, "train")
     assert stream.tolist() == want_stream
     assert int(np.sum(stream == tokenizer.eos_id)) == len(train_docs)
     assert data.pack_examples(stream, SEQ).tolist() == want
@@ -131,10 +131,10 @@ def test_packing_matches_plain_concatenation_and_chunking(cfg, docs, tokenizer):
 
 
 def test_token_cache_is_reused_and_keyed_by_text(cfg, tokenizer, token_cache, monkeypatch, corpus_dir, tmp_path):
-    first = data.split_token_stream(cfg.data, tokenizer, "train")
+    first = data.split_token_stream(cfg, tokenizer, "train")
     assert len(list(token_cache.glob("tokens-*.npy"))) == 1
     monkeypatch.setattr(data, "_encode_stream", lambda *a: pytest.fail("cache miss: re-tokenised"))
-    np.testing.assert_array_equal(data.split_token_stream(cfg.data, tokenizer, "train"), first)
+    np.testing.assert_array_equal(data.split_token_stream(cfg, tokenizer, "train"), first)
     monkeypatch.undo()
     monkeypatch.setenv("TIDAR_JAX_CACHE_DIR", str(token_cache))
     changed = tmp_path / "changed"
@@ -142,7 +142,7 @@ def test_token_cache_is_reused_and_keyed_by_text(cfg, tokenizer, token_cache, mo
     for path in corpus_dir.iterdir():
         (changed / path.name).write_text(path.read_text() + " extra")
     other = replace(cfg, data={"paths": (str(changed),)})
-    assert len(data.split_token_stream(other.data, tokenizer, "train")) > len(first)
+    assert len(data.split_token_stream(other, tokenizer, "train")) > len(first)
 
 
 # ---------------------------------------------------------------- order, sharding, resume
@@ -156,7 +156,7 @@ def test_shuffle_is_seeded(cfg, tokenizer):
 
 
 def test_epochs_reshuffle(cfg, tokenizer):
-    n = len(data.pack_examples(data.split_token_stream(cfg.data, tokenizer, "train"), SEQ))
+    n = len(data.pack_examples(data.split_token_stream(cfg, tokenizer, "train"), SEQ))
     rows = np.concatenate([b["tokens"] for b in take(data.make_train_iterator(cfg, tokenizer), -(-2 * n // BATCH))])
     epoch0, epoch1 = rows[:n].tolist(), rows[n:2 * n].tolist()
     assert sorted(epoch0) == sorted(epoch1) and epoch0 != epoch1
@@ -174,7 +174,7 @@ def test_process_shards_union_is_the_global_batch(cfg, tokenizer, process_count)
 
 
 def test_resume_gives_exactly_the_next_batch_across_an_epoch_boundary(cfg, tokenizer):
-    n = len(data.pack_examples(data.split_token_stream(cfg.data, tokenizer, "train"), SEQ))
+    n = len(data.pack_examples(data.split_token_stream(cfg, tokenizer, "train"), SEQ))
     assert n % BATCH, "the test needs an epoch boundary inside a batch"
     stop = n // BATCH - 1  # the next few batches straddle the end of epoch 0
     for process_index, process_count in [(0, 1), (1, 2)]:
@@ -226,20 +226,17 @@ def test_heldout_prompts_are_windows_of_heldout_documents(cfg, docs, tokenizer):
 
 # ---------------------------------------------------------------- tokenizer handling and config checks
 
-def test_build_or_load_tokenizer_trains_then_reuses(cfg, tmp_path, monkeypatch, tokenizer):
-    workdir = tmp_path / "run"
-    trained = data.build_or_load_tokenizer(cfg, workdir)
-    assert (workdir / "tokenizer.json").is_file() and trained.vocab_size == cfg.model.vocab_size
+def test_load_or_train_tokenizer_trains_then_reuses(cfg, tmp_path, monkeypatch, tokenizer):
+    existing = tmp_path / "tokenizer.json"
+    trained = data.load_or_train_tokenizer(cfg, existing)
+    assert trained.vocab_size == cfg.model.vocab_size and not existing.exists()  # nothing is written
+    trained.save(existing)
     monkeypatch.setattr(data, "train_bpe", lambda *a, **k: pytest.fail("retrained instead of reusing"))
-    assert data.build_or_load_tokenizer(cfg, workdir).fingerprint == trained.fingerprint
-    # An explicit data.tokenizer is copied into a fresh workdir, and must not contradict an existing one.
+    assert data.load_or_train_tokenizer(cfg, existing).fingerprint == trained.fingerprint
+    # An explicit data.tokenizer wins over an existing file.
     given = replace(cfg, data={"tokenizer": str(tokenizer.path)})
-    fresh = tmp_path / "fresh"
-    assert data.build_or_load_tokenizer(given, fresh).fingerprint == tokenizer.fingerprint
-    assert Tokenizer.from_file(fresh / "tokenizer.json").fingerprint == tokenizer.fingerprint
+    assert data.load_or_train_tokenizer(given, existing).fingerprint == tokenizer.fingerprint
     assert trained.fingerprint != tokenizer.fingerprint  # trained on the train split only
-    with pytest.raises(ConfigError, match="differs from the tokenizer this run already uses"):
-        data.build_or_load_tokenizer(given, workdir)
 
 
 def swapped_special_tokenizer(docs):
@@ -261,10 +258,12 @@ def test_embedding_may_have_unused_rows(cfg, tokenizer):
 def test_mismatched_tokenizer_is_refused(cfg, docs, tokenizer):
     with pytest.raises(ConfigError, match="has 512 tokens but model.vocab_size is 256"):
         data.make_train_iterator(replace(cfg, model={"vocab_size": 256}), tokenizer)
-    with pytest.raises(ConfigError, match="has eos id 1 but model.eos_token_id is 0"):
+    with pytest.raises(ConfigError, match="has mask id 2 but model.mask_token_id is 1"):
         data.make_train_iterator(cfg, swapped_special_tokenizer(docs))
-    with pytest.raises(ConfigError, match="has pad id 2 but model.pad_token_id is 3"):
-        data.make_eval_batches(replace(cfg, model={"pad_token_id": 3}), tokenizer, 1)
+    with pytest.raises(ConfigError, match=r"model.eos_token_id \(600\) is not a token of the tokenizer"):
+        data.make_eval_batches(replace(cfg, model={"vocab_size": 1024, "eos_token_id": 600}), tokenizer, 1)
+    with pytest.raises(ConfigError, match=r"data.separator_token_id \(1\) is not a token"):  # the mask id
+        data.make_train_iterator(replace(cfg, data={"separator_token_id": 1}), tokenizer)
 
 
 def test_too_little_data_and_bad_sharding_are_refused(cfg, tokenizer):
@@ -300,7 +299,7 @@ def test_bbc_news_round_trips_through_a_bpe(tiny_config):
 
 @pytest.mark.slow
 def test_bbc_news_end_to_end(tiny_config, tmp_path):
-    tok = data.build_or_load_tokenizer(tiny_config, tmp_path)
+    tok = data.load_or_train_tokenizer(tiny_config)
     batch = next(data.make_train_iterator(tiny_config, tok))
     assert batch["tokens"].shape == (tiny_config.data.global_batch_size, tiny_config.data.seq_len)
     text = tok.decode(batch["tokens"][0])

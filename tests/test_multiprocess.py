@@ -16,7 +16,8 @@ import pytest
 
 from tidar_jax.checkpoint import load_for_inference
 from tidar_jax.config import MeshConfig, load_config
-from tidar_jax.data import build_or_load_tokenizer
+from tidar_jax.data import load_or_train_tokenizer
+from tidar_jax.run_setup import plan_run
 from tidar_jax.metrics_log import read_metrics
 from tidar_jax.sharding import make_mesh
 from tidar_jax.trainer import train
@@ -35,7 +36,7 @@ def free_port() -> int:
 def test_two_processes_match_single_process(repo_root, tmp_path):
     preset = f"{repo_root}/configs/tiny.yaml"
     tokenizer_dir = tmp_path / "tokenizer"
-    build_or_load_tokenizer(load_config(preset), tokenizer_dir)
+    load_or_train_tokenizer(load_config(preset)).save(tokenizer_dir / "tokenizer.json")
     overrides = OVERRIDES + [f"data.tokenizer={tokenizer_dir / 'tokenizer.json'}"]
 
     workdir = tmp_path / "two_processes"
@@ -59,7 +60,7 @@ def test_two_processes_match_single_process(repo_root, tmp_path):
         assert proc.returncode == 0, out[-3000:]
 
     cfg = load_config(preset, overrides)
-    reference = train(cfg, tmp_path / "one_process", progress=False,
+    reference = train(plan_run(tmp_path / "one_process", config=cfg), progress=False,
                       mesh=make_mesh(MeshConfig(data=-1), jax.devices()[:1]))
     records = read_metrics(workdir)  # written by process 0 only
     assert [r["step"] for r in records] == [1, 2, 3]

@@ -16,10 +16,11 @@ import pytest
 
 from tidar_jax.checkpoint import Checkpointer, load_for_inference, save_inference_checkpoint
 from tidar_jax.config import ConfigError, MeshConfig, load_config, replace, to_dict
-from tidar_jax.data import build_or_load_tokenizer, make_train_iterator
+from tidar_jax.data import load_or_train_tokenizer, make_train_iterator
 from tidar_jax.metrics_log import read_metrics
 from tidar_jax.sharding import make_global_batch, make_mesh
 from tidar_jax.tokenizer import Tokenizer
+from tidar_jax.run_setup import plan_run
 from tidar_jax.trainer import train, trainer_for
 from train.train import main
 
@@ -33,7 +34,7 @@ def tokenizer_path(repo_root, tmp_path_factory):
     """One BPE for the whole module (training it takes seconds), passed to runs as data.tokenizer."""
     cfg = load_config(f"{repo_root}/configs/tiny.yaml")
     workdir = tmp_path_factory.mktemp("tokenizer")
-    build_or_load_tokenizer(cfg, workdir)
+    load_or_train_tokenizer(cfg).save(workdir / "tokenizer.json")
     return str(workdir / "tokenizer.json")
 
 
@@ -49,7 +50,7 @@ def one_device_mesh():
 @pytest.fixture(scope="module")
 def uninterrupted(cfg, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("uninterrupted")
-    result = train(cfg, workdir, progress=False, mesh=one_device_mesh())
+    result = train(plan_run(workdir, config=cfg), progress=False, mesh=one_device_mesh())
     return jax.device_get(result.state), result.records
 
 
@@ -123,11 +124,11 @@ def test_cli_end_to_end_writes_loadable_checkpoint_and_metrics(repo_root, tokeni
 
 def test_stopped_and_resumed_run_equals_uninterrupted(cfg, uninterrupted, tmp_path):
     reference, reference_records = uninterrupted
-    half = train(cfg, tmp_path, stop_at_step=STEPS // 2, progress=False, mesh=one_device_mesh())
+    half = train(plan_run(tmp_path, config=cfg), stop_at_step=STEPS // 2, progress=False, mesh=one_device_mesh())
     assert half.step == STEPS // 2
     with Checkpointer(tmp_path) as checkpointer:
         assert checkpointer.latest_step() == STEPS // 2
-    resumed = train(cfg, tmp_path, progress=False, mesh=one_device_mesh())
+    resumed = train(plan_run(tmp_path, config=cfg), progress=False, mesh=one_device_mesh())
     assert [r["step"] for r in resumed.records] == list(range(STEPS // 2 + 1, STEPS + 1))
     assert_same_state(jax.device_get(resumed.state), reference)
     # metrics.jsonl holds each step once, with the uninterrupted run's losses.
@@ -154,7 +155,7 @@ def test_run_killed_during_async_save_resumes_exactly(cfg, uninterrupted, repo_r
     assert any("tmp" in name for name in leftovers), leftovers  # the kill did interrupt the save of step 3
     with Checkpointer(workdir) as checkpointer:  # opening it as a writer also clears the unfinished save
         assert checkpointer.all_steps() == [1, 2]
-    resumed = train(cfg, workdir, progress=False, mesh=one_device_mesh())
+    resumed = train(plan_run(workdir, config=cfg), progress=False, mesh=one_device_mesh())
     assert resumed.records[0]["step"] == kill_step
     assert_same_state(jax.device_get(resumed.state), reference)
 
@@ -173,7 +174,7 @@ def test_init_from_loads_params_only(cfg, uninterrupted, tokenizer_path, tmp_pat
     imported = tmp_path / "imported"
     save_inference_checkpoint(imported, cfg, reference["params"], tokenizer_file=tokenizer_path)
     mesh = one_device_mesh()
-    result = train(replace(cfg, train={"init_from": str(imported)}), tmp_path / "run", stop_at_step=1,
+    result = train(plan_run(tmp_path / "run", config=replace(cfg, train={"init_from": str(imported)})), stop_at_step=1,
                    progress=False, mesh=mesh)
     assert int(result.state["step"]) == 1  # a new run (fresh optimizer), not a continuation of step 4
     # Its first loss is the imported params' loss on the first training batch.
@@ -185,10 +186,10 @@ def test_init_from_loads_params_only(cfg, uninterrupted, tokenizer_path, tmp_pat
     np.testing.assert_allclose(result.records[0]["loss"], (alpha * m["ar_loss"] + m["diff_loss"]) / (1 + alpha),
                                rtol=1e-5)
 
-    with pytest.raises(ConfigError, match="model.d_ff: checkpoint 128, config 256"):
-        train(replace(cfg, model={"d_ff": 256}, train={"init_from": str(imported)}), tmp_path / "other",
-              progress=False, mesh=mesh)
-    with pytest.raises(ConfigError, match="set data.tokenizer="):
-        train(replace(cfg, data={"tokenizer": ""}, train={"init_from": str(imported)}), tmp_path / "third",
-              progress=False, mesh=mesh)
-    assert not (tmp_path / "third" / "tokenizer.json").exists()  # refused before a BPE was trained there
+    with pytest.raises(ConfigError, match="model.d_ff: checkpoint 128, requested 256"):
+        plan_run(tmp_path / "other", config=replace(cfg, model={"d_ff": 256}, train={"init_from": str(imported)}))
+    assert not (tmp_path / "other").exists()  # refused before anything was written
+    # Without data.tokenizer the run takes the init checkpoint's own tokenizer.
+    plan = plan_run(tmp_path / "third", config=replace(cfg, data={"tokenizer": ""}, train={"init_from": str(imported)}))
+    assert plan.config.data.tokenizer == str(imported / "tokenizer.json")
+    assert plan.tokenizer.fingerprint == Tokenizer.from_file(tokenizer_path).fingerprint

@@ -214,7 +214,8 @@ class Checkpointer:
         self.close()
 
 
-def _read_config(root: Path, step: int) -> Config:
+def read_step_config(root: Path, step: int) -> Config:
+    """The config saved with `step` under the checkpoints directory `root`."""
     step_dir = root / str(step)
     _check_finished(step_dir, (_CONFIG,))
     try:
@@ -230,27 +231,16 @@ def read_checkpoint_config(workdir: str | Path) -> Config | None:
     resumes a run)."""
     root = Path(workdir) / CHECKPOINT_DIR
     steps = _steps(root)
-    return _read_config(root, steps[-1]) if steps else None
+    return read_step_config(root, steps[-1]) if steps else None
 
 
-def _run_fields(cfg: Config) -> dict[str, Any]:
-    """The fields that define what a run computes: model and data sections and the training objective."""
+def run_fields(cfg: Config) -> dict[str, Any]:
+    """The fields that define what a run computes, as `section.field -> value`: the model and data sections, the
+    training objective and the adaptation mode (execution-only fields such as model.remat are left out)."""
     flat = {f"{section}.{k}": v for section in ("model", "data") for k, v in to_dict(getattr(cfg, section)).items()}
     flat["train.objective"] = cfg.train.objective
+    flat["train.adaptation"] = cfg.train.adaptation
     return {k: v for k, v in flat.items() if k not in _RUNTIME_FIELDS}
-
-
-def check_workdir_compatible(workdir: str | Path, config: Config) -> None:
-    """Raises `ConfigError` naming the differing fields if WORKDIR already holds checkpoints of a run with another
-    model / data / objective config. Only reads: nothing in WORKDIR is changed or deleted."""
-    saved = read_checkpoint_config(workdir)
-    if saved is None:
-        return
-    old, new = _run_fields(saved), _run_fields(config)
-    diffs = [f"{k}: saved {old[k]!r}, requested {new[k]!r}" for k in old if old[k] != new[k]]
-    if diffs:
-        raise ConfigError(f"workdir {workdir} already holds a run with a different config ({'; '.join(diffs)}); "
-                          "resume with the saved config or choose another --workdir")
 
 
 @dataclasses.dataclass
@@ -264,7 +254,7 @@ class InferenceBundle:
     step: int
 
 
-def _locate(path: str | Path) -> tuple[Path, int, Path]:
+def locate_checkpoint(path: str | Path) -> tuple[Path, int, Path]:
     """Resolves a workdir, a checkpoints directory or one step directory to (checkpoints root, step, workdir).
 
     Paths are made absolute first: Orbax refuses relative ones.
@@ -307,10 +297,10 @@ def load_for_inference(path: str | Path, mesh: jax.sharding.Mesh | None = None) 
 
     Raises `CheckpointError` for a missing path, no checkpoint, or unfinished / corrupt files.
     """
-    root, step, workdir = _locate(path)
+    root, step, workdir = locate_checkpoint(path)
     step_dir = root / str(step)
     _check_finished(step_dir, (_STATE, _CONFIG))
-    config = _read_config(root, step)
+    config = read_step_config(root, step)
     graphdef, abstract_state = abstract_model(config.model)
     abstract = jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
                             nnx.to_pure_dict(abstract_state), _inference_shardings(abstract_state, mesh))

@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("xla", "cudnn")
 OBJECTIVES = ("tidar", "ar")
+ADAPTATIONS = ("full", "adapters")
 
 
 class ConfigError(ValueError):
@@ -29,7 +30,10 @@ class ModelConfig:
     """Decoder-only transformer shape (Qwen2 / Qwen3 / Llama family).
 
     `mask_token_id` is the vocabulary row used for diffusion mask tokens; `block_size` is the draft block size K the
-    model was (or will be) trained with, stored here so that a checkpoint carries it to decoding.
+    model was (or will be) trained with, stored here so that a checkpoint carries it to decoding. `eos_token_id`
+    stops generation (an instruct model's end-of-turn token); documents in training data are separated by
+    `data.separator_token_id`, which may differ. `adapter_rank` > 0 adds mask-gated low-rank adapters (adapters.py):
+    they act only on mask-token rows, so the AR path computes exactly the base model.
     """
 
     vocab_size: int = 512
@@ -53,11 +57,18 @@ class ModelConfig:
     remat: bool = False
     attention_impl: str = "xla"
     init_std: float = 0.02
+    adapter_rank: int = 0
+    adapter_alpha: float = 32.0
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where training text comes from and how it is cut into examples of `seq_len` clean tokens."""
+    """Where training text comes from and how it is cut into examples of `seq_len` clean tokens.
+
+    `separator_token_id` joins packed documents; -1 = resolved when a run starts (the tokenizer's `<|endoftext|>`
+    if it has one, else model.eos_token_id). `tokenizer_sha256` is recorded by the run (leave it empty): a resumed
+    run whose tokenizer.json changed is refused.
+    """
 
     corpus: str = "bbc-news"
     paths: tuple[str, ...] = ()
@@ -67,11 +78,19 @@ class DataConfig:
     holdout_fraction: float = 0.02
     seed: int = 0
     worker_count: int = 0
+    separator_token_id: int = -1
+    tokenizer_sha256: str = ""
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation and bookkeeping. `objective` is `tidar` (joint AR + diffusion loss) or `ar` (next-token only)."""
+    """Optimisation and bookkeeping. `objective` is `tidar` (joint AR + diffusion loss) or `ar` (next-token only).
+
+    `adaptation` is `full` (every parameter trains) or `adapters` (needs model.adapter_rank > 0 and the tidar
+    objective: only the mask-gated adapters train, on the diffusion loss; the base model and so its AR output stay
+    bit-identical). `init_from` is a checkpoint (e.g. an imported model) whose params, architecture, tokenizer and
+    chat template a new run starts from.
+    """
 
     objective: str = "tidar"
     alpha: float = 1.0
@@ -91,6 +110,7 @@ class TrainConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 3
     init_from: str = ""
+    adaptation: str = "full"
 
 
 @dataclass(frozen=True)
@@ -149,6 +169,8 @@ def validate_model(m: ModelConfig) -> None:
              f"model.attention_impl must be one of {ATTENTION_IMPLS}, got {m.attention_impl!r}")
     _require(m.rope_theta > 0, f"model.rope_theta must be positive, got {m.rope_theta}")
     _require(m.rms_norm_eps > 0, f"model.rms_norm_eps must be positive, got {m.rms_norm_eps}")
+    _require(m.adapter_rank >= 0, f"model.adapter_rank must be >= 0 (0 = no adapters), got {m.adapter_rank}")
+    _require(m.adapter_alpha > 0, f"model.adapter_alpha must be positive, got {m.adapter_alpha}")
 
 
 def validate(cfg: Config) -> Config:
@@ -162,6 +184,14 @@ def validate(cfg: Config) -> Config:
     _require(0.0 < d.holdout_fraction < 1.0, f"data.holdout_fraction must be in (0, 1), got {d.holdout_fraction}")
     _require(d.worker_count >= 0, f"data.worker_count must be >= 0, got {d.worker_count}")
     _require(t.objective in OBJECTIVES, f"train.objective must be one of {OBJECTIVES}, got {t.objective!r}")
+    _require(t.adaptation in ADAPTATIONS, f"train.adaptation must be one of {ADAPTATIONS}, got {t.adaptation!r}")
+    if t.adaptation == "adapters":
+        _require(m.adapter_rank > 0, "train.adaptation=adapters needs model.adapter_rank > 0")
+        _require(t.objective == "tidar", "train.adaptation=adapters trains the diffusion drafts: it needs "
+                                         "train.objective=tidar")
+    _require(d.separator_token_id == -1 or 0 <= d.separator_token_id < m.vocab_size,
+             f"data.separator_token_id ({d.separator_token_id}) must be -1 (resolved from the tokenizer) or a token "
+             f"id inside the vocabulary [0, {m.vocab_size})")
     _require(t.alpha >= 0, f"train.alpha must be >= 0, got {t.alpha}")
     _require(t.steps > 0, f"train.steps must be positive, got {t.steps}")
     _require(t.learning_rate > 0, f"train.learning_rate must be positive, got {t.learning_rate}")
@@ -204,22 +234,38 @@ def _merge(base: Any, *layers: Any) -> Config:
         raise ConfigError(str(e).split("\n    reference_type")[0]) from None
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Builds a validated `Config` from defaults, an optional YAML preset and `a.b=value` overrides.
-
-    Raises `ConfigError` for a missing preset, an unknown key, a value of the wrong type or a broken cross-field rule.
-    """
+def config_layers(path: str | Path | None = None, overrides: Sequence[str] = ()) -> list:
+    """The OmegaConf layers of an optional YAML preset and `a.b=value` overrides, in merge order (unvalidated)."""
     layers = []
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            layers.append(OmegaConf.load(path))
+            layer = OmegaConf.load(path)
         except Exception as e:  # YAML syntax errors come from several libraries
             raise ConfigError(f"cannot parse config file {path}: {e}") from None
+        if not isinstance(layer, DictConfig):
+            raise ConfigError(f"config file {path} must hold a mapping of sections (model:, data:, ...), "
+                              f"not a {type(layer).__name__}")
+        layers.append(layer)
     layers.extend(_override_layers(overrides))
-    return validate(_merge(Config, *layers))
+    return layers
+
+
+def merge_layers(base: Config | None, layers: Sequence) -> Config:
+    """`base` (None = the defaults) with `layers` merged on top, NOT validated: callers that fill fields in
+    afterwards (run_setup.py) validate the result themselves."""
+    start = [] if base is None else [OmegaConf.create(to_dict(base))]
+    return _merge(Config, *start, *layers)
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Builds a validated `Config` from defaults, an optional YAML preset and `a.b=value` overrides.
+
+    Raises `ConfigError` for a missing preset, an unknown key, a value of the wrong type or a broken cross-field rule.
+    """
+    return validate(merge_layers(None, config_layers(path, overrides)))
 
 
 def _override_layers(overrides: Sequence[str]) -> list:

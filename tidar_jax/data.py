@@ -1,8 +1,10 @@
 """Grain input pipeline: corpus documents -> token stream -> packed examples -> shuffled, per-process batches.
 
-Packing: every document of a split is encoded and followed by one eos token, the documents are concatenated in
+Packing: every document of a split is encoded (token-id documents, e.g. self-distilled text, are taken as they are)
+and followed by one separator token (`separator_id`: data.separator_token_id, by default the tokenizer's
+`<|endoftext|>`, which for an instruct model differs from its end-of-turn eos), the documents are concatenated in
 corpus order, and the stream is cut into examples of `S = data.seq_len` tokens (the incomplete tail is dropped for
-training). Training examples are therefore all-valid and an eos marks each document boundary.
+training). Training examples are therefore all-valid and a separator marks each document boundary.
 
 Order: the global example order is a seeded permutation of the N examples, a different one each epoch (grain
 `MapDataset.shuffle` folds the epoch into the seed), repeated forever. Global batch n is global-order examples
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -26,31 +27,45 @@ import grain
 from absl import flags as absl_flags
 import numpy as np
 
-from tidar_jax.config import Config, ConfigError, ModelConfig
-from tidar_jax.corpora import CORPORA, DataError, load_corpus_documents, split_documents
+from tidar_jax.config import Config, ConfigError
+from tidar_jax.corpora import CORPORA, DataError, Document, load_corpus_documents, split_documents
 from tidar_jax.tokenizer import Tokenizer, train_bpe
 
 __all__ = ["CORPORA", "DataError", "load_corpus_documents", "split_documents", "check_tokenizer_matches",
-           "split_token_stream", "pack_examples", "make_train_dataset", "make_train_iterator", "make_eval_batches",
-           "heldout_prompts", "build_or_load_tokenizer"]
+           "separator_id", "split_token_stream", "pack_examples", "make_train_dataset", "make_train_iterator",
+           "make_eval_batches", "heldout_prompts", "load_or_train_tokenizer"]
 
 _PREFETCH_BATCHES = 4  # batches read ahead by one background thread; a batch is a cheap numpy gather
 
 
-def check_tokenizer_matches(tokenizer: Tokenizer, model_cfg: ModelConfig) -> None:
-    """Raises ConfigError unless every tokenizer id fits the model's embedding and the eos / mask / pad ids agree.
+def separator_id(cfg: Config, tokenizer: Tokenizer) -> int:
+    """The document separator of packed data: data.separator_token_id, or (-1) the tokenizer's `<|endoftext|>`,
+    or, for tokenizers without one (Llama-3 style), model.eos_token_id."""
+    if cfg.data.separator_token_id >= 0:
+        return cfg.data.separator_token_id
+    return tokenizer.eos_id if tokenizer.eos_id is not None else cfg.model.eos_token_id
 
-    The embedding may have more rows than the tokenizer has tokens (imported models keep spare rows).
+
+def check_tokenizer_matches(tokenizer: Tokenizer, cfg: Config) -> None:
+    """Raises ConfigError unless every tokenizer id fits the model's embedding, a `<|mask|>` token of the tokenizer
+    is model.mask_token_id, and model.eos_token_id and the separator are tokens of the tokenizer.
+
+    The embedding may have more rows than the tokenizer has tokens (imported models keep spare rows; the mask
+    token may be one of them). The pad id needs no token: padded positions are never attended to or scored.
     """
+    model_cfg = cfg.model
     where = f" ({tokenizer.path})" if tokenizer.path else ""
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ConfigError(f"tokenizer{where} has {tokenizer.vocab_size} tokens but model.vocab_size is "
                           f"{model_cfg.vocab_size}: the embedding needs a row for every token")
-    for field, tok_id in (("eos_token_id", tokenizer.eos_id), ("mask_token_id", tokenizer.mask_id),
-                          ("pad_token_id", tokenizer.pad_id)):
-        if getattr(model_cfg, field) != tok_id:
-            raise ConfigError(f"tokenizer{where} has {field.replace('_token_id', '')} id {tok_id} but "
-                              f"model.{field} is {getattr(model_cfg, field)}")
+    if tokenizer.mask_id is not None and tokenizer.mask_id != model_cfg.mask_token_id:
+        raise ConfigError(f"tokenizer{where} has mask id {tokenizer.mask_id} but model.mask_token_id is "
+                          f"{model_cfg.mask_token_id}")
+    for name, tok_id in (("model.eos_token_id", model_cfg.eos_token_id),
+                         ("data.separator_token_id", separator_id(cfg, tokenizer))):
+        if not 0 <= tok_id < tokenizer.vocab_size or tok_id == model_cfg.mask_token_id:
+            raise ConfigError(f"{name} ({tok_id}) is not a token of the tokenizer{where} "
+                              f"({tokenizer.vocab_size} tokens, mask id {model_cfg.mask_token_id})")
 
 
 def _cache_dir() -> Path | None:
@@ -58,23 +73,28 @@ def _cache_dir() -> Path | None:
     return None if value in ("", "off") else Path(value)
 
 
-def _encode_stream(docs: Sequence[str], tokenizer: Tokenizer) -> np.ndarray:
-    """[total] int32: each document's tokens followed by eos, in order."""
+def _encode_stream(docs: Sequence[Document], tokenizer: Tokenizer, separator: int) -> np.ndarray:
+    """[total] int32: each document's tokens followed by the separator, in order."""
+    texts = [doc for doc in docs if isinstance(doc, str)]
+    encoded = iter(tokenizer.encode_batch(texts))
     pieces = []
-    for ids in tokenizer.encode_batch(docs):
-        pieces.append(np.asarray(ids, dtype=np.int32))
-        pieces.append(np.array([tokenizer.eos_id], dtype=np.int32))
+    for doc in docs:
+        pieces.append(np.asarray(next(encoded) if isinstance(doc, str) else doc, dtype=np.int32))
+        pieces.append(np.array([separator], dtype=np.int32))
     return np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
 
 
-def _token_stream(docs: Sequence[str], tokenizer: Tokenizer) -> np.ndarray:
+def _token_stream(docs: Sequence[Document], tokenizer: Tokenizer, separator: int) -> np.ndarray:
     """`_encode_stream`, read from / written to the disk cache when one is configured."""
     cache = _cache_dir()
     if cache is None:
-        return _encode_stream(docs, tokenizer)
-    digest = hashlib.sha256(tokenizer.fingerprint.encode())
+        return _encode_stream(docs, tokenizer, separator)
+    digest = hashlib.sha256(f"{tokenizer.fingerprint}/{separator}".encode())
     for doc in docs:
-        digest.update(doc.encode("utf-8", errors="surrogatepass"))
+        if isinstance(doc, str):
+            digest.update(doc.encode("utf-8", errors="surrogatepass"))
+        else:
+            digest.update(b"\xfe" + np.asarray(doc, dtype=np.int32).tobytes())
         digest.update(b"\0\xff")  # cannot occur inside UTF-8: document boundaries are part of the key
     path = cache / f"tokens-{digest.hexdigest()[:32]}.npy"
     if path.is_file():
@@ -82,7 +102,7 @@ def _token_stream(docs: Sequence[str], tokenizer: Tokenizer) -> np.ndarray:
             return np.load(path)
         except (OSError, ValueError):
             pass  # a corrupt cache entry is recomputed and overwritten
-    stream = _encode_stream(docs, tokenizer)
+    stream = _encode_stream(docs, tokenizer, separator)
     try:
         cache.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -94,12 +114,12 @@ def _token_stream(docs: Sequence[str], tokenizer: Tokenizer) -> np.ndarray:
     return stream
 
 
-def split_token_stream(data_cfg, tokenizer: Tokenizer, split: str) -> np.ndarray:
-    """[total] int32 packed token stream of the "train" or "heldout" documents of `data_cfg`."""
-    train_docs, heldout_docs = split_documents(load_corpus_documents(data_cfg), data_cfg.holdout_fraction,
-                                               data_cfg.seed)
+def split_token_stream(cfg: Config, tokenizer: Tokenizer, split: str) -> np.ndarray:
+    """[total] int32 packed token stream of the "train" or "heldout" documents of `cfg.data`."""
+    d = cfg.data
+    train_docs, heldout_docs = split_documents(load_corpus_documents(d), d.holdout_fraction, d.seed)
     docs = {"train": train_docs, "heldout": heldout_docs}[split]
-    return _token_stream(docs, tokenizer)
+    return _token_stream(docs, tokenizer, separator_id(cfg, tokenizer))
 
 
 def pack_examples(stream: np.ndarray, seq_len: int) -> np.ndarray:
@@ -127,10 +147,10 @@ def make_train_dataset(cfg: Config, tokenizer: Tokenizer, process_index: int = 0
 
     Elements: dict(tokens=int32 [B/P, S], valid=bool [B/P, S]). Raises DataError / ConfigError for bad input.
     """
-    check_tokenizer_matches(tokenizer, cfg.model)
+    check_tokenizer_matches(tokenizer, cfg)
     d = cfg.data
     local_batch = _check_processes(d.global_batch_size, process_index, process_count)
-    stream = split_token_stream(d, tokenizer, "train")
+    stream = split_token_stream(cfg, tokenizer, "train")
     examples = pack_examples(stream, d.seq_len)
     if len(examples) < d.global_batch_size:
         raise DataError(f"the train split of corpus {d.corpus!r} has {len(stream)} tokens, fewer than one global "
@@ -167,12 +187,12 @@ def make_eval_batches(cfg: Config, tokenizer: Tokenizer, num_batches: int, proce
     rows past the last example are all padding. Fewer than `num_batches` batches are returned when the held-out
     split is smaller than that. Each: dict(tokens=int32 [B/P, S], valid=bool [B/P, S]).
     """
-    check_tokenizer_matches(tokenizer, cfg.model)
+    check_tokenizer_matches(tokenizer, cfg)
     d = cfg.data
     _check_processes(d.global_batch_size, process_index, process_count)
     if num_batches < 1:
         raise DataError(f"num_batches must be positive, got {num_batches}")
-    stream = split_token_stream(d, tokenizer, "heldout")
+    stream = split_token_stream(cfg, tokenizer, "heldout")
     n_examples = -(-len(stream) // d.seq_len)
     n_batches = min(num_batches, -(-n_examples // d.global_batch_size))
     rows = n_batches * d.global_batch_size
@@ -187,16 +207,16 @@ def make_eval_batches(cfg: Config, tokenizer: Tokenizer, num_batches: int, proce
 
 
 def heldout_prompts(cfg: Config, tokenizer: Tokenizer, n: int, prompt_len: int) -> list[list[int]]:
-    """`n` prompts of exactly `prompt_len` tokens from held-out documents (no eos inside a prompt).
+    """`n` prompts of exactly `prompt_len` tokens from held-out documents (no separator inside a prompt).
 
     First the opening `prompt_len` tokens of every held-out document long enough, in order; then, if more are
     needed, the next non-overlapping window of each document, and so on. Raises DataError if there are too few.
     """
     if n < 1 or prompt_len < 1:
         raise DataError(f"n ({n}) and prompt_len ({prompt_len}) must be positive")
-    stream = split_token_stream(cfg.data, tokenizer, "heldout")
-    # Encoding never emits eos (special strings are encoded as bytes), so eos positions are the document ends.
-    docs = np.split(stream, np.flatnonzero(stream == tokenizer.eos_id) + 1)
+    stream = split_token_stream(cfg, tokenizer, "heldout")
+    # Encoding never emits special tokens (their strings are encoded as bytes), so separators are document ends.
+    docs = np.split(stream, np.flatnonzero(stream == separator_id(cfg, tokenizer)) + 1)
     docs = [doc[:-1] for doc in docs if len(doc) > 1]
     prompts = []
     for window in range(max((len(doc) for doc in docs), default=0) // prompt_len):
@@ -209,29 +229,17 @@ def heldout_prompts(cfg: Config, tokenizer: Tokenizer, n: int, prompt_len: int) 
                     f"{prompt_len} tokens, {n} requested")
 
 
-def build_or_load_tokenizer(cfg: Config, workdir: str | Path) -> Tokenizer:
-    """The run's tokenizer, also kept at workdir/tokenizer.json (where inference finds it).
-
-    - `data.tokenizer` set: that file, copied to workdir/tokenizer.json (a different one already there is an error:
-      a run must keep its tokenizer).
-    - otherwise workdir/tokenizer.json when present (a resumed run),
-    - otherwise a byte-level BPE of `model.vocab_size` tokens trained on the train split and saved there.
-    Raises ConfigError if the tokenizer does not match model.vocab_size / eos / mask / pad ids.
-    """
-    target = Path(workdir) / "tokenizer.json"
+def load_or_train_tokenizer(cfg: Config, existing: str | Path | None = None) -> Tokenizer:
+    """The tokenizer a new run uses, in memory (nothing is written): `data.tokenizer` when set, else `existing`
+    (e.g. a workdir's tokenizer.json) when it is a file, else a byte-level BPE of `model.vocab_size` tokens trained
+    (deterministically) on the train split. Does not check it against the model: see `check_tokenizer_matches`."""
     if cfg.data.tokenizer:
-        tokenizer = Tokenizer.from_file(cfg.data.tokenizer)
-        if target.is_file():
-            if Tokenizer.from_file(target).fingerprint != tokenizer.fingerprint:
-                raise ConfigError(f"data.tokenizer {cfg.data.tokenizer} differs from the tokenizer this run already "
-                                  f"uses ({target}); use a new workdir or drop data.tokenizer")
-        else:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(cfg.data.tokenizer, target)
-    elif target.is_file():
-        tokenizer = Tokenizer.from_file(target)
-    else:
-        train_docs, _ = split_documents(load_corpus_documents(cfg.data), cfg.data.holdout_fraction, cfg.data.seed)
-        tokenizer = train_bpe(train_docs, cfg.model.vocab_size, target)
-    check_tokenizer_matches(tokenizer, cfg.model)
-    return tokenizer
+        return Tokenizer.from_file(cfg.data.tokenizer)
+    if existing is not None and Path(existing).is_file():
+        return Tokenizer.from_file(existing)
+    train_docs, _ = split_documents(load_corpus_documents(cfg.data), cfg.data.holdout_fraction, cfg.data.seed)
+    texts = [doc for doc in train_docs if isinstance(doc, str)]
+    if len(texts) < len(train_docs):
+        raise DataError("the corpus holds token-id documents, which cannot train a tokenizer: set data.tokenizer "
+                        "(or train.init_from) to the tokenizer they were made with")
+    return train_bpe(texts, cfg.model.vocab_size)

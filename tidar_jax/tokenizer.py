@@ -1,7 +1,9 @@
 """Byte-level BPE tokenizer: a thin wrapper over a Hugging Face `tokenizers` tokenizer.json.
 
 Our own tokenizers always have the three special tokens at fixed ids: 0 `<|endoftext|>` (eos, also the document
-separator in packed training data), 1 `<|mask|>` (the diffusion mask token), 2 `<|pad|>`. Byte-level BPE with no
+separator in packed training data), 1 `<|mask|>` (the diffusion mask token), 2 `<|pad|>`. Other tokenizers (imported
+models: Qwen, SmolLM2, Llama-3) may lack any of them; `eos_id` / `mask_id` / `pad_id` are then None and the model
+config's ids (model.eos_token_id, ...) are what counts. Byte-level BPE with no
 normaliser means `decode(encode(text)) == text` for every string. Special-token strings that occur in raw text are
 encoded as ordinary bytes, so text can never inject an eos or mask id.
 """
@@ -25,11 +27,11 @@ _BYTE_ALPHABET = 256
 
 
 class TokenizerError(ValueError):
-    """A tokenizer file is missing, corrupt, or lacks the special tokens; the message names the file."""
+    """A tokenizer file is missing or corrupt; the message names the file."""
 
 
 class Tokenizer:
-    """A tokenizer.json with eos / mask / pad ids.
+    """A tokenizer.json, with the ids of `<|endoftext|>` / `<|mask|>` / `<|pad|>` where it has them (else None).
 
     `encode` adds no special tokens; `decode` keeps special tokens (as their strings) unless asked to skip them.
     """
@@ -39,16 +41,9 @@ class Tokenizer:
         # Raw text that happens to contain "<|mask|>" must not become the mask id (not serialised: set on load).
         self._tok.encode_special_tokens = True
         self.path = None if path is None else Path(path)
-        where = f" in {self.path}" if self.path else ""
-        ids = {}
-        for name, token in zip(("eos_id", "mask_id", "pad_id"), SPECIAL_TOKENS):
-            token_id = self._tok.token_to_id(token)
-            if token_id is None:
-                raise TokenizerError(f"tokenizer{where} has no special token {token!r} (needed for {name})")
-            ids[name] = token_id
-        self.eos_id: int = ids["eos_id"]
-        self.mask_id: int = ids["mask_id"]
-        self.pad_id: int = ids["pad_id"]
+        self.eos_id: int | None = self._tok.token_to_id(EOS_TOKEN)
+        self.mask_id: int | None = self._tok.token_to_id(MASK_TOKEN)
+        self.pad_id: int | None = self._tok.token_to_id(PAD_TOKEN)
         self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
 
     @classmethod

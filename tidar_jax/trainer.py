@@ -7,6 +7,10 @@ Objectives (`train.objective`):
 - `tidar`: the 2S layout `[x | M x S]` with the hybrid mask (masks.training_*), loss `losses.tidar_loss`.
 - `ar`: a plain causal forward over the S clean tokens, loss `losses.ar_loss` (the baseline, same code path).
 
+Adaptation (`train.adaptation`): `full` differentiates every parameter; `adapters` differentiates only the mask-gated
+adapters (adapters.py) on the diffusion loss computed in two passes (draft_loss.py), the optimizer state covering
+the adapters alone, so the base model and its AR output stay bit-identical.
+
 Gradient accumulation splits the global batch into `train.grad_accum_steps` microbatches scanned inside the step.
 Each microbatch's loss terms are weighted by its share of the batch's valid targets, so the summed gradient equals
 the full-batch gradient of the full-batch loss even when padding is uneven across microbatches.
@@ -16,28 +20,30 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import shutil
+import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from tidar_jax import losses, masks
-from tidar_jax.checkpoint import Checkpointer, check_workdir_compatible, load_for_inference, read_checkpoint_config
+from tidar_jax.adapters import attach_to_base, merge_trainable, split_trainable
+from tidar_jax.checkpoint import TOKENIZER_FILE, Checkpointer, load_for_inference
 from tidar_jax.config import Config, ConfigError
-from tidar_jax.data import build_or_load_tokenizer, make_eval_batches, make_train_iterator
+from tidar_jax.data import make_eval_batches, make_train_iterator
+from tidar_jax.draft_loss import diffusion_metrics
 from tidar_jax.metrics_log import MetricsLog
 from tidar_jax.model import forward
 from tidar_jax.optim import learning_rate_schedule, make_optimizer, opt_state_shardings
 from tidar_jax.sharding import (BATCH_AXES, abstract_model, batch_sharding, batch_shards, init_sharded_model,
                                 make_global_batch, make_mesh, param_shardings, replicated)
-from tidar_jax.tokenizer import Tokenizer
+from tidar_jax.run_setup import RunPlan, describe
 
 Array = jax.Array
 TrainState = dict  # {"step": Array, "params": dict, "opt_state": optax.OptState}
@@ -72,6 +78,10 @@ def weighted_loss(graphdef: nnx.GraphDef, params: dict, tokens: Array, valid: Ar
     scale is exactly 1, so the value is bit-identical to calling the loss directly).
     """
     ar_total, diff_total = totals
+    if cfg.train.adaptation == "adapters":  # the AR path is frozen: only the drafting loss has a gradient
+        metrics = diffusion_metrics(graphdef, params, tokens, valid, cfg.model)
+        diff = metrics["diff_loss"] * (metrics["diff_count"] / jnp.maximum(diff_total, 1.0))
+        return diff, {"loss": diff, "diff_loss": diff}
     metrics = objective_metrics(graphdef, params, tokens, valid, cfg, cfg.train.objective)
     ar = metrics["ar_loss"] * (metrics["ar_count"] / jnp.maximum(ar_total, 1.0))
     if cfg.train.objective == "ar":
@@ -87,8 +97,9 @@ class Trainer:
 
     `train_step(state, batch) -> (state, metrics)`: jitted once with in/out shardings, the state donated;
     batch = {"tokens": int32 [global_batch, S], "valid": bool [global_batch, S]} sharded by `batch_sharding`;
-    metrics = replicated scalars `loss, ar_loss, diff_loss (tidar objective only), grad_norm` (pre-clip global norm) and `lr` (the rate
-    applied in this update).
+    metrics = replicated scalars `loss`, `ar_loss` (not with adapters), `diff_loss` (tidar objective), `grad_norm`
+    (pre-clip global norm of what trains) and `lr` (the rate applied in this update). With adapters the optimizer
+    state covers only the adapter leaves (`split_trainable`), the frozen params pass through unchanged.
     `eval_step(params, batch) -> metrics`: TiDAR-layout forward (for either objective, so runs are comparable):
     `ar_loss, diff_loss, ar_accuracy, diff_accuracy, ar_count, diff_count` and `diff_slot_accuracy` [K].
     """
@@ -101,15 +112,16 @@ class Trainer:
                 f"the microbatch (data.global_batch_size {cfg.data.global_batch_size} / train.grad_accum_steps "
                 f"{t.grad_accum_steps} = {micro}) must be a multiple of mesh data x fsdp = {batch_shards(mesh)}")
         self.cfg, self.mesh = cfg, mesh
+        self.adapters = t.adaptation == "adapters"
         self.graphdef, abstract = abstract_model(cfg.model, t.seed)
         self.tx = make_optimizer(t)
         self.schedule = learning_rate_schedule(t)
         self.param_shardings = param_shardings(abstract, mesh)
         abstract_params = nnx.to_pure_dict(abstract)
-        abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
+        abstract_opt = jax.eval_shape(self.tx.init, self._trained(abstract_params))
         self.state_shardings: TrainState = {
             "step": replicated(mesh), "params": self.param_shardings,
-            "opt_state": opt_state_shardings(abstract_opt, self.param_shardings, mesh)}
+            "opt_state": opt_state_shardings(abstract_opt, self._trained(self.param_shardings), mesh)}
         abstract_state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params,
                           "opt_state": abstract_opt}
         self.abstract_state: TrainState = jax.tree.map(
@@ -121,17 +133,30 @@ class Trainer:
             out_shardings=(self.state_shardings, replicated(mesh)), donate_argnums=0)
         self.eval_step: Callable[[dict, dict], dict] = jax.jit(
             self._eval_step, in_shardings=(self.param_shardings, self.batch_sharding), out_shardings=replicated(mesh))
-        self._init_opt = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])
+        self._init_opt = jax.jit(lambda p: self.tx.init(self._trained(p)),
+                                 out_shardings=self.state_shardings["opt_state"])
+
+    def _trained(self, tree: Any) -> Any:
+        """The part of a params-shaped tree that trains: all of it, or the adapter leaves (others None)."""
+        return split_trainable(tree)[0] if self.adapters else tree
 
     # ----------------------------------------------------------------------------------------------- state
     def init_state(self, params: dict | nnx.State | None = None) -> TrainState:
         """A step-0 state: fresh sharded params (seed `train.seed`) or `params` (e.g. a loaded checkpoint, any
-        placement; moved to the param shardings), and a zero optimizer state placed like the params."""
-        if params is None:
-            params = init_sharded_model(self.cfg.model, self.mesh, self.cfg.train.seed)[1]
+        placement; moved to the param shardings), and a zero optimizer state placed like the trained params.
+        With adapters, `params` may be those of the base model alone: fresh adapters are attached to it."""
+        fresh = None
+        if params is None or self.cfg.model.adapter_rank > 0:
+            fresh = nnx.to_pure_dict(init_sharded_model(self.cfg.model, self.mesh, self.cfg.train.seed)[1])
+        params = fresh if params is None else params
         if isinstance(params, nnx.State):
             params = nnx.to_pure_dict(params)
         expected = jax.tree.structure(self.param_shardings)
+        if fresh is not None and jax.tree.structure(params) != expected:
+            try:
+                params = attach_to_base(params, fresh, self.cfg.model.mask_token_id)
+            except ValueError as e:
+                raise ConfigError(f"initial params do not fit the adapted model: {e}") from None
         if jax.tree.structure(params) != expected:
             raise ConfigError("initial params do not match model config: tree structure differs "
                               f"(got {jax.tree.structure(params)}, expected {expected})")
@@ -154,17 +179,20 @@ class Trainer:
         return jax.lax.with_sharding_constraint(x, self._micro_sharding)
 
     def loss_and_grads(self, params: dict, batch: dict) -> tuple[dict, dict]:
-        """(float32 gradient of the full-batch loss w.r.t. params, {loss, ar_loss[, diff_loss]}), accumulated over
-        `train.grad_accum_steps` microbatches with `lax.scan` (pure; call inside jit)."""
+        """(float32 gradient of the full-batch loss w.r.t. the trained params (`_trained(params)`'s layout), {loss,
+        ar_loss / diff_loss}), accumulated over `train.grad_accum_steps` microbatches with `lax.scan` (pure; call
+        inside jit)."""
         totals = _target_counts(batch["valid"])
+        trained, frozen = split_trainable(params) if self.adapters else (params, None)
+        build = (lambda w: merge_trainable(w, frozen)) if self.adapters else (lambda w: w)
         grad_fn = jax.value_and_grad(
-            lambda p, tok, val: weighted_loss(self.graphdef, p, tok, val, totals, self.cfg), has_aux=True)
+            lambda w, tok, val: weighted_loss(self.graphdef, build(w), tok, val, totals, self.cfg), has_aux=True)
 
         def accumulate(grad_sum, micro):
-            (_, terms), grads = grad_fn(params, *micro)
+            (_, terms), grads = grad_fn(trained, *micro)
             return jax.tree.map(lambda s, g: s + g.astype(jnp.float32), grad_sum, grads), terms
 
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trained)
         grads, terms = jax.lax.scan(
             accumulate, zeros, (self._microbatches(batch["tokens"]), self._microbatches(batch["valid"])))
         return grads, {k: jnp.sum(v) for k, v in terms.items()}
@@ -172,12 +200,15 @@ class Trainer:
     def _train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         params = state["params"]
         grads, metrics = self.loss_and_grads(params, batch)
-        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
-        updates, opt_state = self.tx.update(grads, state["opt_state"], params)
+        trained = self._trained(params)
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, trained)
+        updates, opt_state = self.tx.update(grads, state["opt_state"], trained)
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["lr"] = jnp.asarray(self.schedule(state["step"]), jnp.float32)
-        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-                     "opt_state": opt_state}
+        updated = optax.apply_updates(trained, updates)
+        if self.adapters:
+            updated = merge_trainable(updated, split_trainable(params)[1])
+        new_state = {"step": state["step"] + 1, "params": updated, "opt_state": opt_state}
         return new_state, metrics
 
     def _eval_step(self, params: dict, batch: dict) -> dict:
@@ -187,7 +218,8 @@ class Trainer:
 # Fields that never reach the compiled steps: runs differing only in these share one Trainer.
 _BOOKKEEPING = {"train": ("log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
                           "init_from"),
-                "data": ("corpus", "paths", "tokenizer", "holdout_fraction", "worker_count")}
+                "data": ("corpus", "paths", "tokenizer", "holdout_fraction", "worker_count", "separator_token_id",
+                         "tokenizer_sha256")}
 
 
 def trainer_for(cfg: Config, mesh: Mesh) -> Trainer:
@@ -208,10 +240,6 @@ def _cached_trainer(cfg: Config, mesh: Mesh) -> Trainer:
 
 
 # --------------------------------------------------------------------------------------------------- the loop
-_ARCH_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "rope_theta",
-                "rms_norm_eps", "qkv_bias", "qk_norm", "tie_embeddings")
-
-
 @dataclasses.dataclass
 class TrainResult:
     """What `train` leaves behind besides the files: the final state (on the mesh), the step it reached, and the
@@ -222,34 +250,17 @@ class TrainResult:
     records: list[dict]
 
 
-def _load_init_params(cfg: Config, mesh: Mesh) -> nnx.State:
-    """Params of the `train.init_from` checkpoint; refuses an architecture mismatch."""
-    bundle = load_for_inference(cfg.train.init_from, mesh)
-    diffs = [f"model.{k}: checkpoint {getattr(bundle.config.model, k)!r}, config {getattr(cfg.model, k)!r}"
-             for k in _ARCH_FIELDS if getattr(bundle.config.model, k) != getattr(cfg.model, k)]
-    if diffs:
-        raise ConfigError(f"train.init_from={cfg.train.init_from} holds a different architecture: {'; '.join(diffs)}")
-    if bundle.tokenizer is not None:
-        if not cfg.data.tokenizer:
-            raise ConfigError(f"train.init_from={cfg.train.init_from} comes with its own tokenizer "
-                              f"({bundle.tokenizer.path}); set data.tokenizer={bundle.tokenizer.path} so that the "
-                              "run uses the vocabulary the weights were trained with")
-        if Tokenizer.from_file(cfg.data.tokenizer).fingerprint != bundle.tokenizer.fingerprint:
-            raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} differs from the tokenizer of "
-                              f"train.init_from={cfg.train.init_from} ({bundle.tokenizer.path})")
-    return bundle.params
-
-
-def _tokenizer(cfg: Config, workdir: Path) -> Tokenizer:
-    """Process 0 builds (or loads) WORKDIR/tokenizer.json first so that processes sharing a filesystem never race
-    on writing it; the others then load it (or, on separate filesystems, train the same deterministic BPE)."""
-    if jax.process_index() == 0:
-        tokenizer = build_or_load_tokenizer(cfg, workdir)
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("tidar_jax tokenizer ready")
+def _prepare_workdir(plan: RunPlan) -> None:
+    """Creates WORKDIR and, on process 0, writes the run's tokenizer and the files carried from the init
+    checkpoint (chat template, ...), never overwriting a file already there."""
+    plan.workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() != 0:
-        tokenizer = build_or_load_tokenizer(cfg, workdir)
-    return tokenizer
+        return
+    if not (plan.workdir / TOKENIZER_FILE).exists():
+        plan.tokenizer.save(plan.workdir / TOKENIZER_FILE)
+    for src in plan.carried_files:
+        if not (plan.workdir / src.name).exists():
+            shutil.copyfile(src, plan.workdir / src.name)
 
 
 def evaluate(trainer: Trainer, params: dict, batches: list[dict]) -> dict[str, Any]:
@@ -272,32 +283,29 @@ def evaluate(trainer: Trainer, params: dict, batches: list[dict]) -> dict[str, A
     return out
 
 
-def train(cfg: Config, workdir: str | Path, *, stop_at_step: int | None = None, progress: bool = True,
+def train(plan: RunPlan, *, stop_at_step: int | None = None, progress: bool = True,
           mesh: Mesh | None = None) -> TrainResult:
-    """Trains `cfg` in WORKDIR, resuming from its latest checkpoint when there is one.
+    """Trains the resolved run `plan` (run_setup.plan_run) in its WORKDIR, resuming from the latest checkpoint
+    when there is one.
 
-    Writes WORKDIR/tokenizer.json, WORKDIR/metrics.jsonl (process 0) and WORKDIR/checkpoints/<step> every
-    train.checkpoint_every steps and at the end (train state + data-iterator state + config). A resumed run
-    continues with the exact data order and reaches the same state as an uninterrupted one. `stop_at_step`
-    ends (with a checkpoint) before train.steps, as a preempted job would; the LR schedule still spans
-    train.steps. Raises ConfigError if WORKDIR holds a run of another config (nothing is overwritten).
+    Writes WORKDIR/tokenizer.json (and the init checkpoint's chat template files), WORKDIR/metrics.jsonl (process
+    0) and WORKDIR/checkpoints/<step> every train.checkpoint_every steps and at the end (train state +
+    data-iterator state + config). A resumed run continues with the exact data order and reaches the same state
+    as an uninterrupted one. `stop_at_step` ends (with a checkpoint) before train.steps, as a preempted job
+    would; the LR schedule still spans train.steps. Everything that can fail on bad input (init checkpoint, data)
+    runs before WORKDIR is created or changed.
     """
-    workdir = Path(workdir)
+    cfg, workdir = plan.config, plan.workdir
     t = cfg.train
     end_step = t.steps if stop_at_step is None else min(stop_at_step, t.steps)
-    check_workdir_compatible(workdir, cfg)
-    fresh = read_checkpoint_config(workdir) is None
     mesh = make_mesh(cfg.mesh) if mesh is None else mesh
     trainer = trainer_for(cfg, mesh)
-    # Everything that can fail on bad input (init checkpoint, tokenizer, data) runs before the Checkpointer
-    # exists, so a refused run leaves no checkpoint directory behind.
-    init_params = _load_init_params(cfg, mesh) if fresh and t.init_from else None
-    workdir.mkdir(parents=True, exist_ok=True)
-    tokenizer = _tokenizer(cfg, workdir)
+    init_params = None if plan.resume or plan.init_dir is None else load_for_inference(plan.init_dir, mesh).params
     pid, pcount = jax.process_index(), jax.process_count()
-    train_iter = make_train_iterator(cfg, tokenizer, pid, pcount)
-    eval_batches = [make_global_batch(b, mesh) for b in make_eval_batches(cfg, tokenizer, t.eval_batches,
+    train_iter = make_train_iterator(cfg, plan.tokenizer, pid, pcount)
+    eval_batches = [make_global_batch(b, mesh) for b in make_eval_batches(cfg, plan.tokenizer, t.eval_batches,
                                                                            pid, pcount)]
+    _prepare_workdir(plan)
     checkpointer = Checkpointer(workdir, keep=t.keep_checkpoints)
     log = MetricsLog(workdir, enabled=pid == 0)
     try:
@@ -312,6 +320,8 @@ def train(cfg: Config, workdir: str | Path, *, stop_at_step: int | None = None, 
                                   "use it as train.init_from instead)")
             train_iter.set_state(data_state)
             log.truncate_after(start)
+        if pid == 0:
+            print(f"{describe(plan, start)}; training to step {end_step} of {t.steps}", file=sys.stderr)
         return _loop(cfg, trainer, state, start, end_step, train_iter, eval_batches, checkpointer, log, progress)
     finally:
         checkpointer.close()

@@ -6,9 +6,15 @@
     python -m train.train --workdir runs/tiny train.steps=400                             # resume and extend
 
 Overrides are `section.field=value` (sections: model, data, train, mesh, decode), e.g. train.steps=100,
-train.objective=ar, mesh.data=2 mesh.tensor=4, train.init_from=runs/imported-hf-model. A WORKDIR that already holds
-checkpoints resumes from its latest step; a config that changes the model, the data or the objective of that run
-is refused (choose another --workdir). Outputs: WORKDIR/checkpoints/<step>, WORKDIR/metrics.jsonl,
+train.objective=ar, mesh.data=2 mesh.tensor=4. A WORKDIR that already holds checkpoints resumes from its latest
+step; a config that changes the model, the data, the objective or the tokenizer of that run is refused (choose
+another --workdir).
+
+Starting from a pretrained model: `train.init_from=DIR` (e.g. an import from train.import_checkpoint) takes the
+architecture, token ids, tokenizer and chat template from DIR (a preset may restate them); add
+`train.adaptation=adapters model.adapter_rank=16` to train only mask-gated adapters, leaving the AR model exact:
+
+    python -m train.train --config configs/smollm2-tidar.yaml --workdir runs/smollm2-tidar Outputs: WORKDIR/checkpoints/<step>, WORKDIR/metrics.jsonl,
 WORKDIR/tokenizer.json (and WORKDIR/tensorboard when tensorboardX is installed).
 
 Several hosts: run the same command on every host with --distributed (or mesh.distributed=true); on GPU/TPU
@@ -69,19 +75,6 @@ def _start_distributed(args: argparse.Namespace) -> None:
     jax.distributed.initialize(**{k: v for k, v in kwargs.items() if v is not None})
 
 
-def resolve_config(args: argparse.Namespace):
-    """The run's Config: the preset + overrides, or WORKDIR's saved config + overrides."""
-    from tidar_jax.checkpoint import read_checkpoint_config
-    from tidar_jax.config import ConfigError, apply_overrides, load_config
-
-    if args.config:
-        return load_config(args.config, args.overrides)
-    saved = read_checkpoint_config(args.workdir)
-    if saved is None:
-        raise ConfigError(f"{args.workdir} holds no checkpoint to resume: pass --config to start a new run")
-    return apply_overrides(saved, args.overrides)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     from tidar_jax.config import ConfigError
@@ -92,7 +85,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if distributed:
-        _start_distributed(args)  # before any other jax call (resolve_config reads checkpoints via Orbax)
+        _start_distributed(args)  # before any other jax call (plan_run reads checkpoints via Orbax)
 
     from tidar_jax.checkpoint import CheckpointError
     from tidar_jax.config import to_yaml
@@ -100,7 +93,10 @@ def main(argv=None) -> int:
     from tidar_jax.tokenizer import TokenizerError
 
     try:
-        cfg = resolve_config(args)
+        from tidar_jax.run_setup import plan_run
+
+        plan = plan_run(args.workdir, preset=args.config, overrides=args.overrides)
+        cfg = plan.config
         if cfg.mesh.distributed and not distributed:
             raise ConfigError(f"the run in {args.workdir} is multi-process (mesh.distributed=true): pass "
                               "--distributed so that jax.distributed.initialize() runs first")
@@ -109,7 +105,7 @@ def main(argv=None) -> int:
             return 0
         from tidar_jax.trainer import train
 
-        result = train(cfg, args.workdir, stop_at_step=args.stop_at_step, progress=not args.no_progress)
+        result = train(plan, stop_at_step=args.stop_at_step, progress=not args.no_progress)
     except (ConfigError, CheckpointError, DataError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
