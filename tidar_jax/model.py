@@ -8,6 +8,9 @@ per-row slot after attention, so mask tokens (placed after them) never enter the
 Parameters carry logical axis names (`embed`, `mlp`, `heads`, `kv_heads`, `head_dim`, `vocab`) in their
 `out_sharding` metadata; `sharding.py` maps them to mesh axes. Jitted code stays pure in the split state: use
 `nnx.split(model)` once and `forward(graphdef, params, ...)` inside `jax.jit`.
+
+With `adapter_rank > 0` the projections carry mask-gated low-rank adapters (adapters.py): the gate is
+`tokens == mask_token_id`, computed here, so real-token rows compute exactly the model without adapters.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tidar_jax.adapters import MASK_EMBED, LowRankAdapter, gated
 from tidar_jax.config import ModelConfig
 from tidar_jax.kv_cache import KVCache
 
@@ -59,6 +63,13 @@ def rotary_embedding(x: Array, positions: Array, theta: float) -> Array:
     return rotated.astype(x.dtype)
 
 
+def _adapter(cfg: ModelConfig, rngs: nnx.Rngs, in_shape, out_shape, in_axes, out_axes) -> LowRankAdapter | None:
+    if cfg.adapter_rank <= 0:
+        return None
+    return LowRankAdapter(in_shape, out_shape, in_axes, out_axes, cfg.adapter_rank, cfg.adapter_alpha,
+                          jnp.dtype(cfg.param_dtype), rngs=rngs)
+
+
 def _write_rows(buffer: Array, new: Array, start: Array) -> Array:
     """buffer: [batch, max_len, kv_heads, head_dim]; new: [batch, n, kv_heads, head_dim]; start: [batch] slot.
 
@@ -80,6 +91,10 @@ class Attention(nnx.Module):
         self.k_proj = _param(rngs, init, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pd)
         self.v_proj = _param(rngs, init, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pd)
         self.o_proj = _param(rngs, init, (h, hd, d), ("heads", "head_dim", "embed"), pd)
+        self.q_adapter = _adapter(cfg, rngs, (d,), (h, hd), ("embed",), ("heads", "head_dim"))
+        self.k_adapter = _adapter(cfg, rngs, (d,), (kv, hd), ("embed",), ("kv_heads", "head_dim"))
+        self.v_adapter = _adapter(cfg, rngs, (d,), (kv, hd), ("embed",), ("kv_heads", "head_dim"))
+        self.o_adapter = _adapter(cfg, rngs, (h, hd), (d,), ("heads", "head_dim"), ("embed",))
         if cfg.qkv_bias:
             zeros = nnx.initializers.zeros
             self.q_bias = _param(rngs, zeros, (h, hd), ("heads", "head_dim"), pd)
@@ -89,25 +104,28 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, "head_dim", pd, rngs=rngs)
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, "head_dim", pd, rngs=rngs)
 
-    def _project(self, x: Array, kernel: nnx.Param, bias_name: str) -> Array:
+    def _project(self, x: Array, kernel: nnx.Param, bias_name: str, adapter: LowRankAdapter | None,
+                 gate: Array | None) -> Array:
         dt = x.dtype
         out = jnp.einsum("bsd,dhk->bshk", x, kernel[...].astype(dt))
         if self.cfg.qkv_bias:
             out = out + getattr(self, bias_name)[...].astype(dt)
-        return out
+        return gated(out, x, adapter, gate)
 
     def __call__(self, x: Array, positions: Array, mask: Array, cache_kv: tuple[Array, Array] | None,
-                 write_start: Array | None, n_write: int) -> tuple[Array, tuple[Array, Array] | None]:
+                 write_start: Array | None, n_write: int,
+                 gate: Array | None = None) -> tuple[Array, tuple[Array, Array] | None]:
         """x: [batch, q, d_model]; positions: [batch, q]; mask: [batch or 1, q, keys] bool where keys is
         `max_len + q` with a cache (cache slots first) and `q` without; cache_kv: ([batch, max_len, kv_heads,
-        head_dim],) * 2 or None; write_start: [batch] slot where the first `n_write` tokens' K/V go.
+        head_dim],) * 2 or None; write_start: [batch] slot where the first `n_write` tokens' K/V go; gate:
+        [batch, q] bool rows that get the adapters (None: no adapters).
 
         Returns ([batch, q, d_model], updated cache_kv or None).
         """
         cfg = self.cfg
-        q = self._project(x, self.q_proj, "q_bias")
-        k = self._project(x, self.k_proj, "k_bias")
-        v = self._project(x, self.v_proj, "v_bias")
+        q = self._project(x, self.q_proj, "q_bias", self.q_adapter, gate)
+        k = self._project(x, self.k_proj, "k_bias", self.k_adapter, gate)
+        v = self._project(x, self.v_proj, "v_bias", self.v_adapter, gate)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q = rotary_embedding(q, positions, cfg.rope_theta)
@@ -124,8 +142,8 @@ class Attention(nnx.Module):
                              _write_rows(cache_v, v[:, :n_write].astype(cache_v.dtype), write_start))
         out = jax.nn.dot_product_attention(q, keys, values, mask=mask[:, None, :, :],
                                            implementation=cfg.attention_impl)
-        out = jnp.einsum("bshk,hkd->bsd", out, self.o_proj[...].astype(out.dtype))
-        return out, new_cache
+        projected = jnp.einsum("bshk,hkd->bsd", out, self.o_proj[...].astype(out.dtype))
+        return gated(projected, out, self.o_adapter, gate), new_cache
 
 
 class MLP(nnx.Module):
@@ -137,12 +155,18 @@ class MLP(nnx.Module):
         self.gate_proj = _param(rngs, init, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), pd)
         self.up_proj = _param(rngs, init, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), pd)
         self.down_proj = _param(rngs, init, (cfg.d_ff, cfg.d_model), ("mlp", "embed"), pd)
+        d, ff = cfg.d_model, cfg.d_ff
+        self.gate_adapter = _adapter(cfg, rngs, (d,), (ff,), ("embed",), ("mlp",))
+        self.up_adapter = _adapter(cfg, rngs, (d,), (ff,), ("embed",), ("mlp",))
+        self.down_adapter = _adapter(cfg, rngs, (ff,), (d,), ("mlp",), ("embed",))
 
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, rows: Array | None = None) -> Array:
+        """x: [batch, seq, d_model]; rows: [batch, seq] bool adapter gate (None: no adapters)."""
         dt = x.dtype
-        gate = x @ self.gate_proj[...].astype(dt)
-        up = x @ self.up_proj[...].astype(dt)
-        return (jax.nn.silu(gate) * up) @ self.down_proj[...].astype(dt)
+        gate = gated(x @ self.gate_proj[...].astype(dt), x, self.gate_adapter, rows)
+        up = gated(x @ self.up_proj[...].astype(dt), x, self.up_adapter, rows)
+        hidden = jax.nn.silu(gate) * up
+        return gated(hidden @ self.down_proj[...].astype(dt), hidden, self.down_adapter, rows)
 
 
 class DecoderLayer(nnx.Module):
@@ -155,10 +179,10 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps, "embed", pd, rngs=rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, positions, mask, cache_kv, write_start, n_write):
-        attn_out, cache_kv = self.attn(self.input_norm(x), positions, mask, cache_kv, write_start, n_write)
+    def __call__(self, x, positions, mask, cache_kv, write_start, n_write, gate=None):
+        attn_out, cache_kv = self.attn(self.input_norm(x), positions, mask, cache_kv, write_start, n_write, gate)
         x = x + attn_out
-        x = x + self.mlp(self.post_attn_norm(x))
+        x = x + self.mlp(self.post_attn_norm(x), gate)
         return x, cache_kv
 
 
@@ -175,6 +199,9 @@ class Transformer(nnx.Module):
         if not cfg.tie_embeddings:
             self.lm_head = _param(rngs, nnx.initializers.normal(cfg.init_std), (cfg.d_model, cfg.vocab_size),
                                   ("embed", "vocab"), pd)
+        if cfg.adapter_rank > 0:
+            setattr(self, MASK_EMBED, _param(rngs, nnx.initializers.normal(cfg.init_std), (cfg.d_model,),
+                                             ("embed",), pd))
 
     def hidden_states(self, tokens: Array, positions: Array, mask: Array, cache: KVCache | None = None,
                       write_start: Array | None = None, n_write: int = 0) -> tuple[Array, KVCache | None]:
@@ -187,13 +214,17 @@ class Transformer(nnx.Module):
         cfg = self.cfg
         cd = jnp.dtype(cfg.compute_dtype)
         x = jnp.take(self.embed[...], tokens, axis=0).astype(cd)
+        gate = None
+        if cfg.adapter_rank > 0:
+            gate = tokens == cfg.mask_token_id
+            x = jnp.where(gate[..., None], getattr(self, MASK_EMBED)[...].astype(cd), x)
         layer_fn = DecoderLayer.__call__
         if cfg.remat:
             layer_fn = nnx.remat(layer_fn, static_argnums=(6,))
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
-            x, layer_cache = layer_fn(layer, x, positions, mask, layer_cache, write_start, n_write)
+            x, layer_cache = layer_fn(layer, x, positions, mask, layer_cache, write_start, n_write, gate)
             if cache is not None:
                 new_keys.append(layer_cache[0])
                 new_values.append(layer_cache[1])

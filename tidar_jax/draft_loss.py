@@ -1,0 +1,58 @@
+"""The diffusion (drafting) loss of the TiDAR layout, computed in two passes for adapter training.
+
+`diffusion_metrics` gives the same numbers as the mask half of the joint 2S forward (`losses.diffusion_terms` on
+`masks.training_*`), but splits it: the S clean tokens run first, writing their per-layer K/V into a cache of S
+slots; then the S mask tokens run as queries over `[that cache | themselves]`, mask block b seeing clean keys
+`< b*K` and its own block. With mask-gated adapters (adapters.py) the clean pass depends on frozen params only, so
+its output is a constant under `stop_gradient`: the backward pass covers the S mask rows only, and neither pass
+runs the LM head on clean rows. Per step that is about half the compute of differentiating the joint forward.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tidar_jax import losses, masks
+from tidar_jax.config import ModelConfig
+from tidar_jax.kv_cache import init_cache
+from tidar_jax.model import forward_hidden, head_logits
+
+Array = jax.Array
+
+
+def mask_block_mask(seq_len: int, block_size: int, valid: Array) -> Array:
+    """[batch, S, 2S] bool for mask queries over keys `[clean cache slots (S) | mask tokens (S)]`: clean slot p' is
+    visible to mask position p when p' < (p // K) * K, a mask key when it is in p's block; padded keys never."""
+    pos = jnp.arange(seq_len, dtype=jnp.int32)
+    block_start = (pos // block_size) * block_size
+    to_clean = pos[None, :] < block_start[:, None]
+    own_block = (pos[None, :] // block_size) == (pos[:, None] // block_size)
+    local = jnp.concatenate([to_clean, own_block], axis=1)[None]
+    return local & jnp.concatenate([valid, valid], axis=1)[:, None, :]
+
+
+def clean_cache(graphdef: nnx.GraphDef, params: nnx.State | dict, tokens: Array, valid: Array, cfg: ModelConfig):
+    """KVCache of S slots holding the causal forward's per-layer K/V of tokens [batch, S] (valid: [batch, S])."""
+    batch, seq = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32)[None], (batch, seq))
+    causal = masks.with_key_padding(masks.causal_mask(seq), valid)
+    mask = masks.with_cache(jnp.zeros((batch, seq), bool), causal)
+    cache = init_cache(cfg, batch, seq)
+    _, cache = forward_hidden(graphdef, params, tokens, positions, mask, cache, jnp.zeros((batch,), jnp.int32),
+                              n_write=seq)
+    return cache
+
+
+def diffusion_metrics(graphdef: nnx.GraphDef, params: nnx.State | dict, tokens: Array, valid: Array,
+                      cfg: ModelConfig) -> dict[str, Array]:
+    """`losses.diffusion_terms` metrics (diff_loss, diff_accuracy, diff_count, diff_slot_accuracy [K]) of
+    tokens, valid: [batch, S], with no gradient through the clean pass (see module docstring)."""
+    batch, seq = tokens.shape
+    cache = jax.lax.stop_gradient(clean_cache(graphdef, params, tokens, valid, cfg))
+    positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32)[None], (batch, seq))
+    queries = jnp.full_like(tokens, cfg.mask_token_id)
+    hidden, _ = forward_hidden(graphdef, params, queries, positions, mask_block_mask(seq, cfg.block_size, valid),
+                               cache, None, n_write=0)
+    return losses.diffusion_terms(head_logits(graphdef, params, hidden), tokens, valid, cfg.block_size)
