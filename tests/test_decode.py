@@ -303,3 +303,94 @@ def test_block_size_must_match_training_unless_allowed(cfg, random_params):
         Generator(graphdef, params, cfg.model, dec)
     assert Generator(graphdef, params, cfg.model, dec, allow_block_size_mismatch=True).block_size == 2
     assert Generator(graphdef, params, cfg.model, cfg.decode).block_size == cfg.model.block_size
+
+
+# ----- the LM head on read rows only, and a prefill that does not attend to the empty cache -----------------------
+#
+# Reference: the previous decoder, re-implemented here with the head on EVERY query row (model.forward) and the
+# prefill attending over [max_len empty cache slots | P + K tokens]. Greedy, so every step's outcome is a function of
+# the logits it reads; the decoder under test must reproduce it token for token and write the same K/V.
+
+_ROWS_MAX_LEN, _ROWS_STEPS = 48, 5
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6))
+def _reference_prefill(graphdef, params, cache, prompts, lengths, k, mask_id, beta):
+    batch, prompt_len = prompts.shape
+    tokens = jnp.concatenate([prompts, jnp.full((batch, k), mask_id, prompts.dtype)], axis=1)
+    positions = masks.prefill_positions(prompt_len, lengths, k)
+    mask = masks.with_cache(jnp.zeros((batch, cache.max_len), bool), masks.prefill_mask(prompt_len, lengths, k))
+    logits, cache = forward(graphdef, params, tokens, positions, mask, cache, jnp.zeros((batch,), jnp.int32),
+                            prompt_len)
+    logits = logits.at[..., mask_id].set(-1e30)  # [b, P + K, V]: every row
+    last = logits[jnp.arange(batch), lengths - 1]
+    target = beta * last + (1 - beta) * logits[:, prompt_len]
+    drafts = jnp.concatenate([jnp.argmax(target, -1)[:, None], jnp.argmax(logits[:, prompt_len + 1:], -1)], 1)
+    return cache.rewind_to(lengths), drafts.astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _reference_step(graphdef, params, cache, drafts, k, mask_id, beta):
+    batch = drafts.shape[0]
+    tokens = jnp.concatenate([drafts, jnp.full((batch, k * k), mask_id, drafts.dtype)], axis=1)
+    positions = masks.step_positions(cache.cursor, k, True)
+    mask = masks.with_cache(cache.valid_slots(), masks.step_mask(k, True))
+    logits, cache = forward(graphdef, params, tokens, positions, mask, cache,
+                            jnp.minimum(cache.cursor, cache.max_len - k), k)
+    logits = logits.at[..., mask_id].set(-1e30)  # [b, K + K*K, V]: every row
+    blocks = logits[:, k:].reshape(batch, k, k, -1)
+    t = jnp.argmax(beta * logits[:, :k] + (1 - beta) * blocks[:, :, 0], -1).astype(jnp.int32)
+    accepted = 1 + jnp.sum(jnp.cumprod((drafts[:, 1:] == t[:, :-1]).astype(jnp.int32), -1), -1)
+    rows = jnp.arange(batch)
+    guesses = jnp.argmax(blocks[rows, accepted - 1, 1:], -1).astype(jnp.int32)
+    drafts = jnp.concatenate([t[rows, accepted - 1][:, None], guesses], 1)
+    return cache.advance(accepted), drafts, accepted
+
+
+def _assert_cache_close(got, want, cursor):
+    for layer in range(len(got.keys)):
+        for g, w in ((got.keys[layer], want.keys[layer]), (got.values[layer], want.values[layer])):
+            g, w = np.asarray(g), np.asarray(w)
+            for b, c in enumerate(cursor):
+                np.testing.assert_allclose(g[b, :c], w[b, :c], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("prompts,block_size", [(RAGGED, 1), (RAGGED, 2), (RAGGED, 3), (RAGGED, 4),
+                                                ([[3, 4, 5, 6, 7]], 2), ([[9, 8, 7]], 4)],
+                         ids=["ragged3-K1", "ragged3-K2", "ragged3-K3", "ragged3-K4", "batch1-K2", "batch1-K4"])
+def test_head_on_read_rows_equals_full_logits_reference(cfg, trained_params, prompts, block_size):
+    """Greedy TiDAR at beta 1 and 0.5: after the prefill and after each of 5 steps the drafts (t_a and the next
+    guesses), accepted lengths and cursors equal the full-logits reference, and the cache holds the same K/V (the
+    prefill's included, written without attending to the empty cache)."""
+    graphdef, params = trained_params
+    k, mask_id = block_size, cfg.model.mask_token_id
+    spec = decode.DecodeSpec.create("tidar", k, True, 32, cfg.model)
+    prefill = jax.jit(functools.partial(decode.prefill, graphdef, spec=spec))
+    step = jax.jit(functools.partial(decode.decode_step, graphdef, spec=spec))
+    bucket = 16 if max(map(len, prompts)) > 8 else 8
+    padded, lengths = _pad(prompts, bucket), np.array([len(p) for p in prompts], np.int32)
+    multi_token_steps = 0
+    for beta in (1.0, 0.5):
+        sp = sampling.SamplingParams.create(beta=beta)
+        sentinel = init_cache(cfg.model, len(prompts), _ROWS_MAX_LEN)
+        sentinel = sentinel.replace(keys=tuple(x + 7.0 for x in sentinel.keys),
+                                    values=tuple(x + 7.0 for x in sentinel.values))
+        state = prefill(params, sentinel, padded, lengths, np.int32(32), jax.random.key(0), sp)
+        ref_cache, ref_drafts = _reference_prefill(graphdef, params, init_cache(cfg.model, len(prompts),
+                                                                                _ROWS_MAX_LEN),
+                                                   padded, lengths, k, mask_id, jnp.float32(beta))
+        np.testing.assert_array_equal(state.drafts, ref_drafts)
+        _assert_cache_close(state.cache, ref_cache, [bucket] * len(prompts))  # the whole padded bucket is written
+        assert all(np.all(np.asarray(x)[:, bucket:] == 7.0) for x in state.cache.keys)  # nothing past it
+        for _ in range(_ROWS_STEPS):
+            cursor = np.asarray(state.cache.cursor)
+            state = step(params, state, sp)
+            ref_cache, ref_drafts, accepted = _reference_step(graphdef, params, ref_cache, ref_drafts, k, mask_id,
+                                                              jnp.float32(beta))
+            assert np.all(np.asarray(state.finish) == decode.RUNNING)
+            np.testing.assert_array_equal(state.drafts, ref_drafts)
+            np.testing.assert_array_equal(np.asarray(state.cache.cursor) - cursor, accepted)
+            multi_token_steps += int(np.sum(np.asarray(accepted) > 1))
+        _assert_cache_close(state.cache, ref_cache, np.asarray(state.cache.cursor))
+    if k > 1:
+        assert multi_token_steps > 0  # the proposal-a gather ran for a > 1

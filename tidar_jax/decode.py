@@ -13,6 +13,12 @@ included) and a TiDAR step emits a tokens. A row finishes on EOS (kept, nothing 
 max_new_tokens, or when its cache cannot hold another block (cursor + K > max_len); finished rows still ride along
 in the fixed-shape forward but none of their state changes (their cache slots at or past the cursor may).
 
+The LM head ([d, V], the largest matmul of a decode step at real vocabularies) runs only on rows that are read:
+prefill reads the last real prompt row and the K mask rows; a TiDAR step reads the K draft rows and the K proposal
+slot-1 rows (the beta mix; always computed, they are only K rows) before verification, then only the K-1 rows
+(slots 2..K) of the proposal the accepted length selects. Prefill attends only to its own P + K tokens, not to the
+empty cache (`forward_into_empty_cache`).
+
 All functions are pure and meant for `jax.jit` with `spec` (and `graphdef`) static; see generation.py.
 """
 
@@ -27,7 +33,7 @@ from flax import nnx, struct
 from tidar_jax import masks, sampling
 from tidar_jax.config import DecodeConfig, ModelConfig
 from tidar_jax.kv_cache import KVCache
-from tidar_jax.model import forward
+from tidar_jax.model import forward_hidden, head_logits
 
 Array = jax.Array
 
@@ -95,17 +101,55 @@ class DecodeState:
     key: Array
 
 
+def suppress_mask_token(logits: Array, spec: DecodeSpec) -> Array:
+    """Makes the mask token impossible as an output: it is never a training target and a prompt may not contain
+    it. A finite -1e30, not -inf, so the beta mix `1 * x + 0 * y` is never NaN. logits: [..., V]."""
+    return logits.at[..., spec.mask_token_id].set(-1e30)
+
+
+def head(graphdef: nnx.GraphDef, params: nnx.State, hidden: Array, spec: DecodeSpec) -> Array:
+    """The LM head on the given hidden rows only ([..., d] -> float32 [..., V]), mask token suppressed."""
+    return suppress_mask_token(head_logits(graphdef, params, hidden), spec)
+
+
 def model_logits(graphdef: nnx.GraphDef, params: nnx.State, tokens: Array, positions: Array, mask: Array,
                  cache: KVCache, write_start: Array, n_write: int, spec: DecodeSpec) -> tuple[Array, KVCache]:
-    """`model.forward` (logits [b, q, V]), with the mask token made impossible as an output: it is never a training
-    target and a prompt may not contain it. A finite -1e30, not -inf, so the beta mix `1 * x + 0 * y` is never NaN."""
-    logits, cache = forward(graphdef, params, tokens, positions, mask, cache, write_start, n_write=n_write)
-    return logits.at[..., spec.mask_token_id].set(-1e30), cache
+    """`model.forward` (logits [b, q, V] on EVERY row) with the mask token suppressed (`suppress_mask_token`).
+    Decoding itself uses `forward_hidden` + `head` on the rows it reads; this is for callers that read all rows."""
+    hidden, cache = forward_hidden(graphdef, params, tokens, positions, mask, cache, write_start, n_write=n_write)
+    return head(graphdef, params, hidden, spec), cache
+
+
+def forward_into_empty_cache(graphdef: nnx.GraphDef, params: nnx.State, tokens: Array, positions: Array,
+                             local_mask: Array, cache: KVCache, n_write: int) -> tuple[Array, KVCache]:
+    """A forward over `tokens` [b, q] that writes the K/V of the first `n_write` of them into slots [0, n_write)
+    of `cache` (whose contents are not read: it is treated as empty), attending only among the current tokens.
+
+    local_mask: [b or 1, q, q]. Returns (final-normed hidden [b, q, d], cache with those slots written; slots past
+    n_write untouched; cursor unchanged). The model attends to `[cache slots | current tokens]`, so the forward
+    runs over a scratch cache of exactly n_write slots, all masked out (n_write + q keys instead of max_len + q),
+    then the scratch is copied into `cache`: the K/V values are the model's own.
+    """
+    batch = tokens.shape[0]
+    scratch = [tuple(jnp.zeros((batch, n_write) + x.shape[2:], x.dtype) for x in buffers)
+               for buffers in (cache.keys, cache.values)]
+    scratch = KVCache(keys=scratch[0], values=scratch[1], cursor=jnp.zeros((batch,), jnp.int32))
+    if local_mask.shape[0] != batch:
+        local_mask = jnp.broadcast_to(local_mask, (batch,) + local_mask.shape[1:])
+    mask = masks.with_cache(jnp.zeros((batch, n_write), bool), local_mask)
+    hidden, scratch = forward_hidden(graphdef, params, tokens, positions, mask, scratch,
+                                     jnp.zeros((batch,), jnp.int32), n_write=n_write)
+
+    def put(buffer: Array, new: Array) -> Array:
+        return jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), (0,) * buffer.ndim)
+
+    return hidden, cache.replace(keys=tuple(map(put, cache.keys, scratch.keys)),
+                                 values=tuple(map(put, cache.values, scratch.values)))
 
 
 def draft_from_slots(slot_logits: Array, u: Array | None, sp: sampling.SamplingParams,
                      spec: DecodeSpec) -> tuple[Array, Array]:
-    """Guesses from diffusion slots. slot_logits: [b, n, V]; u: [b, n] uniforms (None when greedy) ->
+    """Guesses from diffusion slots. slot_logits: [b, n, V]; u: [b, n, DRAW_UNIFORMS] (None when greedy) ->
     (tokens [b, n] int32, the distributions they were drawn from: [b, n, V], or [b, 0, 0] when greedy)."""
     if spec.greedy:
         return jnp.argmax(slot_logits, axis=-1).astype(jnp.int32), jnp.zeros((slot_logits.shape[0], 0, 0))
@@ -115,7 +159,8 @@ def draft_from_slots(slot_logits: Array, u: Array | None, sp: sampling.SamplingP
 
 def next_uniforms(key: Array, shape: tuple[int, ...], spec: DecodeSpec) -> tuple[Array, Array | None]:
     """(next key, uniforms of `shape`); greedy decoding uses no randomness. All of a forward's randomness comes from
-    one draw: each threefry call costs about a second of CPU compile time."""
+    one draw: each threefry call costs about a second of CPU compile time. A `sampling.sample` draw takes a pair:
+    callers ask for [..., sampling.DRAW_UNIFORMS] (and use [..., 0] where one uniform is enough)."""
     if spec.greedy:
         return key, None
     key, sub = jax.random.split(key)
@@ -163,17 +208,18 @@ def prefill(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, prompts: 
     batch, prompt_len = prompts.shape
     tokens = jnp.concatenate([prompts, jnp.full((batch, n_masks), spec.mask_token_id, prompts.dtype)], axis=1)
     positions = masks.prefill_positions(prompt_len, lengths, n_masks)
-    mask = masks.with_cache(jnp.zeros((batch, cache.max_len), bool),
-                            masks.prefill_mask(prompt_len, lengths, n_masks))
-    # Pad slots' K/V lands past each row's cursor, so it is never attended to and gets overwritten.
-    logits, cache = model_logits(graphdef, params, tokens, positions, mask, cache,
-                                  jnp.zeros((batch,), jnp.int32), prompt_len, spec)
+    # The cache is empty: attend among the P + K current tokens only. Pad slots' K/V lands past each row's cursor,
+    # so it is never attended to and gets overwritten.
+    hidden, cache = forward_into_empty_cache(graphdef, params, tokens, positions,
+                                             masks.prefill_mask(prompt_len, lengths, n_masks), cache, prompt_len)
     cache = cache.rewind_to(lengths)
-    target = sampling.take_rows(logits, lengths - 1)
-    slots = logits[:, prompt_len:]
+    # The head runs on the rows read: the last real prompt token and the K mask slots.
+    rows = jnp.concatenate([sampling.take_rows(hidden, lengths - 1)[:, None], hidden[:, prompt_len:]], axis=1)
+    logits = head(graphdef, params, rows, spec)  # [b, 1 + n_masks, V]
+    target, slots = logits[:, 0], logits[:, 1:]
     if spec.with_proposals:
         target = sampling.mix_logits(target, slots[:, 0], sp.beta)
-    key, u = next_uniforms(key, (batch, k), spec)
+    key, u = next_uniforms(key, (batch, k, sampling.DRAW_UNIFORMS), spec)
     if spec.greedy:
         first = jnp.argmax(target, axis=-1).astype(jnp.int32)
     else:
@@ -207,12 +253,16 @@ def decode_step(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, s
     # Finished rows still ride along; clamp their write into the buffer (it lands past their cursor or, for a row
     # stopped by a full cache, over slots it will never read again).
     write_start = jnp.minimum(cache.cursor, cache.max_len - k)
-    logits, cache = model_logits(graphdef, params, tokens, positions, mask, cache, write_start, k, spec)
-    target = logits[:, :k]  # draft j predicts position L+j
+    hidden, cache = forward_hidden(graphdef, params, tokens, positions, mask, cache, write_start, n_write=k)
     if spec.with_proposals:
-        blocks = logits[:, k:].reshape(batch, k, k, -1)  # [b, proposal j, slot r, V]: position L+j+r-1
-        target = sampling.mix_logits(target, blocks[:, :, 0], sp.beta)
-    key, u = next_uniforms(state.key, (batch, 2 * k - 1), spec)  # K to verify, K-1 to draft
+        # [b, proposal j, slot r, d]: position L+j+r-1. Before verification the head runs on the K drafts (draft j
+        # predicts position L+j) and the K slot-1 rows (the beta mix): 2K rows of K + K*K.
+        blocks = hidden[:, k:].reshape(batch, k, k, hidden.shape[-1])
+        logits = head(graphdef, params, jnp.concatenate([hidden[:, :k], blocks[:, :, 0]], axis=1), spec)
+        target = sampling.mix_logits(logits[:, :k], logits[:, k:], sp.beta)
+    else:
+        target = head(graphdef, params, hidden, spec)
+    key, u = next_uniforms(state.key, (batch, 2 * k - 1, sampling.DRAW_UNIFORMS), spec)  # K to verify, K-1 to draft
     if spec.greedy:
         accepted, decided = sampling.greedy_verify(target, drafts)
     else:
@@ -220,8 +270,9 @@ def decode_step(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, s
                                                         drafts, u[:, :k])
     next_drafts, next_probs = decided[:, None], state.draft_probs
     if spec.with_proposals:
-        # Proposal a saw exactly v_1..v_a; its slot 1 is t_a's position, slots 2..K draft the rest.
-        chosen_slots = sampling.take_rows(blocks, accepted - 1)[:, 1:]
+        # Proposal a saw exactly v_1..v_a; its slot 1 is t_a's position, slots 2..K draft the rest: the head runs
+        # on those K-1 rows only.
+        chosen_slots = head(graphdef, params, sampling.take_rows(blocks, accepted - 1)[:, 1:], spec)
         guesses, next_probs = draft_from_slots(chosen_slots, None if u is None else u[:, k:], sp, spec)
         next_drafts = jnp.concatenate([decided[:, None], guesses], axis=1)
     # Tokens for positions L+1 .. L+a: v_2 .. v_a, then t_a.

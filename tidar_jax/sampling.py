@@ -6,10 +6,13 @@ Conventions: `logits` / `probs` are float32 `[batch, ..., vocab]`; a draft block
 becomes v_1 of the next block.
 
 Per-call knobs live in `SamplingParams` (arrays, so a new temperature never recompiles); whether decoding is greedy
-is a static choice of the caller.
+is a static choice of the caller. Randomness comes as uniforms in (0, 1] (`uniforms`); one draw from a distribution
+(`sample`) takes a pair of them (`DRAW_UNIFORMS`), so callers size their single `uniforms` call [..., 2] per draw.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -45,17 +48,25 @@ def process_logits(logits: Array, params: SamplingParams) -> Array:
     """Temperature, then top-k, then top-p (on the top-k renormalised distribution), HF order.
 
     logits: [..., vocab] -> same shape, filtered entries set to -inf. Needs temperature > 0. Tokens tied with the
-    last kept logit are kept too (so top-k may keep more than k on exact ties).
+    last kept logit are kept too (so top-k may keep more than k on exact ties). With top_k = 0 and top_p >= 1 the
+    logits are only scaled (a `lax.cond` skips the full-vocabulary sort), and top_p >= 1 never drops any mass (the
+    float32 running sum reaching 1.0 before the tail does not cut the tail off).
     """
     scaled = logits.astype(jnp.float32) / params.temperature
-    ordered = -jnp.sort(-scaled, axis=-1)  # descending
-    rank = jnp.arange(scaled.shape[-1], dtype=jnp.int32)
-    keep_k = (params.top_k <= 0) | (rank < params.top_k)
-    probs_k = jax.nn.softmax(jnp.where(keep_k, ordered, -jnp.inf), axis=-1)
-    mass_before = jnp.cumsum(probs_k, axis=-1) - probs_k
-    keep = keep_k & ((mass_before < params.top_p) | (rank == 0))  # the most likely token always survives
-    cutoff = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
-    return jnp.where(scaled >= cutoff, scaled, -jnp.inf)
+
+    def filtered(x: Array) -> Array:
+        ordered = -jnp.sort(-x, axis=-1)  # descending
+        rank = jnp.arange(x.shape[-1], dtype=jnp.int32)
+        keep_k = (params.top_k <= 0) | (rank < params.top_k)
+        probs_k = jax.nn.softmax(jnp.where(keep_k, ordered, -jnp.inf), axis=-1)
+        mass_before = jnp.cumsum(probs_k, axis=-1) - probs_k
+        # The most likely token always survives; top_p >= 1 keeps everything top-k kept.
+        keep = keep_k & ((mass_before < params.top_p) | (rank == 0) | (params.top_p >= 1.0))
+        cutoff = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
+        return jnp.where(x >= cutoff, x, -jnp.inf)
+
+    filters_on = (params.top_k > 0) | (params.top_p < 1.0)
+    return jax.lax.cond(filters_on, filtered, lambda x: x, scaled)
 
 
 def distribution(logits: Array, params: SamplingParams) -> Array:
@@ -63,18 +74,60 @@ def distribution(logits: Array, params: SamplingParams) -> Array:
     return jax.nn.softmax(process_logits(logits, params), axis=-1)
 
 
-def sample(probs: Array, u: Array) -> Array:
-    """Inverse-CDF draw: probs [..., vocab] (need not be normalised), u [...] uniform in (0, 1] -> int32 [...].
+DRAW_UNIFORMS = 2  # uniforms per `sample` draw: one picks the chunk, one the token within it
 
-    One uniform per draw (no [..., vocab] Gumbel noise, which is costly for large vocabularies and slow to compile
-    on CPU). The threshold is u times the last CDF entry, so rounding never selects a zero-probability token.
+
+def chunk_layout(vocab: int) -> tuple[int, int]:
+    """(chunks C, width W) of `sample`'s two-level CDF: W = ceil(sqrt(vocab)), C = ceil(vocab / W), C * W >= vocab
+    (the last chunk is zero-padded)."""
+    width = max(1, math.isqrt(vocab - 1) + 1) if vocab > 1 else 1
+    return -(-vocab // width), width
+
+
+def chunked_probs(probs: Array) -> tuple[Array, Array]:
+    """The two levels `sample` inverts: probs [..., V] -> (chunked [..., C, W] float32, zero-padded; the chunks'
+    masses [..., C] float32)."""
+    vocab = probs.shape[-1]
+    chunks, width = chunk_layout(vocab)
+    probs = probs.astype(jnp.float32)
+    pad = [(0, 0)] * (probs.ndim - 1) + [(0, chunks * width - vocab)]
+    chunked = jnp.pad(probs, pad).reshape(probs.shape[:-1] + (chunks, width))
+    return chunked, jnp.sum(chunked, axis=-1)
+
+
+def inverse_cdf(weights: Array, u: Array) -> Array:
+    """One level of `sample`: weights [..., n] >= 0 (some > 0), u [...] in (0, 1] -> int32 [...]: the first index i
+    with weights[i] > 0 and cdf[i] >= u * cdf[-1] (cdf = jnp.cumsum(weights)); if rounding leaves none, the last
+    index with weights > 0. XLA's cumsum is a parallel scan whose float32 result need not be monotone, so the
+    weights > 0 test, not the CDF, is what keeps zero-probability entries from ever being picked."""
+    cdf = jnp.cumsum(weights, axis=-1)
+    positive = weights > 0
+    hit = positive & (cdf >= u[..., None] * cdf[..., -1:])
+    last_positive = weights.shape[-1] - 1 - jnp.argmax(jnp.flip(positive, axis=-1), axis=-1)
+    return jnp.where(jnp.any(hit, axis=-1), jnp.argmax(hit, axis=-1), last_positive).astype(jnp.int32)
+
+
+def sample(probs: Array, u: Array) -> Array:
+    """Exact inverse-CDF draw at any vocabulary size: probs [..., V] (need not be normalised), u [..., 2] uniforms in
+    (0, 1] (`DRAW_UNIFORMS` per draw) -> int32 [...].
+
+    Two levels of ~sqrt(V) entries each (`chunk_layout`): u[..., 0] picks a chunk of W consecutive tokens by the
+    chunks' float32 masses, then u[..., 1] the token within it by that chunk's own CDF (`inverse_cdf`). A single
+    float32 CDF over V entries cannot represent the distribution: its running sum carries ~1e-7 absolute error per
+    entry and a 23-bit uniform resolves 1.2e-7, so at V = 151936 the induced distribution is ~3e-3 from p in total
+    variation. Here each level is a short sum whose errors are relative to its own total: ~1.5e-5 at that V
+    (tests/test_sampling.py computes the induced distribution exactly). No [..., V] noise and no V-long scan: one
+    sum over V, two short cumsums and a gather. Never returns a zero-probability token.
     """
-    cdf = jnp.cumsum(probs.astype(jnp.float32), axis=-1)
-    return jnp.argmax(cdf >= u[..., None] * cdf[..., -1:], axis=-1).astype(jnp.int32)
+    chunked, chunk_mass = chunked_probs(probs)
+    chunk = inverse_cdf(chunk_mass, u[..., 0])
+    within = jnp.take_along_axis(chunked, chunk[..., None, None], axis=-2)[..., 0, :]
+    return (chunk * chunked.shape[-1] + inverse_cdf(within, u[..., 1])).astype(jnp.int32)
 
 
 def uniforms(key: Array, shape: tuple[int, ...]) -> Array:
-    """Uniform floats in (0, 1] (never 0, which `sample` and `speculative_verify` rely on)."""
+    """Uniform floats in (0, 1] (never 0, which `sample` and `speculative_verify` rely on): multiples of 2^-23.
+    Size a draw's share [..., DRAW_UNIFORMS]."""
     return 1.0 - jax.random.uniform(key, shape, jnp.float32)
 
 
@@ -106,7 +159,8 @@ def speculative_verify(target_probs: Array, draft_probs: Array, drafts: Array, u
 
     target_probs: [batch, K, vocab] p_j (row j-1 = the verifier's distribution for position L+j);
     draft_probs: [batch, K-1, vocab] q (row j-1 = the distribution v_{j+1} was sampled from); drafts: [batch, K];
-    u: [batch, K] uniforms in (0, 1] (`uniforms`): u[:, :K-1] decide the acceptances, u[:, K-1] draws t_a.
+    u: [batch, K, DRAW_UNIFORMS] uniforms in (0, 1] (`uniforms`): u[:, :K-1, 0] decide the acceptances, the pair
+    u[:, K-1] draws t_a.
     v_{j+1} is accepted with probability min(1, p_j(v) / q(v)); at the first rejection j, t_j ~ normalize(max(0,
     p_j - q)); if every draft passes, t_K ~ p_K. Drafts may be sampled independently of each other (as TiDAR's
     diffusion drafts are): given the accepted prefix, v_{j+1} is still distributed as q_{j+1}, so the proof holds.
@@ -115,7 +169,7 @@ def speculative_verify(target_probs: Array, draft_probs: Array, drafts: Array, u
     guesses = drafts[:, 1:, None]
     p_guess = jnp.take_along_axis(target_probs[:, :-1], guesses, axis=-1)[..., 0]
     q_guess = jnp.take_along_axis(draft_probs, guesses, axis=-1)[..., 0]
-    accepted = accepted_length(u[:, :-1] * q_guess < p_guess)  # P(u < p/q) = min(1, p/q), no division by zero
+    accepted = accepted_length(u[:, :-1, 0] * q_guess < p_guess)  # P(u < p/q) = min(1, p/q), no division by zero
     # Padding q with a zero row makes the "all accepted" residual exactly p_K.
     q_padded = jnp.concatenate([draft_probs, jnp.zeros_like(target_probs[:, :1])], axis=1)
     p_chosen = take_rows(target_probs, accepted - 1)

@@ -32,6 +32,7 @@ from tidar_jax.config import DecodeConfig, ModelConfig
 from tidar_jax.decode import DecodeSpec, DecodeState
 from tidar_jax.generation import GenerationResult, Generator
 from tidar_jax.kv_cache import KVCache, init_cache
+from tidar_jax.model import forward_hidden
 from tidar_jax.sampling import SamplingParams
 
 Array = jax.Array
@@ -88,17 +89,19 @@ def spec_prefill(graphdef: nnx.GraphDef, params: nnx.State, draft_params: nnx.St
                           tokens=jnp.concatenate([state.tokens, pad], axis=1),
                           accept_hist=jnp.zeros((k + 1,), jnp.int32))
     state = decode.mark_cache_full(state, spec)
-    mask = masks.with_cache(jnp.zeros((batch, draft_cache.max_len), bool), masks.prefill_mask(prompt_len, lengths, 0))
-    _, draft_cache = decode.model_logits(spec.draft_graphdef, draft_params, prompts,
-                                          masks.prefill_positions(prompt_len, lengths, 0), mask, draft_cache,
-                                          jnp.zeros((batch,), jnp.int32), prompt_len, spec)
+    # The draft's prompt pass only fills its cache: no LM head, and no attention to the empty cache slots.
+    _, draft_cache = decode.forward_into_empty_cache(spec.draft_graphdef, draft_params, prompts,
+                                                     masks.prefill_positions(prompt_len, lengths, 0),
+                                                     masks.prefill_mask(prompt_len, lengths, 0), draft_cache,
+                                                     prompt_len)
     return SpecState(base=state, draft_cache=draft_cache, last=sampling.take_rows(prompts, lengths - 1),
                      draft_forwards=jnp.ones((), jnp.int32))
 
 
 def _draft_guesses(draft_params: nnx.State, draft_cache: KVCache, last: Array, first: Array, cursor: Array,
                    u: Array | None, sp: SamplingParams, spec: SpecDecodeSpec) -> tuple[Array, Array, KVCache]:
-    """K-1 autoregressive draft forwards from committed length `cursor` [b] and decided v_1 = `first` [b].
+    """K-1 autoregressive draft forwards from committed length `cursor` [b] and decided v_1 = `first` [b]; u:
+    [b, K-1, sampling.DRAW_UNIFORMS] (None when greedy).
 
     Returns (guesses v_2..v_K [b, K-1] int32, their distributions [b, K-1, V] ([b, 0, 0] when greedy), cache).
     Writes are clamped into the buffer for finished rows (whose cache may be full), as decode.decode_step does.
@@ -110,9 +113,11 @@ def _draft_guesses(draft_params: nnx.State, draft_cache: KVCache, last: Array, f
         cache = cache.rewind_to(start)  # valid slots: [0, start)
         positions = start[:, None] + jnp.arange(n, dtype=jnp.int32)[None]
         mask = masks.with_cache(cache.valid_slots(), masks.causal_mask(n))
-        logits, cache = decode.model_logits(spec.draft_graphdef, draft_params, tokens, positions, mask, cache,
-                                             jnp.minimum(start, max_len - n), n, spec)
-        guess, probs = decode.draft_from_slots(logits[:, -1:], u_slot, sp, spec)
+        hidden, cache = forward_hidden(spec.draft_graphdef, draft_params, tokens, positions, mask, cache,
+                                       jnp.minimum(start, max_len - n), n_write=n)
+        # Only the last row's guess is read: the head runs on it alone.
+        logits = decode.head(spec.draft_graphdef, draft_params, hidden[:, -1:], spec)
+        guess, probs = decode.draft_from_slots(logits, u_slot, sp, spec)
         return cache, guess[:, 0], probs
 
     u_first = None if u is None else u[:, :1]
@@ -139,7 +144,7 @@ def spec_step(graphdef: nnx.GraphDef, params: nnx.State, draft_params: nnx.State
     """One step: K-1 draft forwards, then the target's verify-only `decode.decode_step` (one forward)."""
     state = s.base
     cursor = state.cache.cursor
-    key, u = decode.next_uniforms(state.key, (cursor.shape[0], spec.num_drafts - 1), spec)
+    key, u = decode.next_uniforms(state.key, (cursor.shape[0], spec.num_drafts - 1, sampling.DRAW_UNIFORMS), spec)
     guesses, probs, draft_cache = _draft_guesses(draft_params, s.draft_cache, s.last, state.drafts[:, 0], cursor,
                                                  u, sp, spec)
     drafts = jnp.concatenate([state.drafts[:, :1], guesses], axis=1)
