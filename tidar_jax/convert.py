@@ -33,12 +33,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tidar_jax.adapters import is_trainable
 from tidar_jax.config import ModelConfig, validate_model
 from tidar_jax.model import Transformer
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 MASK_TOKEN, PAD_TOKEN = "<|mask|>", "<|pad|>"
 VOCAB_MULTIPLE = 64
+# Mask-gated adapters (adapters.py) of an exported TiDAR model: a file transformers ignores, so the exported model
+# loads as the exact base model there, while re-importing it restores the adapters.
+ADAPTERS_FILE = "tidar_adapters.safetensors"
 DEFAULT_BLOCK_SIZE = 4
 # Tensors that carry no weights of ours: rotary caches some old checkpoints saved.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -142,6 +146,8 @@ def hf_config_from_model_config(cfg: ModelConfig, dtype: str = "float32", base: 
         "pad_token_id": cfg.pad_token_id, "dtype": dtype, "attention_bias": False, "mlp_bias": False,
         "use_sliding_window": False, "tidar_mask_token_id": cfg.mask_token_id, "tidar_block_size": cfg.block_size,
     })
+    if cfg.adapter_rank > 0:
+        out.update(tidar_adapter_rank=cfg.adapter_rank, tidar_adapter_alpha=cfg.adapter_alpha)
     out.setdefault("max_position_embeddings", 32768)
     out.pop("layer_types", None)  # rebuilt by transformers from num_hidden_layers
     return out
@@ -193,11 +199,28 @@ def _path_key(path: tuple) -> tuple:
     return tuple(p.key for p in path if isinstance(p, jax.tree_util.DictKey))
 
 
+def _adapter_name(key: tuple) -> str:
+    """Tensor name of an adapter leaf in ADAPTERS_FILE, e.g. `tidar_adapters.layers.0.attn.q_adapter.a`."""
+    return ".".join(["tidar_adapters", *map(str, key)])
+
+
+def _adapter_keys(cfg: ModelConfig) -> list[tuple]:
+    """Param paths of the mask-gated adapter leaves of `Transformer(cfg)` (none without adapters)."""
+    if cfg.adapter_rank <= 0:
+        return []
+    _, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    return [_path_key(path) for path, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]
+            if is_trainable(_path_key(path))]
+
+
 def params_from_hf_tensors(cfg: ModelConfig, tensors: Mapping[str, np.ndarray]) -> nnx.State:
     """nnx.State of `Transformer(cfg)` (with its sharding metadata) from HF-named tensors; `cfg.vocab_size` must
-    equal the tensors' vocabulary. Every tensor must be used (except a tied lm_head and rotary caches)."""
+    equal the tensors' vocabulary. Every tensor must be used (except a tied lm_head and rotary caches). With
+    `cfg.adapter_rank` > 0 the adapter leaves come from `tidar_adapters.*` tensors (see `export_hf_checkpoint`)."""
     arrays, used = {}, set()
-    for key, name, to_ours, _ in _weight_rules(cfg):
+    rules = [(key, name, to_ours) for key, name, to_ours, _ in _weight_rules(cfg)]
+    rules += [(key, _adapter_name(key), lambda w: w) for key in _adapter_keys(cfg)]
+    for key, name, to_ours in rules:
         if name not in tensors:
             raise ConversionError(f"checkpoint lacks tensor {name!r} needed by a {cfg.n_layers}-layer model")
         arrays[key] = np.asarray(to_ours(tensors[name])).astype(jnp.dtype(cfg.param_dtype))
@@ -345,6 +368,9 @@ def convert_hf(hf_config: dict, tensors: Mapping[str, np.ndarray], tokenizer_fil
     cfg = model_config_from_hf(hf_config, rows, block_size=block_size, param_dtype=param_dtype,
                                compute_dtype=compute_dtype, mask_token_id=mask, eos_token_id=eos_token_id,
                                pad_token_id=pad)
+    if "tidar_adapter_rank" in hf_config:  # exported by us with mask-gated adapters (ADAPTERS_FILE)
+        cfg = dataclasses.replace(cfg, adapter_rank=int(hf_config["tidar_adapter_rank"]),
+                                  adapter_alpha=float(hf_config["tidar_adapter_alpha"]))
     return ImportedModel(cfg, params_from_hf_tensors(cfg, tensors), tokenizer_json)
 
 
@@ -383,5 +409,10 @@ def export_hf_checkpoint(out_dir: str | Path, cfg: ModelConfig, params: nnx.Stat
     # safetensors' flax backend writes bfloat16; "format": "pt" is what transformers expects in the header.
     save_file({k: jnp.asarray(v, dtype) for k, v in tensors.items()}, str(out_dir / "model.safetensors"),
               metadata={"format": "pt"})
+    adapter_keys = _adapter_keys(cfg)
+    if adapter_keys:
+        flat = {_path_key(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+        save_file({_adapter_name(k): jnp.asarray(flat[k], jnp.float32) for k in adapter_keys},
+                  str(out_dir / ADAPTERS_FILE), metadata={"format": "tidar_jax"})
     (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     return out_dir

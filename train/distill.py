@@ -1,0 +1,70 @@
+"""Self-distillation data for TiDAR drafting: a model's own greedy answers to chat and corpus prompts.
+
+    python -m train.distill --checkpoint runs/smollm2 --out runs/smollm2-distill/distill.jsonl
+    python -m train.distill --checkpoint runs/smollm2 --out d.jsonl --chat 512 --corpus-prompts 0 --temperature 0.7
+
+Writes one JSON line per prompt, {"ids": prompt + continuation, "source", "prompt_tokens"}, which training reads
+with `data.corpus=files "data.paths=[OUT]"` (token ids are used as they are, chat special tokens included). Chat
+prompts come from the project's own train-topic prompt set (held-out topics stay unseen), rendered with the
+checkpoint's chat template; corpus prompts are the first --prompt-tokens tokens of train-split documents. Decoding
+is our batched, jitted AR loop. Re-running the same command resumes after the last complete line; other settings
+for an existing OUT are refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m train.distill", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="the model whose answers become the data (a workdir, "
+                                                            "e.g. an import from train.import_checkpoint)")
+    parser.add_argument("--out", required=True, help="JSONL file to write (resumed when it exists)")
+    parser.add_argument("--chat", type=int, default=256, help="number of chat prompts (needs a chat template)")
+    parser.add_argument("--corpus", default="bbc-news", help="embedded corpus for the corpus prompts")
+    parser.add_argument("--corpus-prompts", type=int, default=256, help="number of corpus prompts (0 = none)")
+    parser.add_argument("--prompt-tokens", type=int, default=32, help="tokens per corpus prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (what TiDAR greedy verifies)")
+    parser.add_argument("--seed", type=int, default=0, help="prompt order and sampling seed")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts decoded together")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    for name in ("chat", "corpus_prompts"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0")
+    for name in ("prompt_tokens", "max_new_tokens", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.temperature < 0:
+        parser.error("--temperature must be >= 0")
+    if args.chat + args.corpus_prompts == 0:
+        parser.error("nothing to generate: --chat and --corpus-prompts are both 0")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from infer.common import USER_ERRORS, fail
+    from tidar_jax.distill import DistillSpec, distill
+
+    spec = DistillSpec(checkpoint=args.checkpoint, chat=args.chat, corpus=args.corpus,
+                       corpus_prompts=args.corpus_prompts, prompt_tokens=args.prompt_tokens,
+                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                       batch_size=args.batch_size)
+    try:
+        out = distill(spec, args.out, progress=not args.no_progress)
+    except USER_ERRORS as e:
+        return fail(e)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
