@@ -58,7 +58,8 @@ def test_problems_stops_and_pass_at_k():
 
     text = "    return x\n\n\ndef other():\n    pass\n# comment\nprint(1)"
     assert humaneval.truncate_completion(text) == "    return x\n\n"
-    assert humaneval.truncate_completion("    x = 1\n    if x:\n        y = 2\nif y:") == "    x = 1\n    if x:\n        y = 2"
+    nested = "    x = 1\n    if x:\n        y = 2\n"
+    assert humaneval.truncate_completion(nested + "if y:") == nested[:-1]
     assert humaneval.truncate_completion("    return 1") == "    return 1"
     p = problems[0]
     assert humaneval.check_program(p, "X") == p["prompt"] + "X\n" + p["test"] + "\ncheck(has_close_elements)"
@@ -135,7 +136,8 @@ def test_sandbox_refuses_network_processes_outside_writes_and_early_exits(tmp_pa
     assert "MemoryError" in results["memory"].stderr
     assert outside.read_text() == "keep"
     inside = executor.run_program("import tempfile\nopen('a.txt', 'w').write('x')\n"
-                                  "tempfile.NamedTemporaryFile().write(b'y')\nprint(open('a.txt').read())\n", timeout=10)
+                                  "tempfile.NamedTemporaryFile().write(b'y')\nprint(open('a.txt').read())\n",
+                                  timeout=10)
     assert inside.passed and inside.stdout.strip() == "x"
 
 

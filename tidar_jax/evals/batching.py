@@ -80,7 +80,8 @@ def truncate_at_stops(text: str, stops: Sequence[str]) -> str:
 class BatchOutput:
     """Per real row: tokens (new tokens as generated, an ending EOS kept), row_forwards (forwards the row was active
     for, prefill included), finish_reasons ("eos" | "length" | "cache" | "stop": a stop string was seen). forwards:
-    batch forwards; wall_time_s: prefill + decoding (+ the stop checks), compilation excluded."""
+    batch forwards; wall_time_s: prefill + decoding (+ the stop checks), compilation excluded unless
+    the decoder was made with warmup=False."""
 
     tokens: list[list[int]]
     row_forwards: list[int]
@@ -90,14 +91,17 @@ class BatchOutput:
 
 
 class BatchDecoder:
-    """Runs batches of exactly `batch_size` rows through `generator` (see the module docstring)."""
+    """Runs batches of exactly `batch_size` rows through `generator` (see the module docstring). With `warmup`
+    (default) the first batch of every new program shape is also run once untimed, so that `wall_time_s` never
+    includes compilation; `warmup_time_s` sums those runs."""
 
-    def __init__(self, generator: Generator, batch_size: int, chunk_forwards: int = 16):
+    def __init__(self, generator: Generator, batch_size: int, chunk_forwards: int = 16, warmup: bool = True):
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
         if chunk_forwards < 1:
             raise ValueError(f"chunk_forwards must be >= 1, got {chunk_forwards}")
         self.generator, self.batch_size, self.chunk_forwards = generator, batch_size, chunk_forwards
+        self.warmup = warmup
         self._warm: set = set()
         self.warmup_time_s = 0.0
 
@@ -119,7 +123,7 @@ class BatchDecoder:
         gen = self.generator
         knobs = dict(beta=beta, temperature=temperature, top_k=top_k, top_p=top_p)
         signature = self._signature(rows, mode, max_new_tokens, temperature)
-        if signature not in self._warm:  # compile (and run once) outside the timed region
+        if self.warmup and signature not in self._warm:  # compile (and run once) outside the timed region
             start = time.perf_counter()
             state, spec, sp = gen.prefill(rows, mode, max_new_tokens, seed, **knobs)
             jax.block_until_ready(gen.advance(state, spec, sp, 1).tokens)
