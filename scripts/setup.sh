@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) and installs tidar-jax with the extras named in $TIDAR_EXTRAS (default: tests,plots,interop).
+# Creates .venv (if missing) and installs tidar-jax with the extras named in $TIDAR_EXTRAS (default: tests,plots,interop,eval).
 # Idempotent: a second run only checks that the install is current.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
-EXTRAS="${TIDAR_EXTRAS:-tests,plots,interop}"
+EXTRAS="${TIDAR_EXTRAS:-tests,plots,interop,eval}"
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
   .venv/bin/python -m pip install --quiet --upgrade pip

@@ -84,8 +84,9 @@ def describe_isolation() -> str:
 
 
 def _child_env(sandbox: str) -> dict[str, str]:
+    # (python -I ignores PYTHON* variables, so none are set here)
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
-           "HOME": sandbox, "TMPDIR": sandbox, "PYTHONIOENCODING": "utf-8", "PYTHONHASHSEED": "0"}
+           "HOME": sandbox, "TMPDIR": sandbox}
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[name] = "1"
     return env
