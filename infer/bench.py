@@ -41,7 +41,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="allow --block-sizes other than a checkpoint's trained K (its drafts were not trained "
                              "for them)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="batch sizes to decode")
-    parser.add_argument("--prompt-len", type=int, default=32, help="tokens per held-out prompt")
+    parser.add_argument("--prompt-len", type=int, default=32, help="tokens per held-out corpus prompt")
+    parser.add_argument("--prompts", choices=("corpus", "chat"), default="corpus",
+                        help="held-out document windows (corpus) or held-out-topic chat requests in the first "
+                             "checkpoint's chat template (chat)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per measurement (after one warm-up)")
     parser.add_argument("--skip-generation", action="store_true", help="only the latency curve")
@@ -129,7 +132,7 @@ def run_generation(args, bundles: dict, draft, prompts: list[list[int]], progres
             if k != m.block_size and not args.allow_block_size_mismatch:
                 raise ValueError(f"--block-sizes {k} differs from the trained K={m.block_size} of {path}; pass "
                                  "--allow-block-size-mismatch to decode anyway (or train a checkpoint with that K)")
-            dec = decode_room(bundle.config.decode, args.prompt_len, args.max_new_tokens, k)
+            dec = decode_room(bundle.config.decode, max(map(len, prompts)), args.max_new_tokens, k)
             generator = Generator(bundle.graphdef, bundle.params, m, dec, allow_block_size_mismatch=True)
             methods = {"ar": (generator, "ar")}
             if bundle.config.train.objective == "tidar":
@@ -217,8 +220,7 @@ def main(argv=None) -> int:
     import jax
     from tqdm.auto import tqdm
 
-    from infer.common import USER_ERRORS, fail, write_json
-    from tidar_jax import data
+    from infer.common import USER_ERRORS, fail, prompt_set, write_json
     from tidar_jax.benchmark import device_info
     from tidar_jax.config import ConfigError, MeshConfig
     from tidar_jax.sharding import make_mesh
@@ -242,8 +244,8 @@ def main(argv=None) -> int:
         with jax.set_mesh(mesh):
             if not args.skip_generation:
                 # Batch 1 cycles through the same prompts, one per round.
-                prompts = data.heldout_prompts(first.config, first.tokenizer, max(args.batch_sizes), args.prompt_len)
-                report["prompts"] = {"count": len(prompts), "prompt_len": args.prompt_len,
+                prompts = prompt_set(args.prompts, args.checkpoint[0], first, max(args.batch_sizes), args.prompt_len)
+                report["prompts"] = {"kind": args.prompts, "count": len(prompts), "prompt_len": max(map(len, prompts)),
                                      "first": first.tokenizer.decode(prompts[0])}
                 gen_bundles = {p: bundles[p] for p in args.checkpoint}
                 report["generation"] = run_generation(args, gen_bundles, draft, prompts, progress)

@@ -34,3 +34,18 @@ def decode_room(dec, prompt_len: int, max_new_tokens: int, block_size: int):
     cache = max(dec.max_cache_len, buckets[-1] + 1, prompt_len + max_new_tokens + 2 * block_size)
     return dataclasses.replace(dec, block_size=block_size, max_new_tokens=max_new_tokens, prompt_buckets=buckets,
                                max_cache_len=cache)
+
+
+PROMPT_SETS = ("corpus", "chat")
+
+
+def prompt_set(kind: str, checkpoint: str | Path, bundle, n: int, prompt_len: int) -> list[list[int]]:
+    """`n` held-out prompts of `kind`: "corpus" = windows of `prompt_len` tokens of the checkpoint's held-out
+    documents; "chat" = the project's held-out-topic chat requests rendered with the checkpoint's chat template."""
+    from tidar_jax import data
+    from tidar_jax.chat_prompts import encoded_chat_prompts
+    from tidar_jax.checkpoint import locate_checkpoint
+
+    if kind == "chat":
+        return encoded_chat_prompts(locate_checkpoint(checkpoint)[2], "heldout", n)
+    return data.heldout_prompts(bundle.config, bundle.tokenizer, n, prompt_len)

@@ -34,7 +34,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="rows per held-out batch (default: the checkpoint's data.global_batch_size)")
     parser.add_argument("--num-prompts", type=int, default=8,
                         help="held-out prompts decoded as one batch for tokens per forward (0 = skip decoding)")
-    parser.add_argument("--prompt-len", type=int, default=32, help="tokens per held-out prompt")
+    parser.add_argument("--prompt-len", type=int, default=32, help="tokens per held-out corpus prompt")
+    parser.add_argument("--prompts", choices=("corpus", "chat"), default="corpus",
+                        help="what the decoded prompts are: windows of held-out documents (corpus) or the "
+                             "project's held-out-topic chat requests in the checkpoint's chat template (chat)")
     parser.add_argument("--max-new-tokens", type=int, help="tokens generated per prompt (default: "
                                                            "decode.max_new_tokens of the checkpoint)")
     parser.add_argument("--samples", type=int, default=3, help="generations printed (and stored) as text")
@@ -43,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--allow-block-size-mismatch", action="store_true",
                         help="decode with a block size other than the one the model was trained with")
     parser.add_argument("overrides", nargs="*", metavar="section.field=value",
-                        help="mesh.* and decode.* overrides, e.g. mesh.tensor=2 decode.max_cache_len=1024")
+                        help="mesh.*, decode.*, data.corpus and data.paths overrides, e.g. mesh.tensor=2 "
+                             "decode.max_cache_len=1024 data.corpus=bbc-news (held-out text of another corpus)")
     return parser.parse_args(argv)
 
 
@@ -51,8 +55,10 @@ def _check_overrides(args: argparse.Namespace) -> None:
     from tidar_jax.config import ConfigError
 
     for item in args.overrides:
-        if "=" not in item or not item.split("=", 1)[0].startswith(("mesh.", "decode.")):
-            raise ConfigError(f"override {item!r} must look like mesh.field=value or decode.field=value")
+        key = item.split("=", 1)[0] if "=" in item else ""
+        if not (key.startswith(("mesh.", "decode.")) or key in ("data.corpus", "data.paths")):
+            raise ConfigError(f"override {item!r} must look like mesh.field=value, decode.field=value, "
+                              "data.corpus=NAME or data.paths=[...]")
 
 
 def _mesh_config(args: argparse.Namespace):
@@ -71,16 +77,18 @@ def _effective_config(config, args: argparse.Namespace, mesh_cfg):
     from tidar_jax.config import apply_overrides
 
     flags = {"data.global_batch_size": args.batch_size, "decode.block_size": args.block_size}
-    overrides = [o for o in args.overrides if o.startswith("decode.")]
+    overrides = [o for o in args.overrides if o.startswith(("decode.", "data."))]
     overrides += [f"{key}={value}" for key, value in flags.items() if value is not None]
     return apply_overrides(dataclasses.replace(config, mesh=mesh_cfg), overrides)
 
 
 def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     """Runs every measurement; returns the JSON-ready report."""
+    import dataclasses
+
     import jax
 
-    from infer.common import decode_room
+    from infer.common import decode_room, prompt_set
     from tidar_jax import data, evaluation
     from tidar_jax.benchmark import device_info
     from tidar_jax.checkpoint import load_for_inference
@@ -107,15 +115,17 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     report["heldout"].update(batches=len(batches), batch_size=cfg.data.global_batch_size, seq_len=cfg.data.seq_len)
     if args.num_prompts > 0:
         max_new = args.max_new_tokens or cfg.decode.max_new_tokens
-        prompts = data.heldout_prompts(cfg, tok, args.num_prompts, args.prompt_len)
+        prompts = prompt_set(args.prompts, args.checkpoint, dataclasses.replace(bundle, config=cfg), args.num_prompts,
+                             args.prompt_len)
         # Room for every prompt and continuation, so no row stops early for lack of cache.
-        dec = decode_room(cfg.decode, args.prompt_len, max_new, cfg.decode.block_size or m.block_size)
+        dec = decode_room(cfg.decode, max(map(len, prompts)), max_new, cfg.decode.block_size or m.block_size)
         generator = Generator(bundle.graphdef, bundle.params, m, dec,
                               allow_block_size_mismatch=args.allow_block_size_mismatch)
         modes = ("tidar", "ar") if cfg.train.objective == "tidar" else ("ar",)
         with jax.set_mesh(mesh):
             stats, outputs = evaluation.decoding_stats(generator, prompts, max_new, modes)
-        report["decoding"] = {"num_prompts": len(prompts), "prompt_len": args.prompt_len,
+        report["decoding"] = {"prompts": args.prompts, "num_prompts": len(prompts),
+                              "prompt_len": max(map(len, prompts)),
                               "max_new_tokens": max_new, "decode_block_size": generator.block_size, **stats}
         report["samples"] = [{"prompt": tok.decode(p), "continuation": tok.decode(outputs[modes[0]][i]),
                               "mode": modes[0]} for i, p in enumerate(prompts[:args.samples])]
@@ -141,7 +151,8 @@ def format_report(report: dict) -> str:
                   f"  {'draft accuracy per slot':<28}  " + " ".join(f"{a:.3f}" for a in h["diff_slot_accuracy"])]
     d = report.get("decoding")
     if d:
-        lines += ["", f"greedy decoding: {d['num_prompts']} held-out prompts x {d['prompt_len']} tokens, "
+        lines += ["", f"greedy decoding: {d['num_prompts']} held-out {d.get('prompts', 'corpus')} prompts "
+                      f"(up to {d['prompt_len']} tokens), "
                       f"{d['max_new_tokens']} new tokens, one batch (K={d['decode_block_size']})",
                   f"  {'mode':<8}{'tokens/forward':>16}{'forwards':>10}{'tokens/s':>10}  acceptance histogram [a=1..K]"]
         for mode in ("tidar", "ar"):

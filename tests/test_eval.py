@@ -144,4 +144,4 @@ def test_bad_input_gives_clear_error(tidar_run, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     workdir = tidar_run[0]
     assert eval_cli.main(["--checkpoint", str(workdir), "data.seq_len=8"]) == 2
-    assert "mesh.field=value or decode.field=value" in capsys.readouterr().err
+    assert "mesh.field=value, decode.field=value, data.corpus=NAME" in capsys.readouterr().err

@@ -8,6 +8,7 @@ held-out measurements are on subjects the drafts never saw answered.
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 TEMPLATES = (
     "What is {t}?",
@@ -58,3 +59,14 @@ def chat_prompts(split: str, seed: int = 0) -> list[str]:
     prompts = [template.format(t=topic) for topic in topics for template in TEMPLATES]
     random.Random(seed).shuffle(prompts)
     return prompts
+
+
+def encoded_chat_prompts(tokenizer_dir: str | Path, split: str, n: int, seed: int = 0) -> list[list[int]]:
+    """The first `n` prompts of `split` as single-turn chats rendered with the chat template of `tokenizer_dir` (a
+    workdir from an import), ending where the assistant's reply starts: token-id lists of ragged length."""
+    from tidar_jax.chat import encode_chat
+
+    prompts = chat_prompts(split, seed)
+    if not 0 < n <= len(prompts):
+        raise ValueError(f"{n} {split} chat prompts requested; there are {len(prompts)}")
+    return [encode_chat(tokenizer_dir, [{"role": "user", "content": p}]) for p in prompts[:n]]

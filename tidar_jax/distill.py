@@ -19,8 +19,7 @@ from typing import Iterator, Sequence
 
 from tqdm.auto import tqdm
 
-from tidar_jax.chat import encode_chat
-from tidar_jax.chat_prompts import chat_prompts
+from tidar_jax.chat_prompts import encoded_chat_prompts
 from tidar_jax.checkpoint import load_for_inference, locate_checkpoint
 from tidar_jax.config import ConfigError, DataConfig, DecodeConfig
 from tidar_jax.corpora import load_corpus_documents, split_documents
@@ -45,10 +44,7 @@ class DistillSpec:
 
 def _prompts(spec: DistillSpec, bundle, workdir: Path) -> list[tuple[str, list[int]]]:
     """(source, prompt ids) pairs: chat prompts first, then corpus prompts."""
-    chat = chat_prompts("train", spec.seed)
-    if spec.chat > len(chat):
-        raise ConfigError(f"--chat {spec.chat}: only {len(chat)} train chat prompts exist")
-    out = [("chat", encode_chat(workdir, [{"role": "user", "content": p}])) for p in chat[:spec.chat]]
+    out = [("chat", ids) for ids in (encoded_chat_prompts(workdir, "train", spec.chat, spec.seed) if spec.chat else [])]
     if spec.corpus_prompts:
         data = DataConfig(corpus=spec.corpus)
         train_docs, _ = split_documents(load_corpus_documents(data), data.holdout_fraction, data.seed)

@@ -1,0 +1,192 @@
+"""How TiDAR drafting improves while a pretrained model is adapted: one row per saved checkpoint of a run.
+
+    python -m infer.adaptation_curve --run runs/smollm2-tidar --base runs/smollm2 \\
+        --json docs/results/smollm2_curve.json --plot docs/smollm2_adaptation.png --results-md docs/RESULTS.md
+
+For the base model (training tokens 0: adapters at their zero start compute exactly the base model) and every
+checkpoint kept in the run's WORKDIR it measures
+- per-slot draft accuracy (training layout, greedy top-1) on the run's held-out split (self-distilled text) and on
+  held-out documents of an embedded corpus (real text, default bbc-news);
+- greedy TiDAR tokens per forward on held-out chat prompts (held-out topics, the chat template) and held-out corpus
+  prompts, one batch each, and whether TiDAR's output equals the base model's AR output token for token;
+and writes JSON, a PNG (tokens per forward and slot accuracy against training tokens) and, with --results-md, the
+table between the `<!-- results:smollm2-curve -->` markers of that file. Compiled programs are shared by all
+checkpoints (same architecture, same shapes), so each extra checkpoint costs only its forwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+MARKER = "smollm2-curve"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m infer.adaptation_curve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="the adaptation WORKDIR (every kept checkpoint is measured)")
+    parser.add_argument("--base", required=True, help="the base model's checkpoint (the AR reference, row 0)")
+    parser.add_argument("--corpus", default="bbc-news", help="embedded corpus for real held-out text")
+    parser.add_argument("--eval-batches", type=int, default=4, help="held-out batches per slot-accuracy figure")
+    parser.add_argument("--num-prompts", type=int, default=8, help="prompts per decoding figure (one batch)")
+    parser.add_argument("--max-new-tokens", type=int, default=96, help="tokens generated per prompt")
+    parser.add_argument("--json", metavar="PATH", help="write the rows as JSON")
+    parser.add_argument("--plot", metavar="PNG", help="write the curve as a PNG")
+    parser.add_argument("--results-md", metavar="MD", help="render the table into this markdown file's markers")
+    args = parser.parse_args(argv)
+    for name in ("eval_batches", "num_prompts", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+class _Measure:
+    """Measurements shared by every checkpoint: held-out batches, prompts, the base model's AR answers, and one
+    compiled metrics step."""
+
+    def __init__(self, args, run_cfg, base):
+        import dataclasses
+
+        import jax
+
+        from infer.common import decode_room
+        from tidar_jax import data
+        from tidar_jax.chat_prompts import encoded_chat_prompts
+        from tidar_jax.generation import Generator
+        from tidar_jax.trainer import objective_metrics
+
+        self.args, self.cfg = args, run_cfg
+        corpus_cfg = dataclasses.replace(run_cfg, data=dataclasses.replace(run_cfg.data, corpus=args.corpus,
+                                                                           paths=()))
+        self.batches = {"distilled": data.make_eval_batches(run_cfg, base.tokenizer, args.eval_batches),
+                        args.corpus: data.make_eval_batches(corpus_cfg, base.tokenizer, args.eval_batches)}
+        self.prompts = {"chat": encoded_chat_prompts(args.base, "heldout", args.num_prompts),
+                        args.corpus: data.heldout_prompts(corpus_cfg, base.tokenizer, args.num_prompts, 32)}
+        longest = max(len(p) for ps in self.prompts.values() for p in ps)
+        self.decode_cfg = decode_room(run_cfg.decode, longest, args.max_new_tokens, run_cfg.model.block_size)
+        ar = Generator(base.graphdef, base.params, base.config.model, self.decode_cfg)
+        self.reference = {k: ar.generate(p, "ar", args.max_new_tokens, temperature=0.0).tokens
+                          for k, p in self.prompts.items()}
+        self._steps = {}
+        self._jax, self._objective_metrics, self._generator = jax, objective_metrics, Generator
+
+    def row(self, bundle, tokens_seen: int) -> dict:
+        jax, m = self._jax, bundle.config.model
+        key = id(bundle.graphdef)
+        if key not in self._steps:
+            self._steps[key] = jax.jit(lambda p, tok, val, g=bundle.graphdef: self._objective_metrics(
+                g, p, tok, val, self.cfg, "tidar"))
+        row = {"step": bundle.step, "training_tokens": tokens_seen}
+        for name, batches in self.batches.items():
+            hits, counts = 0.0, 0.0
+            for batch in batches:
+                out = jax.device_get(self._steps[key](bundle.params, batch["tokens"], batch["valid"]))
+                slot_count = batch["valid"].reshape(batch["valid"].shape[0], -1, m.block_size).sum(axis=(0, 1))
+                hits, counts = hits + out["diff_slot_accuracy"] * slot_count, counts + slot_count
+            row[f"slot_accuracy_{name}"] = (hits / counts).tolist()
+        generator = self._generator(bundle.graphdef, bundle.params, m, self.decode_cfg)
+        for name, prompts in self.prompts.items():
+            result = generator.generate(prompts, "tidar", self.args.max_new_tokens, temperature=0.0)
+            row[f"tokens_per_forward_{name}"] = result.tokens_per_forward
+            row[f"equals_ar_{name}"] = result.tokens == self.reference[name]
+        return row
+
+
+def measure(args) -> dict:
+    import dataclasses
+
+    from tidar_jax.checkpoint import CHECKPOINT_DIR, load_for_inference
+
+    base = load_for_inference(args.base)
+    steps = sorted(int(p.name) for p in (Path(args.run) / CHECKPOINT_DIR).iterdir() if p.name.isdigit())
+    if not steps:
+        raise ValueError(f"{args.run} holds no checkpoints")
+    first = load_for_inference(Path(args.run) / CHECKPOINT_DIR / str(steps[0]))
+    cfg = first.config
+    if base.tokenizer is None or first.tokenizer is None or base.tokenizer.fingerprint != first.tokenizer.fingerprint:
+        raise ValueError(f"{args.run} and {args.base} must share one tokenizer")
+    measure_ = _Measure(args, cfg, base)
+    per_step = cfg.data.global_batch_size * cfg.data.seq_len
+    # Row 0: the base model with the run's block size (adapters at B = 0 compute exactly this).
+    base = dataclasses.replace(base, config=dataclasses.replace(base.config, model=dataclasses.replace(
+        base.config.model, block_size=cfg.model.block_size)), step=0)
+    rows = [measure_.row(base, 0)]
+    for step in steps:
+        bundle = first if step == steps[0] else load_for_inference(Path(args.run) / CHECKPOINT_DIR / str(step))
+        rows.append(measure_.row(bundle, step * per_step))
+        print(_format([rows[-1]], args.corpus).splitlines()[-1], file=sys.stderr)
+    return {"run": args.run, "base": args.base, "corpus": args.corpus, "block_size": cfg.model.block_size,
+            "adapter_rank": cfg.model.adapter_rank, "num_prompts": args.num_prompts,
+            "max_new_tokens": args.max_new_tokens, "rows": rows}
+
+
+def _format(rows: list[dict], corpus: str) -> str:
+    lines = [f"| step | training tokens | T/F chat | T/F {corpus} | slot accuracy (distilled held-out) | "
+             f"slot accuracy ({corpus} held-out) | TiDAR == AR |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        slots = {k: " / ".join(f"{a:.2f}" for a in r[f"slot_accuracy_{k}"]) for k in ("distilled", corpus)}
+        same = all(r[k] for k in r if k.startswith("equals_ar_"))
+        lines.append(f"| {r['step']} | {r['training_tokens']:,} | {r['tokens_per_forward_chat']:.2f} | "
+                     f"{r[f'tokens_per_forward_{corpus}']:.2f} | {slots['distilled']} | {slots[corpus]} | {same} |")
+    return "\n".join(lines)
+
+
+def _plot(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, corpus = report["rows"], report["corpus"]
+    x = [r["training_tokens"] / 1e3 for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for name in ("chat", corpus):
+        left.plot(x, [r[f"tokens_per_forward_{name}"] for r in rows], marker="o", label=f"held-out {name} prompts")
+    left.axhline(1.0, color="grey", lw=0.8)
+    left.set(xlabel="training tokens (thousands)", ylabel="greedy tokens per forward",
+             title=f"TiDAR K={report['block_size']}: tokens per forward")
+    left.legend()
+    for slot in range(report["block_size"]):
+        right.plot(x, [r["slot_accuracy_distilled"][slot] for r in rows], marker="o", label=f"slot {slot + 1}")
+    right.set(xlabel="training tokens (thousands)", ylabel="draft top-1 accuracy",
+              title="draft accuracy per slot (distilled held-out)", ylim=(0, 1))
+    right.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def render(md_path: str, table: str) -> None:
+    """Replaces the text between `<!-- results:smollm2-curve -->` and its closing marker."""
+    text = Path(md_path).read_text()
+    start, end = f"<!-- results:{MARKER} -->", f"<!-- /results:{MARKER} -->"
+    if start not in text or end not in text:
+        raise ValueError(f"{md_path} has no {start} ... {end} markers")
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    Path(md_path).write_text(pattern.sub(lambda _: f"{start}\n{table}\n{end}", text))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from infer.common import USER_ERRORS, fail, write_json
+
+    try:
+        report = measure(args)
+        table = _format(report["rows"], args.corpus)
+        if args.results_md:
+            render(args.results_md, table)
+    except USER_ERRORS as e:
+        return fail(e)
+    print(table)
+    if args.json:
+        write_json(args.json, report)
+    if args.plot:
+        _plot(report, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
