@@ -17,7 +17,6 @@ checkpoints (same architecture, same shapes), so each extra checkpoint costs onl
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
@@ -160,13 +159,10 @@ def _plot(report: dict, path: str) -> None:
 
 
 def render(md_path: str, table: str) -> None:
-    """Replaces the text between `<!-- results:smollm2-curve -->` and its closing marker."""
-    text = Path(md_path).read_text()
-    start, end = f"<!-- results:{MARKER} -->", f"<!-- /results:{MARKER} -->"
-    if start not in text or end not in text:
-        raise ValueError(f"{md_path} has no {start} ... {end} markers")
-    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
-    Path(md_path).write_text(pattern.sub(lambda _: f"{start}\n{table}\n{end}", text))
+    """Writes `table` between the `<!-- results:smollm2-curve -->` markers of `md_path`."""
+    from infer.common import replace_marked
+
+    Path(md_path).write_text(replace_marked(Path(md_path).read_text(), MARKER, table, md_path))
 
 
 def main(argv=None) -> int:

@@ -49,3 +49,13 @@ def prompt_set(kind: str, checkpoint: str | Path, bundle, n: int, prompt_len: in
     if kind == "chat":
         return encoded_chat_prompts(locate_checkpoint(checkpoint)[2], "heldout", n)
     return data.heldout_prompts(bundle.config, bundle.tokenizer, n, prompt_len)
+
+
+def replace_marked(text: str, name: str, body: str, where: str = "the document") -> str:
+    """`text` with what lies between `<!-- results:NAME -->` and `<!-- /results:NAME -->` replaced by `body` (how
+    docs/RESULTS.md is rendered from measurements: nothing between markers is typed by hand)."""
+    start, end = f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
+    if start not in text or end not in text:
+        raise ValueError(f"{where} lacks the markers {start} ... {end}")
+    head, rest = text.split(start, 1)
+    return head + start + "\n" + body + "\n" + end + rest.split(end, 1)[1]

@@ -189,13 +189,11 @@ def render_sections(docs: Path) -> dict[str, str]:
 def render(docs: Path, template: Path = TEMPLATE) -> Path:
     """Replaces the text between `<!-- results:NAME -->` and `<!-- /results:NAME -->` in the template with the
     rendered sections and writes DOCS/RESULTS.md (the template itself when DOCS is docs/)."""
+    from infer.common import replace_marked
+
     text = template.read_text()
     for name, body in render_sections(docs).items():
-        start, end = f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
-        if start not in text or end not in text:
-            raise ValueError(f"{template} lacks the markers {start} ... {end}")
-        head, rest = text.split(start, 1)
-        text = head + start + "\n" + body + "\n" + end + rest.split(end, 1)[1]
+        text = replace_marked(text, name, body, str(template))
     out = docs / "RESULTS.md"
     out.write_text(text)
     return out
