@@ -59,3 +59,16 @@ def replace_marked(text: str, name: str, body: str, where: str = "the document")
         raise ValueError(f"{where} lacks the markers {start} ... {end}")
     head, rest = text.split(start, 1)
     return head + start + "\n" + body + "\n" + end + rest.split(end, 1)[1]
+
+
+def report_main(args, compute, format_report) -> int:
+    """The body of a measuring CLI: `report = compute(args)` (exit 2 with one line on bad input), print
+    `format_report(report)`, write --json when given; returns the exit code."""
+    try:
+        report = compute(args)
+    except USER_ERRORS as e:
+        return fail(e)
+    print(format_report(report))
+    if getattr(args, "json", None):
+        write_json(args.json, report)
+    return 0

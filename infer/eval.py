@@ -169,16 +169,9 @@ def format_report(report: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from infer.common import USER_ERRORS, fail, write_json
+    from infer.common import report_main
 
-    try:
-        report = evaluate_checkpoint(args)
-    except USER_ERRORS as e:
-        return fail(e)
-    print(format_report(report))
-    if args.json:
-        write_json(args.json, report)
-    return 0
+    return report_main(args, evaluate_checkpoint, format_report)
 
 
 if __name__ == "__main__":
