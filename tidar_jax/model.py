@@ -24,8 +24,13 @@ from flax import nnx
 from tidar_jax.adapters import MASK_EMBED, LowRankAdapter, gated
 from tidar_jax.config import ModelConfig
 from tidar_jax.kv_cache import KVCache
+from tidar_jax.ops import cached_attention
 
 Array = jax.Array
+
+# model.attention_impl -> jax.nn.dot_product_attention's implementation ("xla_reference" differs from "xla" only
+# with a KV cache, where "xla" uses ops.cached_attention).
+_JAX_ATTENTION_IMPL = {"xla": "xla", "xla_reference": "xla", "cudnn": "cudnn"}
 
 
 def _param(rngs: nnx.Rngs, init: Callable, shape: tuple[int, ...], axes: tuple[str | None, ...],
@@ -76,6 +81,10 @@ def _write_rows(buffer: Array, new: Array, start: Array) -> Array:
     The caller guarantees start + n <= max_len (dynamic_update_slice would otherwise clamp the start).
     """
     zero = jnp.zeros((), jnp.int32)
+    if buffer.shape[0] == 1:
+        # One plain update: XLA turns the batch-1 vmap (a scatter) into a select that also reads the old rows,
+        # and a read before the in-place write makes it copy the whole buffer.
+        return jax.lax.dynamic_update_slice(buffer, new, (zero, start[0].astype(jnp.int32), zero, zero))
     return jax.vmap(lambda b, n, s: jax.lax.dynamic_update_slice(b, n, (s, zero, zero)))(buffer, new, start)
 
 
@@ -131,8 +140,21 @@ class Attention(nnx.Module):
         q = rotary_embedding(q, positions, cfg.rope_theta)
         k = rotary_embedding(k, positions, cfg.rope_theta)
         if cache_kv is None:
-            keys, values, new_cache = k, v, None
-        else:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :],
+                                               implementation=_JAX_ATTENTION_IMPL[cfg.attention_impl])
+            new_cache = None
+        elif cfg.attention_impl == "xla":
+            # Write first, then attend to the written cache and the current block separately (ops/attention.py).
+            # The mask hides the written slots' cache columns (they lie at or past every reading row's cursor), so
+            # this equals attending to the old cache; reading the old buffers before an in-place write instead makes
+            # XLA copy every cache buffer (twice on CPU) on each step.
+            cache_k, cache_v = cache_kv
+            if n_write > 0:
+                cache_k = _write_rows(cache_k, k[:, :n_write].astype(cache_k.dtype), write_start)
+                cache_v = _write_rows(cache_v, v[:, :n_write].astype(cache_v.dtype), write_start)
+            new_cache = (cache_k, cache_v)
+            out = cached_attention(q, k, v, cache_k, cache_v, mask)
+        else:  # the reference: attend to [old cache | current] concatenated, then write
             cache_k, cache_v = cache_kv
             keys = jnp.concatenate([cache_k.astype(k.dtype), k], axis=1)
             values = jnp.concatenate([cache_v.astype(v.dtype), v], axis=1)
@@ -140,8 +162,8 @@ class Attention(nnx.Module):
             if n_write > 0:
                 new_cache = (_write_rows(cache_k, k[:, :n_write].astype(cache_k.dtype), write_start),
                              _write_rows(cache_v, v[:, :n_write].astype(cache_v.dtype), write_start))
-        out = jax.nn.dot_product_attention(q, keys, values, mask=mask[:, None, :, :],
-                                           implementation=cfg.attention_impl)
+            out = jax.nn.dot_product_attention(q, keys, values, mask=mask[:, None, :, :],
+                                               implementation=_JAX_ATTENTION_IMPL[cfg.attention_impl])
         projected = jnp.einsum("bshk,hkd->bsd", out, self.o_proj[...].astype(out.dtype))
         return gated(projected, out, self.o_adapter, gate), new_cache
 

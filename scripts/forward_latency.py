@@ -1,0 +1,112 @@
+"""Latency of one cached decode forward of a checkpoint, for attention implementations compared side by side.
+
+Each case is (batch, query tokens, cache slots): the query tokens are a decode step's (1 = an AR step, K + K*K = a
+TiDAR step at block size K, with its mask and positions from `masks.py`) at cursor `--prefix` over a cache of
+`--slots` slots holding random K/V; the forward is `forward_hidden` plus the LM head on the rows a decode step reads
+(1 row for AR, 2K for TiDAR), jitted with the cache donated, as `decode.decode_step` runs it. Every case and
+attention implementation is compiled and run once, then `--repeats` rounds time all of them in alternating order
+(load on a shared machine moves every variant alike); the table shows medians and the ratio to the 1-token
+forward of the same batch and implementation.
+
+    python scripts/forward_latency.py --checkpoint runs/smollm2 --impls xla cached_xla --cases 1x1 1x20 16x1
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tidar_jax import masks
+from tidar_jax.checkpoint import load_for_inference
+from tidar_jax.kv_cache import init_cache
+from tidar_jax.model import create_model, forward_hidden, head_logits
+
+
+def _block_size(query_tokens: int) -> tuple[int, bool]:
+    """(K, with proposals) for a step of `query_tokens` = 1 (AR) or K + K*K (TiDAR)."""
+    if query_tokens == 1:
+        return 1, False
+    for k in range(2, 64):
+        if k + k * k == query_tokens:
+            return k, True
+    raise SystemExit(f"query tokens must be 1 or K + K*K (6, 12, 20, 30, ...), got {query_tokens}")
+
+
+def make_step(graphdef, query_tokens: int):
+    k, proposals = _block_size(query_tokens)
+
+    def step(params, cache, tokens):
+        positions = masks.step_positions(cache.cursor, k, proposals)
+        mask = masks.with_cache(cache.valid_slots(), masks.step_mask(k, proposals))
+        hidden, cache = forward_hidden(graphdef, params, tokens, positions, mask, cache, cache.cursor, n_write=k)
+        rows = hidden if not proposals else jnp.concatenate([hidden[:, :k], hidden[:, k::k]], axis=1)
+        return head_logits(graphdef, params, rows), cache
+
+    return jax.jit(step, donate_argnums=1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", default="runs/smollm2")
+    p.add_argument("--impls", nargs="+", default=["xla"], help="model.attention_impl values to compare")
+    p.add_argument("--cases", nargs="+", default=["1x1", "1x20", "16x1"], help="BATCHxQUERY_TOKENS")
+    p.add_argument("--slots", type=int, default=392, help="cache slots (max_len)")
+    p.add_argument("--prefix", type=int, default=300, help="committed tokens (cursor)")
+    p.add_argument("--repeats", type=int, default=7)
+    args = p.parse_args(argv)
+
+    bundle = load_for_inference(args.checkpoint)
+    cfg = bundle.config.model
+    params = bundle.params
+    graphdefs = {}
+    for impl in args.impls:
+        icfg = dataclasses.replace(cfg, attention_impl=impl)
+        graphdefs[impl] = nnx.split(nnx.eval_shape(lambda c=icfg: create_model(c)))[0]
+    rng = np.random.default_rng(0)
+    runners = {}
+    for case in args.cases:
+        batch, q = (int(x) for x in case.split("x"))
+        tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, (batch, q)), jnp.int32)
+        for impl, graphdef in graphdefs.items():
+            cache = init_cache(cfg, batch, args.slots)
+            cache = cache.replace(
+                keys=tuple(jnp.asarray(rng.standard_normal(x.shape), x.dtype) for x in cache.keys),
+                values=tuple(jnp.asarray(rng.standard_normal(x.shape), x.dtype) for x in cache.values),
+                cursor=jnp.full((batch,), args.prefix, jnp.int32))
+            holder = {"cache": cache, "step": make_step(graphdef, q), "tokens": tokens}
+
+            def run(h=holder):
+                logits, h["cache"] = h["step"](params, h["cache"], h["tokens"])
+                return logits
+            runners[(batch, q, impl)] = run
+    names = list(runners)
+    for name in names:  # compile; the second call compiles again for the placement of the returned cache
+        for _ in range(2):
+            jax.block_until_ready(runners[name]())
+    times = {name: [] for name in names}
+    for r in range(args.repeats):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            t0 = time.perf_counter()
+            jax.block_until_ready(runners[name]())
+            times[name].append(1e3 * (time.perf_counter() - t0))
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    print(f"{args.checkpoint}: {args.slots} cache slots, cursor {args.prefix}, median of {args.repeats} (ms)")
+    print(f"{'batch':>5} {'query':>5} {'impl':>12} {'median':>9} {'min':>9} {'vs 1 token':>10}")
+    for (batch, q, impl) in names:
+        base = med.get((batch, 1, impl))
+        ratio = f"{med[(batch, q, impl)] / base:.2f}x" if base else ""
+        print(f"{batch:>5} {q:>5} {impl:>12} {med[(batch, q, impl)]:>9.1f} {min(times[(batch, q, impl)]):>9.1f} "
+              f"{ratio:>10}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Attention over a read-only KV cache plus the current block, without concatenating `[cache | current]`.
+
+A cached forward of `t` query tokens over an `S`-slot cache used to build keys = concatenate([cache_k, k]) in every
+layer and call `jax.nn.dot_product_attention` on them. On CPU that costs far more than the attention itself: XLA
+materialises the concatenation transposed to `[b, kv, d, S + t]` (a copy of the whole cache per layer, at a few
+GB/s), and since the old buffers are read before the in-place write of the new K/V, XLA CPU also copies every cache
+buffer twice per step (an optimization barrier does not prevent it). The model therefore writes first and then
+calls this op on the written cache (the mask hides the written slots' cache columns). `cached_attention` scores
+the cache where it lies and the current block
+separately and merges the two parts with one shared max (the log-sum-exp merge of the two partial softmaxes). The
+result equals `jax.nn.dot_product_attention(q, [cache_k | k], [cache_v | v], mask)` (implementation "xla") up to
+float reassociation, including its handling of masked keys (a large finite negative logit, so a row with every key
+masked averages all values as the reference does).
+
+Grouped-query attention never repeats K/V: the `h = kv * g` query heads are viewed as `[kv, g]`. Two ways of
+multiplying by the cache are implemented:
+
+- "grouped": einsums with batch dims (b, kv) over the cache in its `[b, S, kv, d]` layout. No wasted FLOPs; XLA may
+  lay out (transpose) the cache for the dot. Used when the query block is long (a TiDAR step, prefill).
+- "dense": the cache as one `[b, S, kv*d]` matrix times a block-diagonal `[kv*d, kv*g*t]` query matrix (scores) and
+  `P^T [b, kv*g*t, S] @ V [b, S, kv*d]` whose diagonal blocks are the outputs. One plain batched matmul per part that
+  reads the cache once in place, at `kv` times the FLOPs of the useful blocks; for a few query rows (an AR step, a
+  batch of decode rows) the cache read dominates and the extra FLOPs are free.
+
+`"auto"` picks "dense" when `kv * g * t` (the query columns per batch row) is at most `DENSE_MAX_COLUMNS`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+FORMULATIONS = ("auto", "grouped", "dense")
+# Query columns (heads x query tokens) per batch row up to which "auto" uses the dense block-diagonal form.
+DENSE_MAX_COLUMNS = 64
+
+
+def _large_negative() -> float:
+    """The masked-logit value of `jax.nn.dot_product_attention` for float32 logits."""
+    return -0.7 * float(np.finfo(np.float32).max)
+
+
+def _scale(head_dim: int, scale: float | None) -> float:
+    return head_dim ** -0.5 if scale is None else scale
+
+
+def _grouped_scores(qg: Array, keys: Array) -> Array:
+    """qg: [b, t, kv, g, d]; keys: [b, s, kv, d] -> float32 logits [b, kv, g, t, s]."""
+    return jnp.einsum("btkgd,bskd->bkgts", qg, keys, preferred_element_type=jnp.float32)
+
+
+def _grouped_values(probs: Array, values: Array) -> Array:
+    """probs: [b, kv, g, t, s]; values: [b, s, kv, d] -> float32 [b, kv, g, t, d]."""
+    return jnp.einsum("bkgts,bskd->bkgtd", probs, values, preferred_element_type=jnp.float32)
+
+
+def _block_diagonal_queries(qg: Array) -> Array:
+    """qg: [b, t, kv, g, d] -> [b, kv, d, kv*g*t] with qg's (k, g, t) columns in row block k and zeros elsewhere."""
+    b, t, kv, g, d = qg.shape
+    cols = jnp.transpose(qg, (0, 4, 2, 3, 1))[:, None]  # [b, 1, d, k, g, t]
+    eye = jnp.eye(kv, dtype=qg.dtype)[None, :, None, :, None, None]  # [1, j, 1, k, 1, 1]
+    return (cols * eye).reshape(b, kv, d, kv * g * t)
+
+
+# The dense matmuls contract the cache as it lies ([b, S, kv, d], never reshaped) and take it as the operand XLA
+# CPU can read in place. Which arrangement achieves that differs at batch 1, where XLA drops the batch dim and
+# otherwise keeps extra copies of the just-written cache buffer; the batch-1 forms still transpose each layer's
+# cache once (cheap at batch 1), the batched forms read it in place (see tests/test_ops_attention.py, HLO check).
+
+
+def _dense_scores(qg: Array, keys: Array) -> Array:
+    """Like `_grouped_scores` via one [S, kv*d] @ [kv*d, kv*g*t] matmul per batch row (block-diagonal queries)."""
+    b, t, kv, g, d = qg.shape
+    s = keys.shape[1]
+    q_blocks = _block_diagonal_queries(qg)
+    if b == 1:
+        logits = jnp.einsum("bsjd,bjdx->bsx", keys, q_blocks, preferred_element_type=jnp.float32)
+    else:
+        logits = jax.lax.dot_general(keys, q_blocks, (((2, 3), (1, 2)), ((0,), (0,))),
+                                     preferred_element_type=jnp.float32)  # [b, S, kv*g*t]
+    return jnp.transpose(logits.reshape(b, s, kv, g, t), (0, 2, 3, 4, 1))
+
+
+def _dense_values(probs: Array, values: Array) -> Array:
+    """Like `_grouped_values` via one [kv*g*t, S] @ [S, kv*d] matmul per batch row, keeping the diagonal blocks
+    (by static slices: a contraction with the identity makes XLA transpose the cache for the matmul)."""
+    b, kv, g, t, s = probs.shape
+    d = values.shape[-1]
+    p = probs.reshape(b, kv * g * t, s)
+    if b == 1:
+        full = jax.lax.dot_general(values, p, (((1,), (2,)), ((0,), (0,))),
+                                   preferred_element_type=jnp.float32)  # [b, kv, d, kv*g*t]
+        blocks = [full[:, j, :, j * g * t:(j + 1) * g * t] for j in range(kv)]  # kv x [b, d, g*t]
+        return jnp.transpose(jnp.stack(blocks, axis=1).reshape(b, kv, d, g, t), (0, 1, 3, 4, 2))
+    full = jax.lax.dot_general(p, values, (((2,), (1,)), ((0,), (0,))),
+                               preferred_element_type=jnp.float32)  # [b, kv*g*t, kv, d]
+    full = full.reshape(b, kv, g * t, kv, d)
+    return jnp.stack([full[:, j, :, j] for j in range(kv)], axis=1).reshape(b, kv, g, t, d)
+
+
+def cached_attention(q: Array, k: Array, v: Array, cache_k: Array, cache_v: Array, mask: Array, *,
+                     scale: float | None = None, formulation: str = "auto") -> Array:
+    """Attention of the current block over `[cache slots | current tokens]` without concatenating them.
+
+    q: [b, t, h, d]; k, v: [b, t, kv, d] (the current tokens' keys / values); cache_k, cache_v: [b, S, kv, d]
+    (read only; S may be 0); mask: [b or 1, t, S + t] bool, cache columns first, True = may attend; h % kv == 0.
+    scale defaults to d ** -0.5. Logits and softmax are float32; probabilities are cast to the value dtype for the
+    value matmuls, as `jax.nn.dot_product_attention` does. Returns [b, t, h, d] in q's dtype.
+    """
+    if formulation not in FORMULATIONS:
+        raise ValueError(f"formulation must be one of {FORMULATIONS}, got {formulation!r}")
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    if h % kv:
+        raise ValueError(f"query heads ({h}) must be a multiple of kv heads ({kv})")
+    g = h // kv
+    s = cache_k.shape[1]
+    if mask.shape[-2:] != (t, s + t):
+        raise ValueError(f"mask must be [b or 1, {t}, {s + t}], got {mask.shape}")
+    cache_k, cache_v = cache_k.astype(k.dtype), cache_v.astype(v.dtype)
+    if formulation == "auto":
+        formulation = "dense" if kv * g * t <= DENSE_MAX_COLUMNS else "grouped"
+    scores_fn, values_fn = ((_dense_scores, _dense_values) if formulation == "dense"
+                            else (_grouped_scores, _grouped_values))
+    qg = q.reshape(b, t, kv, g, d)
+    sc = _scale(d, scale)
+    neg = jnp.asarray(_large_negative(), jnp.float32)
+    mask = mask[:, None, None]  # [b or 1, 1, 1, t, S + t]
+    local = jnp.where(mask[..., s:], _grouped_scores(qg, k) * sc, neg)  # [b, kv, g, t, t]
+    top = jnp.max(local, axis=-1, keepdims=True)
+    if s:
+        cached = jnp.where(mask[..., :s], scores_fn(qg, cache_k) * sc, neg)  # [b, kv, g, t, S]
+        top = jnp.maximum(top, jnp.max(cached, axis=-1, keepdims=True))
+    top = jax.lax.stop_gradient(top)
+    p_local = jnp.exp(local - top)
+    denom = jnp.sum(p_local, axis=-1, keepdims=True)
+    out = _grouped_values(p_local.astype(v.dtype), v)
+    if s:
+        p_cached = jnp.exp(cached - top)
+        denom = denom + jnp.sum(p_cached, axis=-1, keepdims=True)
+        out = out + values_fn(p_cached.astype(v.dtype), cache_v)
+    out = out / denom  # [b, kv, g, t, d]
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, h, d).astype(q.dtype)
