@@ -355,16 +355,19 @@ def _assert_cache_close(got, want, cursor):
                 np.testing.assert_allclose(g[b, :c], w[b, :c], atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("prompts,block_size", [(RAGGED, 1), (RAGGED, 2), (RAGGED, 3), (RAGGED, 4),
-                                                ([[3, 4, 5, 6, 7]], 2), ([[9, 8, 7]], 4)],
-                         ids=["ragged3-K1", "ragged3-K2", "ragged3-K3", "ragged3-K4", "batch1-K2", "batch1-K4"])
-def test_head_on_read_rows_equals_full_logits_reference(cfg, trained_params, prompts, block_size):
+@pytest.mark.parametrize("prompts,block_size,split_head", [
+    (RAGGED, 1, True), (RAGGED, 2, True), (RAGGED, 3, True), (RAGGED, 4, True), ([[3, 4, 5, 6, 7]], 2, True),
+    ([[9, 8, 7]], 4, True), (RAGGED, 4, False), ([[3, 4, 5, 6, 7]], 3, False)],
+    ids=["ragged3-K1", "ragged3-K2", "ragged3-K3", "ragged3-K4", "batch1-K2", "batch1-K4", "ragged3-K4-one-pass",
+         "batch1-K3-one-pass"])
+def test_head_on_read_rows_equals_full_logits_reference(cfg, trained_params, prompts, block_size, split_head):
     """Greedy TiDAR at beta 1 and 0.5: after the prefill and after each of 5 steps the drafts (t_a and the next
     guesses), accepted lengths and cursors equal the full-logits reference, and the cache holds the same K/V (the
-    prefill's included, written without attending to the empty cache)."""
+    prefill's included, written without attending to the empty cache). Both step heads: split (two passes on the
+    3K-1 read rows) and one pass on every row (small steps)."""
     graphdef, params = trained_params
     k, mask_id = block_size, cfg.model.mask_token_id
-    spec = decode.DecodeSpec.create("tidar", k, True, 32, cfg.model)
+    spec = decode.DecodeSpec.create("tidar", k, True, 32, cfg.model, split_head_min_rows=0 if split_head else 10**9)
     prefill = jax.jit(functools.partial(decode.prefill, graphdef, spec=spec))
     step = jax.jit(functools.partial(decode.decode_step, graphdef, spec=spec))
     bucket = 16 if max(map(len, prompts)) > 8 else 8
