@@ -8,7 +8,7 @@
 #
 #   bash scripts/demo.sh                                 # runs/smollm2 (import), runs/smollm2-tidar (adapted)
 #   WORKDIR=runs/t2 bash scripts/demo.sh train.steps=400  # extra args are config overrides for the adaptation
-#   CHAT=512 CORPUS=128 bash scripts/demo.sh              # more distillation prompts (defaults 192 / 64)
+#   CHAT=512 CORPUS=128 STEPS=400 bash scripts/demo.sh    # more distillation prompts (defaults 192 / 64) and steps (150)
 #
 # Every stage resumes: the import, the distillation file and the training run are reused when present, so an
 # interrupted demo continues where it stopped and a finished one only re-runs the answers and the benchmark.
@@ -34,7 +34,7 @@ $PY -m train.distill --checkpoint "$BASE" --out "$DISTILL" --chat "${CHAT:-192}"
 
 echo "== 3/6 TiDAR adaptation (configs/smollm2-tidar.yaml) -> $WORKDIR"
 $PY -m train.train --config configs/smollm2-tidar.yaml --workdir "$WORKDIR" "train.init_from=$BASE" \
-    "data.paths=[$DISTILL]" "$@"
+    "data.paths=[$DISTILL]" "train.steps=${STEPS:-150}" "$@"
 
 echo "== 4/6 answer with TiDAR (beta = 1, greedy: must equal AR below)"
 $PY -m infer.generate --checkpoint "$WORKDIR" --chat --prompt "$PROMPT" --max-new-tokens 96 --mode tidar
