@@ -60,7 +60,8 @@ def test_ar_path_is_bit_identical_to_the_base_model(models):
     assert float(jnp.max(jnp.abs(joint0[:, S:] - joint1[:, S:]))) > 1e-2
 
 
-def test_two_pass_drafting_loss_equals_the_joint_forward(models):
+@pytest.mark.parametrize("chunk_rows", [0, 5])  # 5: ops.row_ce over row chunks (last one padded)
+def test_two_pass_drafting_loss_equals_the_joint_forward(models, chunk_rows):
     _, _, _, cfg, g1, p1 = models
     tokens = _tokens(seed=1)
     valid = jnp.ones(tokens.shape, bool).at[1, 11:].set(False)  # a padded row
@@ -73,7 +74,7 @@ def test_two_pass_drafting_loss_equals_the_joint_forward(models):
         return losses.diffusion_terms(logits[:, S:], tokens, valid, cfg.block_size)
 
     def two_pass(params):
-        return diffusion_metrics(g1, params, tokens, valid, cfg)
+        return diffusion_metrics(g1, params, tokens, valid, cfg, chunk_rows)
 
     ref, got = jax.jit(joint)(p1), jax.jit(two_pass)(p1)
     for key in ("diff_loss", "diff_accuracy", "diff_count", "diff_slot_accuracy"):

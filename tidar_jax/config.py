@@ -111,6 +111,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     init_from: str = ""
     adaptation: str = "full"
+    loss_chunk_rows: int = 0  # > 0: CE from hidden states in chunks of this many rows (ops.row_ce); 0: dense
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,7 @@ def validate(cfg: Config) -> Config:
     _require(d.separator_token_id == -1 or 0 <= d.separator_token_id < m.vocab_size,
              f"data.separator_token_id ({d.separator_token_id}) must be -1 (resolved from the tokenizer) or a token "
              f"id inside the vocabulary [0, {m.vocab_size})")
+    _require(t.loss_chunk_rows >= 0, f"train.loss_chunk_rows must be >= 0, got {t.loss_chunk_rows}")
     _require(t.alpha >= 0, f"train.alpha must be >= 0, got {t.alpha}")
     _require(t.steps > 0, f"train.steps must be positive, got {t.steps}")
     _require(t.learning_rate > 0, f"train.learning_rate must be positive, got {t.learning_rate}")

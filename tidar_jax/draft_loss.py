@@ -17,7 +17,7 @@ from flax import nnx
 from tidar_jax import losses, masks
 from tidar_jax.config import ModelConfig
 from tidar_jax.kv_cache import init_cache
-from tidar_jax.model import forward_hidden, head_logits
+from tidar_jax.model import forward_hidden, head_logits, head_weight
 
 Array = jax.Array
 
@@ -46,13 +46,17 @@ def clean_cache(graphdef: nnx.GraphDef, params: nnx.State | dict, tokens: Array,
 
 
 def diffusion_metrics(graphdef: nnx.GraphDef, params: nnx.State | dict, tokens: Array, valid: Array,
-                      cfg: ModelConfig) -> dict[str, Array]:
+                      cfg: ModelConfig, chunk_rows: int = 0) -> dict[str, Array]:
     """`losses.diffusion_terms` metrics (diff_loss, diff_accuracy, diff_count, diff_slot_accuracy [K]) of
-    tokens, valid: [batch, S], with no gradient through the clean pass (see module docstring)."""
+    tokens, valid: [batch, S], with no gradient through the clean pass (see module docstring); `chunk_rows > 0`
+    computes the CE in row chunks (`ops.row_ce`) instead of forming the [batch, S, vocab] logits."""
     batch, seq = tokens.shape
     cache = jax.lax.stop_gradient(clean_cache(graphdef, params, tokens, valid, cfg))
     positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32)[None], (batch, seq))
     queries = jnp.full_like(tokens, cfg.mask_token_id)
     hidden, _ = forward_hidden(graphdef, params, queries, positions, mask_block_mask(seq, cfg.block_size, valid),
                                cache, None, n_write=0)
+    if chunk_rows > 0:
+        return losses.diffusion_terms_from_hidden(hidden, head_weight(graphdef, params), tokens, valid,
+                                                  cfg.block_size, cfg.compute_dtype, chunk_rows)
     return losses.diffusion_terms(head_logits(graphdef, params, hidden), tokens, valid, cfg.block_size)

@@ -253,13 +253,17 @@ class Transformer(nnx.Module):
         new_cache = None if cache is None else cache.replace(keys=tuple(new_keys), values=tuple(new_values))
         return self.final_norm(x), new_cache
 
+    def head_weight(self) -> Array:
+        """The LM head matrix [d_model, vocab] (the embedding's transpose when tied), in the param dtype."""
+        return self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+
     def logits(self, hidden: Array) -> Array:
         """LM head: hidden [..., d_model] -> float32 logits [..., vocab] (tied to the embedding when configured).
 
         Applied to any subset of rows it gives exactly those rows of the full-sequence logits, so callers may run
         it only on the rows they read."""
         cd = jnp.dtype(self.cfg.compute_dtype)
-        head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+        head = self.head_weight()
         logits = jnp.einsum("...d,dv->...v", hidden.astype(cd), head.astype(cd), preferred_element_type=jnp.float32)
         return logits.astype(jnp.float32)
 
@@ -298,6 +302,11 @@ def forward_hidden(graphdef: nnx.GraphDef, params: nnx.State, tokens: Array, pos
 def head_logits(graphdef: nnx.GraphDef, params: nnx.State, hidden: Array) -> Array:
     """LM head of the model: hidden [..., d_model] -> float32 logits [..., vocab] (see `Transformer.logits`)."""
     return nnx.merge(graphdef, params).logits(hidden)
+
+
+def head_weight(graphdef: nnx.GraphDef, params: nnx.State) -> Array:
+    """The LM head matrix [d_model, vocab] of the model (see `Transformer.head_weight`), for `ops.row_ce`."""
+    return nnx.merge(graphdef, params).head_weight()
 
 
 def count_params(params: nnx.State) -> int:

@@ -39,7 +39,7 @@ from tidar_jax.config import Config, ConfigError
 from tidar_jax.data import make_eval_batches, make_train_iterator
 from tidar_jax.draft_loss import diffusion_metrics
 from tidar_jax.metrics_log import MetricsLog
-from tidar_jax.model import forward
+from tidar_jax.model import forward, forward_hidden, head_weight
 from tidar_jax.optim import learning_rate_schedule, make_optimizer, opt_state_shardings
 from tidar_jax.sharding import (BATCH_AXES, abstract_model, batch_sharding, batch_shards, init_sharded_model,
                                 make_global_batch, make_mesh, param_shardings, replicated)
@@ -57,10 +57,21 @@ def objective_metrics(graphdef: nnx.GraphDef, params: dict, tokens: Array, valid
         inputs = masks.training_inputs(tokens, m.mask_token_id)
         positions = jnp.broadcast_to(masks.training_positions(seq)[None], inputs.shape)
         mask = masks.with_key_padding(masks.training_mask(seq, m.block_size), jnp.concatenate([valid, valid], 1))
-        logits, _ = forward(graphdef, params, inputs, positions, mask)
+    else:
+        inputs = tokens
+        positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32)[None], (batch, seq))
+        mask = masks.with_key_padding(masks.causal_mask(seq), valid)
+    chunk = cfg.train.loss_chunk_rows
+    if chunk > 0:  # CE straight from hidden states, never the full [batch, rows, vocab] logits (ops.row_ce)
+        hidden, _ = forward_hidden(graphdef, params, inputs, positions, mask)
+        head = head_weight(graphdef, params)
+        if objective == "tidar":
+            return losses.tidar_loss_from_hidden(hidden, head, tokens, valid, m.block_size, cfg.train.alpha,
+                                                 m.compute_dtype, chunk)[1]
+        return losses.ar_loss_from_hidden(hidden, head, tokens, valid, m.compute_dtype, chunk)[1]
+    logits, _ = forward(graphdef, params, inputs, positions, mask)
+    if objective == "tidar":
         return losses.tidar_loss(logits, tokens, valid, m.block_size, cfg.train.alpha)[1]
-    positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32)[None], (batch, seq))
-    logits, _ = forward(graphdef, params, tokens, positions, masks.with_key_padding(masks.causal_mask(seq), valid))
     return losses.ar_loss(logits, tokens, valid)[1]
 
 
@@ -79,7 +90,7 @@ def weighted_loss(graphdef: nnx.GraphDef, params: dict, tokens: Array, valid: Ar
     """
     ar_total, diff_total = totals
     if cfg.train.adaptation == "adapters":  # the AR path is frozen: only the drafting loss has a gradient
-        metrics = diffusion_metrics(graphdef, params, tokens, valid, cfg.model)
+        metrics = diffusion_metrics(graphdef, params, tokens, valid, cfg.model, cfg.train.loss_chunk_rows)
         diff = metrics["diff_loss"] * (metrics["diff_count"] / jnp.maximum(diff_total, 1.0))
         return diff, {"loss": diff, "diff_loss": diff}
     metrics = objective_metrics(graphdef, params, tokens, valid, cfg, cfg.train.objective)
