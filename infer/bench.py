@@ -60,11 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--plot-dir", metavar="DIR", help="write bench_speedup.png and bench_latency.png here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    for name in ("repeats", "latency_repeats", "prompt_len", "max_new_tokens"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if min(args.batch_sizes) < 1:
-        parser.error("--batch-sizes must be >= 1")
+    from infer.common import require_at_least
+
+    require_at_least(parser, args, repeats=1, latency_repeats=1, prompt_len=1, max_new_tokens=1, batch_sizes=1,
+                     block_sizes=1, latency_prefixes=1, latency_queries=1)
     return args
 
 

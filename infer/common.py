@@ -27,6 +27,16 @@ def fail(error: Exception) -> int:
     return 2
 
 
+def require_at_least(parser, args, **minimums: int) -> None:
+    """Exits 2 (argparse's one-line usage error) naming the flag when an int option given on the command line is
+    below its minimum, e.g. `require_at_least(parser, args, num_prompts=0, max_new_tokens=1)`; unset ones pass."""
+    for name, low in minimums.items():
+        value = getattr(args, name)
+        for v in value if isinstance(value, list) else [value]:
+            if v is not None and v < low:
+                parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {v}")
+
+
 def decode_room(dec, prompt_len: int, max_new_tokens: int, block_size: int):
     """`dec` (a DecodeConfig) with block size K, a prompt bucket that fits `prompt_len` and a cache large enough for
     prompt + `max_new_tokens` + two blocks, so that no row stops early for lack of room."""

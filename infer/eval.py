@@ -26,6 +26,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True,
                         help="a training WORKDIR (its latest step), its checkpoints/ directory or one step directory")
+    parser.add_argument("--step", type=int, help="load this saved step instead of the latest (e.g. after a "
+                                                 "corrupt save)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to this file")
     parser.add_argument("--eval-batches", type=int, default=16,
                         help="held-out batches of data.global_batch_size x data.seq_len tokens (fewer if the "
@@ -48,7 +50,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", metavar="section.field=value",
                         help="mesh.*, decode.*, data.corpus and data.paths overrides, e.g. mesh.tensor=2 "
                              "decode.max_cache_len=1024 data.corpus=bbc-news (held-out text of another corpus)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    from infer.common import require_at_least
+
+    require_at_least(parser, args, eval_batches=0, batch_size=1, num_prompts=0, prompt_len=1, max_new_tokens=1,
+                     samples=0, block_size=1)
+    return args
 
 
 def _check_overrides(args: argparse.Namespace) -> None:
@@ -91,7 +98,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     from infer.common import decode_room, prompt_set
     from tidar_jax import data, evaluation
     from tidar_jax.benchmark import device_info
-    from tidar_jax.checkpoint import load_for_inference
+    from tidar_jax.checkpoint import load_for_inference, step_path
     from tidar_jax.config import ConfigError
     from tidar_jax.generation import Generator
     from tidar_jax.model import count_params
@@ -99,7 +106,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
 
     mesh_cfg = _mesh_config(args)
     mesh = make_mesh(mesh_cfg)
-    bundle = load_for_inference(args.checkpoint, mesh)
+    bundle = load_for_inference(step_path(args.checkpoint, args.step), mesh)
     cfg = _effective_config(bundle.config, args, mesh_cfg)
     if bundle.tokenizer is None:
         raise ConfigError(f"{args.checkpoint} has no tokenizer.json next to its checkpoints; held-out data needs it")

@@ -43,10 +43,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="draft block size K (default: the trained one; another K needs the next flag)")
     parser.add_argument("--allow-block-size-mismatch", action="store_true",
                         help="decode with a block size other than the one the model was trained with")
+    parser.add_argument("--step", type=int, help="load this saved step instead of the latest (e.g. after a "
+                                                 "corrupt save)")
     parser.add_argument("--json", action="store_true", help="print one JSON object with tokens and statistics")
     parser.add_argument("overrides", nargs="*", metavar="decode.field=value",
                         help="decode config overrides, e.g. decode.max_cache_len=1024 decode.prompt_buckets=[32,256]")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    from infer.common import require_at_least
+
+    require_at_least(parser, args, max_new_tokens=1, block_size=1, top_k=0)
+    if args.temperature is not None and args.temperature < 0:
+        parser.error(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    return args
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -105,10 +115,10 @@ class _TextStream:
 
 def run(args: argparse.Namespace) -> dict:
     """Loads the checkpoint, generates, streams unless --json; returns the JSON summary."""
-    from tidar_jax.checkpoint import load_for_inference
+    from tidar_jax.checkpoint import load_for_inference, step_path
     from tidar_jax.generation import Generator
 
-    bundle = load_for_inference(args.checkpoint)
+    bundle = load_for_inference(step_path(args.checkpoint, args.step))
     cfg = _decode_config(bundle.config, args)
     tokenizer = bundle.tokenizer
     prompt_ids = _prompt_ids(args, bundle)

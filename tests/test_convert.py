@@ -318,7 +318,7 @@ def test_import_cli_checkpoint_and_export(tmp_path):
     (src / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     out = tmp_path / "run"
     assert import_checkpoint.main(["--from", "hf", str(src), "--out", str(out), "--block-size", "8"]) == 0
-    assert import_checkpoint.main(["--from", "hf", str(src), "--out", str(out)]) == 1  # refuses to overwrite
+    assert import_checkpoint.main(["--from", "hf", str(src), "--out", str(out)]) == 2  # refuses to overwrite
     bundle = load_for_inference(out)
     m = bundle.config.model
     assert (m.block_size, m.mask_token_id, m.vocab_size, bundle.tokenizer.mask_id) == (8, VOCAB - 12, VOCAB, VOCAB - 12)

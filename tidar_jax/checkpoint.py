@@ -109,13 +109,48 @@ def _raise_mismatch(problems: list[str], what: str) -> None:
 def _check_finished(step_dir: Path, items: tuple[str, ...]) -> None:
     missing = [item for item in items if not (step_dir / item).is_dir()]
     if missing:
-        raise CheckpointError(f"checkpoint {step_dir} is incomplete: item(s) {missing} are missing")
+        raise _damaged(step_dir, f"checkpoint {step_dir} is incomplete: item(s) {missing} are missing")
+
+
+_PROBING = False
+
+
+def _is_intact(step_dir: Path) -> bool:
+    """Whether `step_dir` holds a state and a config that can be read (metadata only, no array data)."""
+    global _PROBING
+    _PROBING = True  # errors raised while probing need no recovery hint of their own
+    try:
+        _check_finished(step_dir, (_STATE, _CONFIG))
+        read_step_config(step_dir.parent, int(step_dir.name))
+        with _reader(step_dir.parent, ocp.PyTreeCheckpointHandler()) as manager:
+            _state_metadata(manager, int(step_dir.name), step_dir)
+    except Exception:
+        return False
+    finally:
+        _PROBING = False
+    return True
+
+
+def _recovery_hint(step_dir: Path) -> str:
+    """How to go on without the damaged `step_dir`: the newest earlier step that reads, and the --step flag."""
+    root, step = step_dir.parent, int(step_dir.name)
+    intact = next((s for s in reversed(_steps(root)) if s < step and _is_intact(root / str(s))), None)
+    if intact is None:
+        return "no earlier intact step is saved"
+    return (f"the newest intact step is {intact}: load it with --step {intact} (infer.*), or move {step_dir} out of "
+            f"{root} and resume training with --step {intact}; nothing is deleted")
+
+
+def _damaged(step_dir: Path, message: str) -> CheckpointError:
+    """CheckpointError `message` about the unreadable `step_dir`, plus how to go on from an earlier step."""
+    hint = _recovery_hint(step_dir) if step_dir.name.isdigit() and not _PROBING else ""
+    return CheckpointError(message + (f"; {hint}" if hint else ""))
 
 
 def _corrupt(step_dir: Path, error: Exception | str) -> CheckpointError:
     if isinstance(error, Exception):
         error = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-    return CheckpointError(f"checkpoint {step_dir} is corrupt or partially written and cannot be read ({error})")
+    return _damaged(step_dir, f"checkpoint {step_dir} is corrupt or partially written and cannot be read ({error})")
 
 
 def _state_metadata(manager: ocp.CheckpointManager, step: int, step_dir: Path) -> Any:
@@ -226,12 +261,26 @@ def read_step_config(root: Path, step: int) -> Config:
     return config_from_dict(data)
 
 
-def read_checkpoint_config(workdir: str | Path) -> Config | None:
-    """The config stored with WORKDIR's latest checkpoint, or None when WORKDIR has none (how `--workdir` alone
-    resumes a run)."""
+def read_checkpoint_config(workdir: str | Path, step: int | None = None) -> Config | None:
+    """The config stored with WORKDIR's checkpoint `step` (default: the latest), or None when WORKDIR has none (how
+    `--workdir` alone resumes a run). Raises CheckpointError when `step` is given but not saved."""
     root = Path(workdir) / CHECKPOINT_DIR
     steps = _steps(root)
-    return read_step_config(root, steps[-1]) if steps else None
+    if step is not None and step not in steps:
+        raise CheckpointError(f"--step {step} is not saved in {root}; saved steps: {steps}")
+    return read_step_config(root, steps[-1] if step is None else step) if steps else None
+
+
+def step_path(path: str | Path, step: int | None) -> Path:
+    """`path` (a workdir or checkpoints directory) narrowed to its step directory `step` (--step N); `path` itself
+    when `step` is None. Raises CheckpointError when that step is not saved."""
+    if step is None:
+        return Path(path)
+    root = locate_checkpoint(path)[0]
+    steps = _steps(root)
+    if step not in steps:
+        raise CheckpointError(f"--step {step} is not saved in {root}; saved steps: {steps}")
+    return root / str(step)
 
 
 def run_fields(cfg: Config) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from tidar_jax.checkpoint import TOKENIZER_FILE, locate_checkpoint, read_checkpoint_config, read_step_config, run_fields
+from tidar_jax.checkpoint import CHECKPOINT_DIR, TOKENIZER_FILE, locate_checkpoint, read_checkpoint_config, read_step_config, run_fields
 from tidar_jax.config import Config, ConfigError, config_layers, merge_layers, to_dict, validate
 from tidar_jax.data import check_tokenizer_matches, load_or_train_tokenizer, separator_id
 from tidar_jax.tokenizer import Tokenizer
@@ -50,6 +50,7 @@ class RunPlan:
     resume: bool
     tokenizer: Tokenizer
     init_dir: Path | None
+    step: int | None = None  # --step N: the saved step a resumed run starts from (None: the latest)
 
     @property
     def carried_files(self) -> list[Path]:
@@ -93,15 +94,18 @@ def _init_dir(path: str) -> tuple[Path, Config]:
 
 
 def plan_run(workdir: str | Path, *, preset: str | Path | None = None, overrides: Sequence[str] = (),
-             config: Config | None = None) -> RunPlan:
+             config: Config | None = None, step: int | None = None) -> RunPlan:
     """Resolves the run in WORKDIR from a YAML `preset` + dotted `overrides` (the CLI), or from a complete
     `config` object (Python callers; every field counts as requested). With neither, WORKDIR's saved run is
     resumed (overrides still apply). Raises ConfigError / CheckpointError / TokenizerError / DataError naming the
-    problem; reads but never writes."""
+    problem; reads but never writes. `step` (--step N) resumes from that saved step; it must be the latest, since
+    the next save must not land below (or on) a later one: later steps are refused, never deleted."""
     workdir = Path(workdir)
     _check_workdir(workdir)
     layers = config_layers(preset, overrides) if config is None else [to_dict(config)]
-    saved = read_checkpoint_config(workdir)
+    if step is not None:
+        _check_resume_step(workdir, step)
+    saved = read_checkpoint_config(workdir, step)
     init_dir = None
     if saved is not None:
         wanted = merge_layers(saved, layers)
@@ -134,7 +138,16 @@ def plan_run(workdir: str | Path, *, preset: str | Path | None = None, overrides
         wanted.data, separator_token_id=separator_id(wanted, tokenizer), tokenizer_sha256=tokenizer.fingerprint))
     check_tokenizer_matches(tokenizer, wanted)
     return RunPlan(config=validate(wanted), workdir=workdir, resume=saved is not None, tokenizer=tokenizer,
-                   init_dir=init_dir)
+                   init_dir=init_dir, step=step)
+
+
+def _check_resume_step(workdir: Path, step: int) -> None:
+    """--step N must name a saved step with no later step on disk (the next save would skip or collide with it)."""
+    root = workdir / CHECKPOINT_DIR
+    later = [p.name for p in sorted(root.iterdir()) if p.name.isdigit() and int(p.name) > step] if root.is_dir() else []
+    if later:
+        raise ConfigError(f"--step {step}: {root} holds later step(s) {later}, which the resumed run's saves would "
+                          f"collide with; move them out of {root} (nothing is deleted) and run again")
 
 
 def _resolve_tokenizer(cfg: Config, workdir: Path, saved: Config | None, init_dir: Path | None) -> Tokenizer:

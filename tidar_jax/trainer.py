@@ -320,7 +320,7 @@ def train(plan: RunPlan, *, stop_at_step: int | None = None, progress: bool = Tr
     checkpointer = Checkpointer(workdir, keep=t.keep_checkpoints)
     log = MetricsLog(workdir, enabled=pid == 0)
     try:
-        start = checkpointer.latest_step()
+        start = checkpointer.latest_step() if plan.step is None else plan.step
         if start is None:
             start, state = 0, trainer.init_state(init_params)
         else:

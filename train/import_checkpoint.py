@@ -68,6 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error("import needs --from {hf,gguf} PATH --out DIR (or use --export-hf DIR --checkpoint WORKDIR)")
         if args.block_size is not None and args.block_size <= 0:
             parser.error(f"--block-size must be positive, got {args.block_size}")
+        if not Path(args.path).exists():
+            parser.error(f"--from {args.source} {args.path}: the path does not exist")
     return args
 
 
@@ -163,9 +165,9 @@ def main(argv=None) -> int:
 
     try:
         run_export(args) if args.export_hf else run_import(args)
-    except (ConversionError, CheckpointError, ConfigError, FileExistsError) as e:
+    except (ConversionError, CheckpointError, ConfigError, FileExistsError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

@@ -49,9 +49,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--stop-at-step", type=int,
                         help="stop (with a checkpoint) after this step although train.steps is larger, as a "
                              "preempted job would; the learning-rate schedule still spans train.steps")
+    parser.add_argument("--step", type=int,
+                        help="resume from this saved step instead of the latest (e.g. after a corrupt save); "
+                             "later steps must first be moved out of WORKDIR/checkpoints (nothing is deleted)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name in ("stop_at_step", "step"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    return args
 
 
 def _wants_distributed(args: argparse.Namespace) -> bool:
@@ -95,7 +102,7 @@ def main(argv=None) -> int:
     try:
         from tidar_jax.run_setup import plan_run
 
-        plan = plan_run(args.workdir, preset=args.config, overrides=args.overrides)
+        plan = plan_run(args.workdir, preset=args.config, overrides=args.overrides, step=args.step)
         cfg = plan.config
         if cfg.mesh.distributed and not distributed:
             raise ConfigError(f"the run in {args.workdir} is multi-process (mesh.distributed=true): pass "
