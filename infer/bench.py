@@ -79,6 +79,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     cost.add_argument("--cache-len", type=int, default=4096, help="KV-cache slots the steps attend over")
     cost.add_argument("--batch-size", type=int, default=1, help="batch rows of the costed programs")
     cost.add_argument("--prompt-bucket", type=int, default=128, help="prompt length P of the costed prefill")
+    cost.add_argument("--time-steps", action="store_true",
+                      help="with --cost-only: also time the same TiDAR and AR step programs on random-init weights "
+                           "(allocates the model and the cache; --repeats rounds)")
     cost.add_argument("--peak-tflops", type=float,
                       help="chip's peak TFLOP/s in the compute dtype (e.g. 989 for H100 bf16 dense); with "
                            "--bandwidth-gbs adds the roofline time max(FLOPs/peak, bytes/bandwidth)")
@@ -256,13 +259,15 @@ def run_cost_only(args) -> int:
     from infer.common import USER_ERRORS, fail, write_json
     from tidar_jax.benchmark import device_info
     from tidar_jax.config import load_config
-    from tidar_jax.step_cost import format_costs, step_costs
+    from tidar_jax.step_cost import format_costs, step_costs, time_steps
 
     try:
         cfg = load_config(args.config).model
         k = args.block_size or cfg.block_size
         costs = step_costs(cfg, k, args.cache_len, args.batch_size, args.prompt_bucket, args.peak_tflops,
                            args.bandwidth_gbs)
+        if args.time_steps:
+            costs["measured"] = time_steps(cfg, k, args.cache_len, args.batch_size, args.prompt_bucket, args.repeats)
     except USER_ERRORS as e:
         return fail(e)
     print(format_costs(costs, f"{args.config}: K={k}, cache {args.cache_len}, batch {args.batch_size}, "

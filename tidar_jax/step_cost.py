@@ -87,6 +87,29 @@ def step_costs(cfg: ModelConfig, block_size: int, cache_len: int, batch_size: in
     return out
 
 
+def time_steps(cfg: ModelConfig, block_size: int, cache_len: int, batch_size: int = 1, prompt_bucket: int = 128,
+               repeats: int = 5, seed: int = 0) -> dict[str, Any]:
+    """Measured milliseconds (median of `repeats`, interleaved, after a compile run) of the same jitted TiDAR and
+    AR `decode_step` programs as `step_costs`, on RANDOM-init weights (the cost does not depend on their values):
+    {"tidar_step_ms", "ar_step_ms", "tidar_over_ar"}. Allocates the model and a [b, cache_len] KV cache."""
+    from tidar_jax import benchmark
+
+    graphdef, params = nnx.split(create_model(cfg, seed))
+    sp = SamplingParams.create()
+    prompts = jnp.full((batch_size, prompt_bucket), 3, jnp.int32)
+    lengths = jnp.full((batch_size,), prompt_bucket, jnp.int32)
+    runners = {}
+    for mode in ("tidar", "ar"):
+        spec = decode.DecodeSpec.create(mode, block_size, True, 1, cfg)
+        state = jax.jit(lambda p, c, *a, spec=spec: decode.prefill(graphdef, p, c, *a, spec=spec))(
+            params, init_cache(cfg, batch_size, cache_len), prompts, lengths, jnp.int32(1), jax.random.key(0), sp)
+        step = jax.jit(lambda p, s, q, spec=spec: decode.decode_step(graphdef, p, s, q, spec=spec))
+        runners[mode] = lambda _, step=step, state=state: step(params, state, sp).drafts
+    times = benchmark.interleaved(runners, repeats)
+    ms = {mode: 1e3 * benchmark.median([t for t, _ in times[mode]]) for mode in runners}
+    return {"tidar_step_ms": ms["tidar"], "ar_step_ms": ms["ar"], "tidar_over_ar": ms["tidar"] / ms["ar"]}
+
+
 def format_costs(costs: dict[str, Any], title: str) -> str:
     """A text table of `step_costs` output."""
     roof = "roofline_ms" in costs["ar_step"]
@@ -98,6 +121,10 @@ def format_costs(costs: dict[str, Any], title: str) -> str:
                 f"{f['intensity_flop_per_byte']:>9.1f}")
         lines.append(line + (f"{f['roofline_ms']:>13.4f}  {f['bound']}" if roof else ""))
     r = costs["tidar_over_ar"]
+    if "measured" in costs:
+        m = costs["measured"]
+        lines.append(f"  measured (random weights, this device): TiDAR step {m['tidar_step_ms']:.2f} ms, AR step "
+                     f"{m['ar_step_ms']:.2f} ms, ratio {m['tidar_over_ar']:.2f}x")
     lines.append(f"  TiDAR step / AR step: FLOPs {r['flops']:.2f}x, bytes {r['bytes']:.2f}x"
                  + (f", roofline time {r['roofline']:.2f}x" if roof else ""))
     return "\n".join(lines)
