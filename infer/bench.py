@@ -178,7 +178,8 @@ def run_generation(args, bundles: dict, draft, prompts: list[list[int]], progres
             bucket = next(b for b in dec.prompt_buckets if b >= max(map(len, prompts)))
             for batch in args.batch_sizes:
                 progress(f"generation: {_label(path, bundle)}, K={k}, batch {batch}: {', '.join(methods)}")
-                cost = step_costs(m, k, dec.max_cache_len, batch, bucket, args.peak_tflops, args.bandwidth_gbs)
+                cost = step_costs(m, k, dec.max_cache_len, batch, bucket, args.peak_tflops, args.bandwidth_gbs,
+                                  model=(bundle.graphdef, bundle.params))
                 records.append({"step_cost": cost, "checkpoint": path, "label": _label(path, bundle), "trained_block_size": m.block_size,
                                 "objective": bundle.config.train.objective, "block_size": k, "batch_size": batch,
                                 "methods": _group(methods, prompts, batch, args)})

@@ -50,17 +50,20 @@ def _figures(compiled: Any, rows: int, peak_tflops: float | None, bandwidth_gbs:
 
 
 def step_costs(cfg: ModelConfig, block_size: int, cache_len: int, batch_size: int = 1, prompt_bucket: int = 128,
-               peak_tflops: float | None = None, bandwidth_gbs: float | None = None) -> dict[str, Any]:
+               peak_tflops: float | None = None, bandwidth_gbs: float | None = None,
+               model: tuple[nnx.GraphDef, nnx.State] | None = None) -> dict[str, Any]:
     """Cost figures of the TiDAR step ([b, K + K*K] query tokens), the AR step ([b, 1]) and the TiDAR prefill of a
     prompt bucket ([b, P + K]), all over a KV cache of `cache_len` slots, greedy, as `Generator` compiles them.
 
     Returns {"tidar_step", "ar_step", "prefill": figures (query_rows, gflop, gb_accessed, intensity_flop_per_byte,
     and roofline_ms / bound when both chip figures are given), "tidar_over_ar": {"flops", "bytes", "roofline"}
-    ratios, "params": parameter count}.
+    ratios, "params": parameter count}. `model`: (graphdef, params) to cost instead of `abstract_model(cfg)`
+    (params may be concrete: only their shapes and dtypes are used).
     """
     if prompt_bucket + block_size > cache_len:
         raise ValueError(f"prompt bucket {prompt_bucket} + K {block_size} exceeds the cache length {cache_len}")
-    graphdef, params = abstract_model(cfg)
+    graphdef, params = model or abstract_model(cfg)
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     sp = jax.eval_shape(SamplingParams.create)
     prompts = jax.ShapeDtypeStruct((batch_size, prompt_bucket), jnp.int32)
     lengths = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
