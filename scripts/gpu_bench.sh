@@ -35,8 +35,9 @@ if [ "${GPU_BENCH_ALLOW_CPU:-0}" = "1" ]; then
 else
   JAX_VERSION=$("$PY" -c "import jax; print(jax.__version__)")
   step install_cuda_jax 240 "$PY" -m pip install --quiet "jax[cuda12]==${JAX_VERSION}"
-  "$PY" -c "import jax; d = jax.devices(); print(d); assert d[0].platform == 'gpu', 'no GPU visible to jax'" \
-    | tee -a "$SUMMARY" || { echo "no GPU: stop (set GPU_BENCH_ALLOW_CPU=1 for a CPU dry run)"; exit 1; }
+  if ! "$PY" -c "import jax; d = jax.devices(); print(d); assert d[0].platform == 'gpu', 'no GPU'" >> "$SUMMARY"; then
+    echo "no GPU visible to jax: stop (set GPU_BENCH_ALLOW_CPU=1 for a CPU dry run)" | tee -a "$SUMMARY"; exit 1
+  fi
   export JAX_PLATFORMS=cuda
   QWEN_CACHE=4096; SMOL_CACHE=4096; REPEATS=5; BUCKET=128
   TESTS=(tests/test_ops_attention.py tests/test_decode.py::test_cached_ar_equals_full_recompute
