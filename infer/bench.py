@@ -17,6 +17,16 @@ Latency curve: one cached forward of q causal query tokens (q = 1 .. 512) over a
 and 2048 tokens, timed the same way: it shows how many tokens a forward can carry almost for free (TiDAR's step
 has K + K*K query tokens).
 
+Step cost (--cost-only, no checkpoint, no weights): the compiled cost analysis of the real decode programs for a
+config's model shape, lowered on abstract params (jax.ShapeDtypeStruct), so nothing is allocated:
+
+    python -m infer.bench --cost-only --config configs/qwen2.5-1.5b.yaml --block-size 16 --cache-len 4096 \
+        --batch-size 1 --peak-tflops 989 --bandwidth-gbs 4800 --json docs/results/cost.json
+
+prints GFLOP, GB accessed, FLOP/byte and (with --peak-tflops and --bandwidth-gbs) the roofline time of one TiDAR
+step (K + K*K query rows), one AR step (1 row) and the prefill of a prompt bucket, and the TiDAR / AR step ratio.
+Generation groups carry the same figures for their shape ("step_cost" in the JSON).
+
 Everything runs on one device (the first visible one), CPU or GPU alike. Outputs: a table on stdout, --json, and
 PLOT_DIR/bench_speedup.png, PLOT_DIR/bench_latency.png.
 """
@@ -31,8 +41,9 @@ from pathlib import Path
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m infer.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", nargs="+", required=True,
-                        help="one or more training WORKDIRs (or step directories), all with the same tokenizer")
+    parser.add_argument("--checkpoint", nargs="+",
+                        help="one or more training WORKDIRs (or step directories), all with the same tokenizer "
+                             "(required unless --cost-only)")
     parser.add_argument("--draft", help="WORKDIR of a small AR draft model (same tokenizer) for the speculative-"
                                         "decoding baseline")
     parser.add_argument("--block-sizes", type=int, nargs="+",
@@ -59,11 +70,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON to this file")
     parser.add_argument("--plot-dir", metavar="DIR", help="write bench_speedup.png and bench_latency.png here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    cost = parser.add_argument_group("step cost (compiled cost analysis, no weights)")
+    cost.add_argument("--cost-only", action="store_true",
+                      help="only the step-cost table for --config's model shape: no checkpoint, no weights, nothing "
+                           "allocated (the decode programs are lowered on jax.ShapeDtypeStruct params)")
+    cost.add_argument("--config", help="YAML config whose model section gives the shape (with --cost-only)")
+    cost.add_argument("--block-size", type=int, help="K of the TiDAR step (default: the config's model.block_size)")
+    cost.add_argument("--cache-len", type=int, default=4096, help="KV-cache slots the steps attend over")
+    cost.add_argument("--batch-size", type=int, default=1, help="batch rows of the costed programs")
+    cost.add_argument("--prompt-bucket", type=int, default=128, help="prompt length P of the costed prefill")
+    cost.add_argument("--time-steps", action="store_true",
+                      help="with --cost-only: also time the same TiDAR and AR step programs on random-init weights "
+                           "(allocates the model and the cache; --repeats rounds)")
+    cost.add_argument("--peak-tflops", type=float,
+                      help="chip's peak TFLOP/s in the compute dtype (e.g. 989 for H100 bf16 dense); with "
+                           "--bandwidth-gbs adds the roofline time max(FLOPs/peak, bytes/bandwidth)")
+    cost.add_argument("--bandwidth-gbs", type=float, help="chip's memory bandwidth in GB/s (e.g. 3350 for H100 SXM)")
     args = parser.parse_args(argv)
     from infer.common import require_at_least
 
     require_at_least(parser, args, repeats=1, latency_repeats=1, prompt_len=1, max_new_tokens=1, batch_sizes=1,
-                     block_sizes=1, latency_prefixes=1, latency_queries=1)
+                     block_sizes=1, latency_prefixes=1, latency_queries=1, cache_len=1, batch_size=1,
+                     prompt_bucket=1, block_size=1)
+    if args.cost_only and not args.config:
+        parser.error("--cost-only needs --config")
+    if not args.cost_only and not args.checkpoint:
+        parser.error("--checkpoint is required (or pass --cost-only --config PATH)")
     return args
 
 
@@ -123,6 +155,7 @@ def run_generation(args, bundles: dict, draft, prompts: list[list[int]], progres
     from infer.common import decode_room
     from tidar_jax.generation import Generator
     from tidar_jax.spec_decode import SpecDecoder
+    from tidar_jax.step_cost import step_costs
 
     records = []
     for path, bundle in bundles.items():
@@ -139,9 +172,12 @@ def run_generation(args, bundles: dict, draft, prompts: list[list[int]], progres
             if draft is not None and k >= 2:
                 methods["spec"] = (SpecDecoder(bundle.graphdef, bundle.params, m, dec, draft.graphdef, draft.params,
                                                draft.config.model, k), "spec")
+            bucket = next(b for b in dec.prompt_buckets if b >= max(map(len, prompts)))
             for batch in args.batch_sizes:
                 progress(f"generation: {_label(path, bundle)}, K={k}, batch {batch}: {', '.join(methods)}")
-                records.append({"checkpoint": path, "label": _label(path, bundle), "trained_block_size": m.block_size,
+                cost = step_costs(m, k, dec.max_cache_len, batch, bucket, args.peak_tflops, args.bandwidth_gbs,
+                                  model=(bundle.graphdef, bundle.params))
+                records.append({"step_cost": cost, "checkpoint": path, "label": _label(path, bundle), "trained_block_size": m.block_size,
                                 "objective": bundle.config.train.objective, "block_size": k, "batch_size": batch,
                                 "methods": _group(methods, prompts, batch, args)})
     return records
@@ -167,7 +203,9 @@ def format_tables(report: dict) -> str:
     lines = []
     for g in report.get("generation", []):
         ms = g["methods"]
-        lines += ["", f"{g['label']}  decode K={g['block_size']}  batch {g['batch_size']}",
+        r = g["step_cost"]["tidar_over_ar"]
+        lines += ["", f"{g['label']}  decode K={g['block_size']}  batch {g['batch_size']}  (TiDAR step / AR step: "
+                      f"FLOPs {r['flops']:.2f}x, bytes {r['bytes']:.2f}x)",
                   f"  {'method':<8}{'tokens/s':>10}{'speed-up vs AR':>16}{'tokens/forward':>16}{'forwards':>10}"
                   f"{'draft fwd':>10}  same tokens as AR"]
         for name, s in ms.items():
@@ -214,8 +252,34 @@ def _plots(report: dict, plot_dir: str) -> list[str]:
     return written
 
 
+def run_cost_only(args) -> int:
+    """--cost-only: the step-cost table (and --json) for --config's model shape; no checkpoint."""
+    from infer.common import USER_ERRORS, fail, write_json
+    from tidar_jax.benchmark import device_info
+    from tidar_jax.config import load_config
+    from tidar_jax.step_cost import format_costs, step_costs, time_steps
+
+    try:
+        cfg = load_config(args.config).model
+        k = args.block_size or cfg.block_size
+        costs = step_costs(cfg, k, args.cache_len, args.batch_size, args.prompt_bucket, args.peak_tflops,
+                           args.bandwidth_gbs)
+        if args.time_steps:
+            costs["measured"] = time_steps(cfg, k, args.cache_len, args.batch_size, args.prompt_bucket, args.repeats)
+    except USER_ERRORS as e:
+        return fail(e)
+    print(format_costs(costs, f"{args.config}: K={k}, cache {args.cache_len}, batch {args.batch_size}, "
+                              f"prefill bucket {args.prompt_bucket}, {costs['params'] / 1e6:.1f}M params"))
+    if args.json:
+        write_json(args.json, {"device": device_info(), "settings": dict(vars(args)), "block_size": k,
+                               "step_cost": costs})
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.cost_only:
+        return run_cost_only(args)
     import jax
     from tqdm.auto import tqdm
 

@@ -22,7 +22,10 @@ def repo_root() -> str:
 
 @pytest.fixture(scope="session")
 def tiny_config():
-    """The tiny preset (d_model 64, 2 layers, vocab 512), validated."""
+    """The tiny preset (d_model 64, 2 layers, vocab 512), validated. TIDAR_TEST_DTYPE (e.g. bfloat16) sets its
+    model.compute_dtype, so the tests built on it run in that dtype (scripts/gpu_bench.sh)."""
     from tidar_jax.config import load_config
 
-    return load_config(os.path.join(REPO_ROOT, "configs", "tiny.yaml"))
+    dtype = os.environ.get("TIDAR_TEST_DTYPE")
+    return load_config(os.path.join(REPO_ROOT, "configs", "tiny.yaml"),
+                       [f"model.compute_dtype={dtype}"] if dtype else ())

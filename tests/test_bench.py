@@ -80,3 +80,29 @@ def test_interleaved_warms_up_then_alternates_order():
                      ("a", 0), ("b", 0), ("c", 0), ("c", 1), ("b", 1), ("a", 1), ("a", 2), ("b", 2), ("c", 2)]
     assert {name: [res for _, res in v] for name, v in runs.items()} == {n: [0, 1, 2] for n in "abc"}
     assert all(sec >= 0 for v in runs.values() for sec, _ in v)
+
+
+def test_cost_only_needs_no_checkpoint(tmp_path, capsys):
+    """--cost-only on configs/tiny.yaml: positive figures, the TiDAR step costs more FLOPs than the AR step, roughly
+    2 * params * query rows (loose: attention over the cache and elementwise work add to it)."""
+    out = tmp_path / "cost.json"
+    argv = ["--cost-only", "--config", "configs/tiny.yaml", "--cache-len", "64", "--prompt-bucket", "16",
+            "--peak-tflops", "1", "--bandwidth-gbs", "100", "--json", str(out)]
+    assert bench.main(argv) == 0
+    assert "TiDAR step / AR step" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    cost, k = report["step_cost"], report["block_size"]
+    for name in ("tidar_step", "ar_step", "prefill"):
+        f = cost[name]
+        assert f["gflop"] > 0 and f["gb_accessed"] > 0 and f["roofline_ms"] > 0
+        estimate = 2 * cost["params"] * f["query_rows"] / 1e9
+        assert 0.3 * estimate < f["gflop"] < 4 * estimate, (name, f["gflop"], estimate)
+    assert cost["tidar_step"]["query_rows"] == k + k * k and cost["ar_step"]["query_rows"] == 1
+    assert cost["tidar_over_ar"]["flops"] > 0.3 * (k + k * k)
+
+
+def test_cost_only_arguments():
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--cost-only"])  # needs --config
+    with pytest.raises(SystemExit):
+        bench.parse_args([])  # needs --checkpoint
