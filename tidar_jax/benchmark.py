@@ -101,8 +101,8 @@ def forward_latency_curve(graphdef: nnx.GraphDef, params: nnx.State, model_cfg: 
     cache = init_cache(model_cfg, batch_size, prefix_len + max(counts))
     # Random K/V, as a real prefix would hold (the cost does not depend on the values, but nothing degenerate).
     rng = np.random.default_rng(0)
-    cache = cache.replace(keys=tuple(jnp.asarray(rng.standard_normal(k.shape), k.dtype) for k in cache.keys),
-                          values=tuple(jnp.asarray(rng.standard_normal(v.shape), v.dtype) for v in cache.values),
+    noise = lambda x: jnp.asarray(rng.standard_normal(x.shape), x.dtype)  # noqa: E731
+    cache = cache.replace(keys=jax.tree.map(noise, cache.keys), values=jax.tree.map(noise, cache.values),
                           cursor=jnp.full((batch_size,), prefix_len, jnp.int32))
     steps = {q: _latency_step(graphdef, q) for q in counts}
     tokens = {q: jnp.asarray(rng.integers(3, model_cfg.vocab_size, (batch_size, q)), jnp.int32) for q in counts}

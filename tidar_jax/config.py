@@ -19,6 +19,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("xla", "cudnn", "xla_reference")
 OBJECTIVES = ("tidar", "ar")
 ADAPTATIONS = ("full", "adapters")
+# model.remat_policy -> what a rematerialised layer keeps from its forward pass: "full" keeps only the layer's
+# inputs (everything is recomputed in the backward pass); the others are `jax.checkpoint_policies` of that name.
+REMAT_POLICIES = ("full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 
 class ConfigError(ValueError):
@@ -34,6 +37,12 @@ class ModelConfig:
     stops generation (an instruct model's end-of-turn token); documents in training data are separated by
     `data.separator_token_id`, which may differ. `adapter_rank` > 0 adds mask-gated low-rank adapters (adapters.py):
     they act only on mask-token rows, so the AR path computes exactly the base model.
+
+    `remat` recomputes each layer's activations in the backward pass, keeping what `remat_policy` names.
+    `scan_layers` stores the layers' params stacked on a leading `layers` axis ([n_layers, ...]) and runs them with
+    one `lax.scan` (one layer body to compile instead of n_layers); the KV cache is then stacked too
+    ([n_layers, batch, max_len, kv_heads, head_dim]). Both layouts compute the same function and hold the same
+    values for the same seed (layer_stacking.py converts between them).
     """
 
     vocab_size: int = 512
@@ -55,6 +64,8 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: bool = False
+    remat_policy: str = "full"
+    scan_layers: bool = False
     attention_impl: str = "xla"
     init_std: float = 0.02
     adapter_rank: int = 0
@@ -168,6 +179,10 @@ def validate_model(m: ModelConfig) -> None:
     _require(m.compute_dtype in DTYPES, f"model.compute_dtype must be one of {DTYPES}, got {m.compute_dtype!r}")
     _require(m.attention_impl in ATTENTION_IMPLS,
              f"model.attention_impl must be one of {ATTENTION_IMPLS}, got {m.attention_impl!r}")
+    _require(m.remat_policy in REMAT_POLICIES,
+             f"model.remat_policy must be one of {REMAT_POLICIES}, got {m.remat_policy!r}")
+    _require(m.remat or m.remat_policy == "full",
+             f"model.remat_policy={m.remat_policy} has no effect without model.remat=true")
     _require(m.rope_theta > 0, f"model.rope_theta must be positive, got {m.rope_theta}")
     _require(m.rms_norm_eps > 0, f"model.rms_norm_eps must be positive, got {m.rms_norm_eps}")
     _require(m.adapter_rank >= 0, f"model.adapter_rank must be >= 0 (0 = no adapters), got {m.adapter_rank}")

@@ -145,9 +145,10 @@ def forward_into_empty_cache(graphdef: nnx.GraphDef, params: nnx.State, tokens: 
     then the scratch is copied into `cache`: the K/V values are the model's own.
     """
     batch = tokens.shape[0]
-    scratch = [tuple(jnp.zeros((batch, n_write) + x.shape[2:], x.dtype) for x in buffers)
-               for buffers in (cache.keys, cache.values)]
-    scratch = KVCache(keys=scratch[0], values=scratch[1], cursor=jnp.zeros((batch,), jnp.int32))
+    # Slots are axis -3 of every buffer, per-layer or stacked ([(layers,) batch, slots, kv_heads, head_dim]).
+    empty = lambda x: jnp.zeros(x.shape[:-3] + (n_write,) + x.shape[-2:], x.dtype)  # noqa: E731
+    scratch = KVCache(keys=jax.tree.map(empty, cache.keys), values=jax.tree.map(empty, cache.values),
+                      cursor=jnp.zeros((batch,), jnp.int32))
     if local_mask.shape[0] != batch:
         local_mask = jnp.broadcast_to(local_mask, (batch,) + local_mask.shape[1:])
     mask = masks.with_cache(jnp.zeros((batch, n_write), bool), local_mask)
@@ -157,8 +158,8 @@ def forward_into_empty_cache(graphdef: nnx.GraphDef, params: nnx.State, tokens: 
     def put(buffer: Array, new: Array) -> Array:
         return jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), (0,) * buffer.ndim)
 
-    return hidden, cache.replace(keys=tuple(map(put, cache.keys, scratch.keys)),
-                                 values=tuple(map(put, cache.values, scratch.values)))
+    return hidden, cache.replace(keys=jax.tree.map(put, cache.keys, scratch.keys),
+                                 values=jax.tree.map(put, cache.values, scratch.values))
 
 
 def draft_from_slots(slot_logits: Array, u: Array | None, sp: sampling.SamplingParams,

@@ -24,6 +24,7 @@ from flax import nnx
 from tidar_jax.adapters import MASK_EMBED, LowRankAdapter, gated
 from tidar_jax.config import ModelConfig
 from tidar_jax.kv_cache import KVCache
+from tidar_jax.layer_stacking import stack_modules
 from tidar_jax.ops import cached_attention
 
 Array = jax.Array
@@ -208,6 +209,11 @@ class DecoderLayer(nnx.Module):
         return x, cache_kv
 
 
+def remat_policy(cfg: ModelConfig) -> Callable[..., bool] | None:
+    """The `jax.checkpoint` policy of `model.remat_policy` (None: save nothing but the layer's inputs)."""
+    return None if cfg.remat_policy == "full" else getattr(jax.checkpoint_policies, cfg.remat_policy)
+
+
 class Transformer(nnx.Module):
     """The full model. `__call__` returns float32 logits `[batch, q, vocab]` and the updated cache (or None)."""
 
@@ -216,7 +222,9 @@ class Transformer(nnx.Module):
         pd = jnp.dtype(cfg.param_dtype)
         self.embed = _param(rngs, nnx.initializers.normal(cfg.init_std), (cfg.vocab_size, cfg.d_model),
                             ("vocab", "embed"), pd)
-        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        # Built one by one in both layouts, so a seed gives the same values whether or not the layers are stacked.
+        layers = [DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.n_layers)]
+        self.layers = stack_modules(layers) if cfg.scan_layers else nnx.List(layers)
         self.final_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps, "embed", pd, rngs=rngs)
         if not cfg.tie_embeddings:
             self.lm_head = _param(rngs, nnx.initializers.normal(cfg.init_std), (cfg.d_model, cfg.vocab_size),
@@ -230,7 +238,8 @@ class Transformer(nnx.Module):
         """Final-normed hidden states [batch, q, d_model] (compute dtype) and the updated cache (or None).
 
         tokens, positions: [batch, q] int32; mask: [batch or 1, q, keys] bool (keys = cache.max_len + q with a
-        cache, else q); cache: per-layer K/V buffers (its cursor is not read or moved here); write_start: [batch];
+        cache, else q); cache: K/V buffers, stacked iff model.scan_layers (its cursor is not read or moved
+        here); write_start: [batch];
         n_write: static count of leading tokens whose K/V are written at `write_start`.
         """
         cfg = self.cfg
@@ -240,18 +249,50 @@ class Transformer(nnx.Module):
         if cfg.adapter_rank > 0:
             gate = tokens == cfg.mask_token_id
             x = jnp.where(gate[..., None], getattr(self, MASK_EMBED)[...].astype(cd), x)
-        layer_fn = DecoderLayer.__call__
-        if cfg.remat:
-            layer_fn = nnx.remat(layer_fn, static_argnums=(6,))
-        new_keys, new_values = [], []
-        for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
-            x, layer_cache = layer_fn(layer, x, positions, mask, layer_cache, write_start, n_write, gate)
-            if cache is not None:
-                new_keys.append(layer_cache[0])
-                new_values.append(layer_cache[1])
-        new_cache = None if cache is None else cache.replace(keys=tuple(new_keys), values=tuple(new_values))
+        if cfg.scan_layers:
+            x, new_cache = self._scanned_layers(x, positions, mask, cache, write_start, n_write, gate)
+        else:
+            layer_fn = DecoderLayer.__call__
+            if cfg.remat:
+                layer_fn = nnx.remat(layer_fn, static_argnums=(6,), policy=remat_policy(cfg))
+            new_keys, new_values = [], []
+            for i, layer in enumerate(self.layers):
+                layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
+                x, layer_cache = layer_fn(layer, x, positions, mask, layer_cache, write_start, n_write, gate)
+                if cache is not None:
+                    new_keys.append(layer_cache[0])
+                    new_values.append(layer_cache[1])
+            new_cache = None if cache is None else cache.replace(keys=tuple(new_keys), values=tuple(new_values))
         return self.final_norm(x), new_cache
+
+    def _scanned_layers(self, x: Array, positions: Array, mask: Array, cache: KVCache | None,
+                        write_start: Array | None, n_write: int, gate: Array | None) -> tuple[Array, KVCache | None]:
+        """The stacked layers as one `lax.scan` (see `hidden_states`); the cache must be stacked too. Its buffers
+        [n_layers, batch, max_len, kv_heads, head_dim] ride in the scan carry, so each layer's slice is updated in
+        place in the (donated) buffer rather than collected into a new one."""
+        graphdef, stacked = nnx.split(self.layers)
+
+        def layer(state: nnx.State, x: Array, layer_cache: tuple[Array, Array] | None):
+            return nnx.merge(graphdef, state)(x, positions, mask, layer_cache, write_start, n_write, gate)
+
+        if self.cfg.remat:
+            layer = jax.checkpoint(layer, policy=remat_policy(self.cfg), prevent_cse=False)  # no CSE to undo in a scan
+        if cache is None:
+            x, _ = jax.lax.scan(lambda h, state: (layer(state, h, None)[0], None), x, stacked)
+            return x, None
+        if not cache.stacked:
+            raise ValueError("a model with model.scan_layers=true needs a stacked KV cache (kv_cache.init_cache)")
+
+        def body(carry, xs):
+            h, keys, values = carry
+            state, i = xs
+            h, (k, v) = layer(state, h, (keys[i], values[i]))
+            return (h, jax.lax.dynamic_update_index_in_dim(keys, k, i, 0),
+                    jax.lax.dynamic_update_index_in_dim(values, v, i, 0)), None
+
+        (x, keys, values), _ = jax.lax.scan(body, (x, cache.keys, cache.values),
+                                            (stacked, jnp.arange(self.cfg.n_layers)))
+        return x, cache.replace(keys=keys, values=values)
 
     def head_weight(self) -> Array:
         """The LM head matrix [d_model, vocab] (the embedding's transpose when tied), in the param dtype."""

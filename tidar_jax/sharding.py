@@ -34,6 +34,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("kv_heads", "tensor"),
     ("vocab", "tensor"),
     ("head_dim", None),
+    ("layers", None),  # the stacked-layers axis (model.scan_layers): every device holds every layer's shard
 )
 BATCH_AXES = dict(LOGICAL_AXIS_RULES)["batch"]
 
