@@ -30,6 +30,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from tidar_jax.config import Config, ConfigError, config_from_dict, to_dict
+from tidar_jax.layer_stacking import is_stacked, to_layout
 from tidar_jax.sharding import abstract_model, param_shardings, replicated
 
 if TYPE_CHECKING:
@@ -41,7 +42,13 @@ _STATE, _DATA, _CONFIG = "state", "data", "config"
 _UNFINISHED = ".orbax-checkpoint-tmp"
 _STEP_METADATA = "_CHECKPOINT_METADATA"
 # Fields that change how a run executes, not what it computes: a resumed run may change them freely.
-_RUNTIME_FIELDS = frozenset({"model.remat", "model.attention_impl", "model.compute_dtype", "data.worker_count"})
+# model.scan_layers is not one of them although the function is the same: it changes the layout of the whole saved
+# train state (params and the optimizer's moments), which a resume restores as saved, and a compiled scan need not
+# round like the unrolled layers, so a resumed run could not promise to continue bit-exactly. Switch layouts with a
+# new run from train.init_from=OLD_WORKDIR (params converted on load, optimizer state fresh); eval / generate load
+# either layout (load_for_inference converts).
+_RUNTIME_FIELDS = frozenset({"model.remat", "model.remat_policy", "model.attention_impl", "model.compute_dtype",
+                             "data.worker_count"})
 
 
 class CheckpointError(RuntimeError):
@@ -339,10 +346,23 @@ def _inference_shardings(abstract_state: nnx.State, mesh: jax.sharding.Mesh | No
     return param_shardings(abstract_state, mesh)
 
 
-def load_for_inference(path: str | Path, mesh: jax.sharding.Mesh | None = None) -> InferenceBundle:
+def _restore_target(model_cfg: Any, mesh: jax.sharding.Mesh | None) -> tuple[nnx.GraphDef, nnx.State, dict]:
+    """(graphdef, abstract state, pure dict of ShapeDtypeStructs carrying the target shardings) of a model."""
+    graphdef, abstract_state = abstract_model(model_cfg)
+    abstract = jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                            nnx.to_pure_dict(abstract_state), _inference_shardings(abstract_state, mesh))
+    return graphdef, abstract_state, abstract
+
+
+def load_for_inference(path: str | Path, mesh: jax.sharding.Mesh | None = None,
+                       scan_layers: bool | None = None) -> InferenceBundle:
     """Restores params (never the optimizer state: a partial restore reads only the `params` subtree) and config
     from a workdir (latest step), a checkpoints directory (latest step) or one step directory, placed on `mesh`
     (default: replicated on the local devices), plus WORKDIR/tokenizer.json when present.
+
+    `scan_layers` picks the layer layout of the returned params (layer_stacking.py; None: as saved): the layout on
+    disk is read from the checkpoint itself, so workdirs written before `model.scan_layers` existed load into either.
+    The bundle's `config.model.scan_layers` says which layout it holds.
 
     Raises `CheckpointError` for a missing path, no checkpoint, or unfinished / corrupt files.
     """
@@ -350,12 +370,12 @@ def load_for_inference(path: str | Path, mesh: jax.sharding.Mesh | None = None) 
     step_dir = root / str(step)
     _check_finished(step_dir, (_STATE, _CONFIG))
     config = read_step_config(root, step)
-    graphdef, abstract_state = abstract_model(config.model)
-    abstract = jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-                            nnx.to_pure_dict(abstract_state), _inference_shardings(abstract_state, mesh))
-    target = {"params": abstract}
     with _reader(root, ocp.PyTreeCheckpointHandler()) as manager:
         saved = _state_metadata(manager, step, step_dir)
+        saved_params = getattr(saved, "tree", saved).get("params")
+        on_disk = dataclasses.replace(config.model, scan_layers=bool(saved_params) and is_stacked(saved_params))
+        graphdef, abstract_state, abstract = _restore_target(on_disk, mesh)
+        target = {"params": abstract}
         _raise_mismatch(_mismatch(saved, target, subtree="params"),
                         f"checkpoint {step_dir} does not match its config.model")
         restore = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
@@ -364,6 +384,12 @@ def load_for_inference(path: str | Path, mesh: jax.sharding.Mesh | None = None) 
             params = manager.restore(step, args=ocp.args.Composite(**{_STATE: restore}))[_STATE]["params"]
         except Exception as e:
             raise _corrupt(step_dir, e) from e
+    wanted = on_disk if scan_layers is None else dataclasses.replace(on_disk, scan_layers=scan_layers)
+    if wanted != on_disk:
+        graphdef, abstract_state, abstract = _restore_target(wanted, mesh)
+        shardings = jax.tree.map(lambda a: a.sharding, abstract)
+        params = jax.jit(lambda p: to_layout(p, wanted.scan_layers), out_shardings=shardings)(params)
+    config = dataclasses.replace(config, model=wanted)
     nnx.replace_by_pure_dict(abstract_state, params)
     tokenizer = None
     if (workdir / TOKENIZER_FILE).is_file():
@@ -375,7 +401,8 @@ def load_for_inference(path: str | Path, mesh: jax.sharding.Mesh | None = None) 
 
 def save_inference_checkpoint(workdir: str | Path, config: Config, params: nnx.State | dict,
                               tokenizer_file: str | Path | None = None) -> Path:
-    """Writes `params` (nnx.State or its pure dict, matching `config.model`) as a params-only step-0 checkpoint
+    """Writes `params` (nnx.State or its pure dict, matching `config.model` in either layer layout: they are saved in
+    `config.model.scan_layers`'s) as a params-only step-0 checkpoint
     that `load_for_inference(workdir)` reads, and copies `tokenizer_file` to WORKDIR/tokenizer.json.
 
     Refuses (CheckpointError) if WORKDIR already holds checkpoints or a different tokenizer.json. Returns WORKDIR.
@@ -386,7 +413,7 @@ def save_inference_checkpoint(workdir: str | Path, config: Config, params: nnx.S
     if existing:
         raise CheckpointError(f"{root} already holds checkpoints (steps {existing}); refusing to write over "
                               "them, choose an empty workdir")
-    pure = _pure(params)
+    pure = to_layout(_pure(params), config.model.scan_layers)
     template = nnx.to_pure_dict(abstract_model(config.model)[1])
     _raise_mismatch(_mismatch(pure, template, names=("params", "config.model")), "params do not match config.model")
     tokenizer_dest = workdir / TOKENIZER_FILE

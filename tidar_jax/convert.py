@@ -35,6 +35,7 @@ from flax import nnx
 
 from tidar_jax.adapters import is_trainable
 from tidar_jax.config import ModelConfig, validate_model
+from tidar_jax.layer_stacking import to_layout
 from tidar_jax.model import Transformer
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
@@ -160,7 +161,8 @@ Fn = Callable[[np.ndarray], np.ndarray]
 
 
 def _weight_rules(cfg: ModelConfig) -> Iterator[tuple[tuple, str, Fn, Fn]]:
-    """(our param path, HF tensor name, HF -> ours, ours -> HF) for every parameter of `Transformer(cfg)`."""
+    """(our param path, HF tensor name, HF -> ours, ours -> HF) for every parameter of `Transformer(cfg)` in the
+    unstacked layer layout (HF's; layer_stacking.py converts to and from `model.scan_layers`)."""
     d, hd = cfg.d_model, cfg.head_dim
     ident: Fn = lambda w: w  # noqa: E731
     transpose: Fn = lambda w: w.T  # noqa: E731
@@ -199,6 +201,17 @@ def _path_key(path: tuple) -> tuple:
     return tuple(p.key for p in path if isinstance(p, jax.tree_util.DictKey))
 
 
+def _unstacked_cfg(cfg: ModelConfig) -> ModelConfig:
+    return dataclasses.replace(cfg, scan_layers=False)
+
+
+def _unstacked_leaves(params: nnx.State | dict) -> dict[tuple, jax.Array]:
+    """Our param path (unstacked layout, e.g. ('layers', 0, 'attn', 'q_proj')) -> leaf, of params in either
+    layout."""
+    pure = to_layout(nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params, False)
+    return {_path_key(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(pure)[0]}
+
+
 def _adapter_name(key: tuple) -> str:
     """Tensor name of an adapter leaf in ADAPTERS_FILE, e.g. `tidar_adapters.layers.0.attn.q_adapter.a`."""
     return ".".join(["tidar_adapters", *map(str, key)])
@@ -208,7 +221,7 @@ def _adapter_keys(cfg: ModelConfig) -> list[tuple]:
     """Param paths of the mask-gated adapter leaves of `Transformer(cfg)` (none without adapters)."""
     if cfg.adapter_rank <= 0:
         return []
-    _, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    _, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(_unstacked_cfg(cfg), rngs=nnx.Rngs(0))))
     return [_path_key(path) for path, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]
             if is_trainable(_path_key(path))]
 
@@ -231,7 +244,7 @@ def params_from_hf_tensors(cfg: ModelConfig, tensors: Mapping[str, np.ndarray]) 
     if unexpected:
         raise ConversionError(f"checkpoint has tensors this architecture does not use (unsupported variant?): "
                               f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-    _, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    _, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(_unstacked_cfg(cfg), rngs=nnx.Rngs(0))))
 
     def fill(path, leaf):
         array = arrays[_path_key(path)]
@@ -240,12 +253,17 @@ def params_from_hf_tensors(cfg: ModelConfig, tensors: Mapping[str, np.ndarray]) 
                                   f"not match the config's {leaf.shape}")
         return jnp.asarray(array)
 
-    return jax.tree_util.tree_map_with_path(fill, abstract)
+    params = jax.tree_util.tree_map_with_path(fill, abstract)
+    if not cfg.scan_layers:
+        return params
+    _, stacked = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    nnx.replace_by_pure_dict(stacked, to_layout(nnx.to_pure_dict(params), True))
+    return stacked
 
 
 def hf_tensors_from_params(cfg: ModelConfig, params: nnx.State, dtype: str = "float32") -> dict[str, np.ndarray]:
-    """HF-named host arrays of `dtype` from our params (inverse of `params_from_hf_tensors`)."""
-    flat = {_path_key(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    """HF-named host arrays of `dtype` from our params, either layer layout (inverse of `params_from_hf_tensors`)."""
+    flat = _unstacked_leaves(params)
     return {name: np.ascontiguousarray(to_hf(np.asarray(jax.device_get(flat[key])))).astype(dtype)
             for key, name, _, to_hf in _weight_rules(cfg)}
 
@@ -411,7 +429,7 @@ def export_hf_checkpoint(out_dir: str | Path, cfg: ModelConfig, params: nnx.Stat
               metadata={"format": "pt"})
     adapter_keys = _adapter_keys(cfg)
     if adapter_keys:
-        flat = {_path_key(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+        flat = _unstacked_leaves(params)
         save_file({_adapter_name(k): jnp.asarray(flat[k], jnp.float32) for k in adapter_keys},
                   str(out_dir / ADAPTERS_FILE), metadata={"format": "tidar_jax"})
     (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")

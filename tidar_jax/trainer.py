@@ -37,6 +37,7 @@ from tidar_jax.adapters import attach_to_base, merge_trainable, split_trainable
 from tidar_jax.checkpoint import TOKENIZER_FILE, Checkpointer, load_for_inference
 from tidar_jax.config import Config, ConfigError
 from tidar_jax.data import make_eval_batches, make_train_iterator
+from tidar_jax.layer_stacking import to_layout
 from tidar_jax.draft_loss import diffusion_metrics
 from tidar_jax.metrics_log import MetricsLog
 from tidar_jax.model import forward, forward_hidden, head_weight
@@ -154,7 +155,8 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------- state
     def init_state(self, params: dict | nnx.State | None = None) -> TrainState:
         """A step-0 state: fresh sharded params (seed `train.seed`) or `params` (e.g. a loaded checkpoint, any
-        placement; moved to the param shardings), and a zero optimizer state placed like the trained params.
+        placement, either layer layout; moved to the param shardings), and a zero optimizer state placed like the
+        trained params.
         With adapters, `params` may be those of the base model alone: fresh adapters are attached to it."""
         fresh = None
         if params is None or self.cfg.model.adapter_rank > 0:
@@ -162,6 +164,7 @@ class Trainer:
         params = fresh if params is None else params
         if isinstance(params, nnx.State):
             params = nnx.to_pure_dict(params)
+        params = to_layout(params, self.cfg.model.scan_layers)  # either layer layout may come in
         expected = jax.tree.structure(self.param_shardings)
         if fresh is not None and jax.tree.structure(params) != expected:
             try:
@@ -311,7 +314,8 @@ def train(plan: RunPlan, *, stop_at_step: int | None = None, progress: bool = Tr
     end_step = t.steps if stop_at_step is None else min(stop_at_step, t.steps)
     mesh = make_mesh(cfg.mesh) if mesh is None else mesh
     trainer = trainer_for(cfg, mesh)
-    init_params = None if plan.resume or plan.init_dir is None else load_for_inference(plan.init_dir, mesh).params
+    init_params = None if plan.resume or plan.init_dir is None else load_for_inference(
+        plan.init_dir, mesh, scan_layers=cfg.model.scan_layers).params
     pid, pcount = jax.process_index(), jax.process_count()
     train_iter = make_train_iterator(cfg, plan.tokenizer, pid, pcount)
     eval_batches = [make_global_batch(b, mesh) for b in make_eval_batches(cfg, plan.tokenizer, t.eval_batches,
