@@ -75,6 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="only the step-cost table for --config's model shape: no checkpoint, no weights, nothing "
                            "allocated (the decode programs are lowered on jax.ShapeDtypeStruct params)")
     cost.add_argument("--config", help="YAML config whose model section gives the shape (with --cost-only)")
+    cost.add_argument("--override", nargs="+", default=[], metavar="section.field=value",
+                      help="dotted overrides of --config, e.g. model.scan_layers=true")
     cost.add_argument("--block-size", type=int, help="K of the TiDAR step (default: the config's model.block_size)")
     cost.add_argument("--cache-len", type=int, default=4096, help="KV-cache slots the steps attend over")
     cost.add_argument("--batch-size", type=int, default=1, help="batch rows of the costed programs")
@@ -260,7 +262,7 @@ def run_cost_only(args) -> int:
     from tidar_jax.step_cost import format_costs, step_costs, time_steps
 
     try:
-        cfg = load_config(args.config).model
+        cfg = load_config(args.config, args.override).model
         k = args.block_size or cfg.block_size
         costs = step_costs(cfg, k, args.cache_len, args.batch_size, args.prompt_bucket, args.peak_tflops,
                            args.bandwidth_gbs)
