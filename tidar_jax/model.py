@@ -239,8 +239,8 @@ class Transformer(nnx.Module):
 
         tokens, positions: [batch, q] int32; mask: [batch or 1, q, keys] bool (keys = cache.max_len + q with a
         cache, else q); cache: K/V buffers, stacked iff model.scan_layers (its cursor is not read or moved
-        here); write_start: [batch];
-        n_write: static count of leading tokens whose K/V are written at `write_start`.
+        here); write_start: [batch]; n_write: static count of leading tokens whose K/V are written at
+        `write_start`. Both layer layouts compute the same function (tests/test_scan_layers.py).
         """
         cfg = self.cfg
         cd = jnp.dtype(cfg.compute_dtype)
