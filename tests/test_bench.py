@@ -106,3 +106,4 @@ def test_cost_only_arguments():
         bench.parse_args(["--cost-only"])  # needs --config
     with pytest.raises(SystemExit):
         bench.parse_args([])  # needs --checkpoint
+    assert bench.main(["--cost-only", "--config", "configs/tiny.yaml", "--override", "model.scan_layers=maybe"]) == 2

@@ -238,12 +238,15 @@ def test_resume_refuses_a_different_run(tmp_path, tiny_config):
         ckpt.save(1, state, None, replace(tiny_config, data={"tokenizer_sha256": tokenizer.fingerprint}))
     before = snapshot(tmp_path)
     assert plan_run(tmp_path, config=tiny_config).resume
-    # Longer training, another mesh, remat: the same run, resumable.
-    plan_run(tmp_path, config=replace(tiny_config, train={"steps": 500}, mesh={"fsdp": 2}, model={"remat": True}))
-    other = replace(tiny_config, model={"d_model": 128}, data={"seq_len": 32}, train={"objective": "ar"})
+    # Longer training, another mesh, remat (with a policy): the same run, resumable.
+    plan_run(tmp_path, config=replace(tiny_config, train={"steps": 500}, mesh={"fsdp": 2},
+                                      model={"remat": True, "remat_policy": "dots_saveable"}))
+    # Another layer layout changes the saved train state's layout: refused (a new run via train.init_from converts).
+    other = replace(tiny_config, model={"d_model": 128, "scan_layers": True}, data={"seq_len": 32},
+                    train={"objective": "ar"})
     with pytest.raises(ConfigError) as err:
         plan_run(tmp_path, config=other)
-    for name in ("model.d_model", "data.seq_len", "train.objective"):
+    for name in ("model.d_model", "model.scan_layers", "data.seq_len", "train.objective"):
         assert name in str(err.value)
     assert "model.n_layers" not in str(err.value)
     assert snapshot(tmp_path) == before  # refusing only read

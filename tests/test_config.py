@@ -35,6 +35,8 @@ def test_dict_round_trip(tiny_config):
     (["model.eos_token_id=-1"], "model.eos_token_id"),
     (["model.head_dim=15"], "model.head_dim"),
     (["model.compute_dtype=float8"], "model.compute_dtype"),
+    (["model.remat=true", "model.remat_policy=everything"], "model.remat_policy"),
+    (["model.remat_policy=dots_saveable"], "model.remat_policy=dots_saveable has no effect without model.remat"),
     (["train.objective=mlm"], "train.objective"),
     (["mesh.data=-1", "mesh.fsdp=-1"], "mesh axis"),
     (["decode.beta=1.5"], "decode.beta"),

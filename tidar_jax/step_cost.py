@@ -10,6 +10,7 @@ max(FLOPs / peak, bytes / bandwidth). The TiDAR / AR ratio compares one TiDAR st
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -62,6 +63,8 @@ def step_costs(cfg: ModelConfig, block_size: int, cache_len: int, batch_size: in
     """
     if prompt_bucket + block_size > cache_len:
         raise ValueError(f"prompt bucket {prompt_bucket} + K {block_size} exceeds the cache length {cache_len}")
+    if cfg.scan_layers:  # XLA's cost analysis counts a loop body once: cost the unrolled layers (same function)
+        cfg, model = dataclasses.replace(cfg, scan_layers=False), None
     graphdef, params = model or abstract_model(cfg)
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     sp = jax.eval_shape(SamplingParams.create)
