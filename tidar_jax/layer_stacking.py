@@ -31,6 +31,13 @@ def is_stacked(params: dict) -> bool:
     return not all(str(k).isdigit() for k in params[LAYERS])
 
 
+def layer_axes(path: tuple) -> int:
+    """1 if the pure-dict tree path (jax key path) is a leaf of the stacked layers (its first axis is the layer
+    axis), else 0: `leaf.ndim - layer_axes(path)` is the rank one layer's param has in either layout."""
+    keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+    return int(len(keys) > 1 and keys[0] == LAYERS and not keys[1].isdigit())
+
+
 def _is_params(node: Any) -> bool:
     return isinstance(node, dict) and LAYERS in node and isinstance(node[LAYERS], dict)
 

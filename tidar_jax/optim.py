@@ -1,7 +1,7 @@
 """AdamW with linear warmup + cosine decay and global-norm clipping, and placement of its state on the mesh.
 
-Weight decay applies to matrices only (ndim >= 2): norm scales and biases are not decayed, as in Llama/Qwen
-training recipes. The optimizer state is laid out like the params (Adam moments get the param shardings, scalar
+Weight decay applies to matrices only (ndim >= 2, counted per layer in the stacked layout): norm scales and biases
+are not decayed, as in Llama/Qwen training recipes. The optimizer state is laid out like the params (Adam moments get the param shardings, scalar
 counters are replicated), because `tx.init` alone would not place it where the sharded train step expects it.
 """
 
@@ -14,6 +14,7 @@ import optax
 from jax.sharding import Mesh
 
 from tidar_jax.config import TrainConfig
+from tidar_jax.layer_stacking import layer_axes
 from tidar_jax.sharding import replicated
 
 
@@ -26,7 +27,9 @@ def learning_rate_schedule(t: TrainConfig) -> Callable[[Any], Any]:
 
 
 def _decay_mask(params: Any) -> Any:
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    # The rank of one layer's param, so that the stacked layout (model.scan_layers) decays exactly what the
+    # unstacked one does.
+    return jax.tree_util.tree_map_with_path(lambda path, p: p.ndim - layer_axes(path) >= 2, params)
 
 
 def make_optimizer(t: TrainConfig) -> optax.GradientTransformation:
