@@ -1,8 +1,9 @@
 """AdamW with linear warmup + cosine decay and global-norm clipping, and placement of its state on the mesh.
 
 Weight decay applies to matrices only (ndim >= 2, counted per layer in the stacked layout): norm scales and biases
-are not decayed, as in Llama/Qwen training recipes. The optimizer state is laid out like the params (Adam moments get the param shardings, scalar
-counters are replicated), because `tx.init` alone would not place it where the sharded train step expects it.
+are not decayed, as in Llama/Qwen training recipes. The optimizer state is laid out like the params (Adam moments
+get the param shardings, scalar counters are replicated), because `tx.init` alone would not place it where the
+sharded train step expects it.
 """
 
 from __future__ import annotations
