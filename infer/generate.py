@@ -11,8 +11,8 @@ Text streams to stdout as tokens are accepted (statistics go to stderr); with --
 the end instead: token_ids (the new tokens), text, forwards, tokens_per_forward, tokens_per_second and more.
 Defaults for every knob come from the checkpoint's `decode` config section; `decode.field=value` overrides change it
 (flags win over overrides). The block size defaults to the one the model was trained with. Decoding runs on one
-device unless `mesh.*` overrides ask for a mesh (sizes as in the training config, -1 = the remaining devices; the
-heads, MLP, vocabulary and KV cache are split over `tensor`).
+device unless `mesh.*` overrides ask for a mesh (e.g. `mesh.data=1 mesh.tensor=4`: the first 4 devices; -1 = all
+remaining devices): the heads, MLP, vocabulary and the KV cache's heads are split over `tensor`, rows over `data`.
 """
 
 from __future__ import annotations
@@ -85,13 +85,21 @@ def _decode_config(config, args: argparse.Namespace):
 
 
 def _mesh(args: argparse.Namespace):
-    """The decoding mesh asked for by mesh.* overrides (over the MeshConfig defaults: data=-1 takes the devices
-    left), or None: one device."""
+    """The decoding mesh asked for by mesh.* overrides, or None: one device. Sizes default to MeshConfig's (data=-1
+    takes every device left); with no -1 the mesh uses the first data * fsdp * tensor devices."""
+    import math
+
+    import jax
+
     from tidar_jax.config import load_config
     from tidar_jax.sharding import make_mesh
 
     mesh_overrides = [o for o in args.overrides if o.startswith("mesh.")]
-    return make_mesh(load_config(None, mesh_overrides).mesh) if mesh_overrides else None
+    if not mesh_overrides:
+        return None
+    mesh_cfg = load_config(None, mesh_overrides).mesh
+    sizes = (mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)
+    return make_mesh(mesh_cfg, jax.devices() if -1 in sizes else jax.devices()[:math.prod(sizes)])
 
 
 def _prompt_ids(args: argparse.Namespace, bundle) -> list[int]:
