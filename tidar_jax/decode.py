@@ -98,9 +98,10 @@ class DecodeState:
     cache: KVCache with per-row cursor [b]; drafts: [b, K] int32 (v_1..v_K); draft_probs: [b, K-1, V] float32, the
     distributions v_2..v_K were sampled from ([b, 0, 0] when greedy); tokens: [b, capacity + K] int32 output buffer
     (the K slack lets a step write a whole block); num_tokens: [b] int32 valid prefix of `tokens`; max_new_tokens:
-    [b] int32 per-row limit <= capacity (0 = inert row); finish: [b] int32 (RUNNING or a FINISH_* reason); row_forwards: [b] int32
-    forwards each row was active for (prefill included); forwards: [] int32 batch forwards so far (prefill
-    included); accept_hist: [K+1] int32, accept_hist[a] = row-steps that accepted a tokens; key: PRNG key.
+    [b] int32 per-row limit <= capacity (0 = inert row); finish: [b] int32 (RUNNING or a FINISH_* reason);
+    row_forwards: [b] int32 forwards each row was active for (prefill included); forwards: [] int32 batch forwards
+    so far (prefill included); accept_hist: [K+1] int32, accept_hist[a] = row-steps that accepted a tokens; key:
+    PRNG key.
     """
 
     cache: KVCache
@@ -215,8 +216,9 @@ def prefill(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, prompts: 
 
     cache: empty KVCache [b, max_len, ...] (donate it); prompts: [b, P] int32, left-aligned and padded to the
     bucket P; lengths: [b] int32 real prompt lengths (1 <= lengths <= P, lengths + K <= max_len); max_new_tokens:
-    [b] (or [], the same for every row) int32 <= spec.capacity, 0 for an inert row. v_1 = the verifier's choice from the last prompt token's AR logits (mixed with
-    mask slot 1 by beta); v_2..v_K from mask slots 2..K. v_1 is emitted at once.
+    [b] (or [], the same for every row) int32 <= spec.capacity, 0 for an inert row. v_1 = the verifier's choice
+    from the last prompt token's AR logits (mixed with mask slot 1 by beta); v_2..v_K from mask slots 2..K. v_1 is
+    emitted at once.
     """
     k = spec.num_drafts
     n_masks = k if spec.with_proposals else 0
@@ -243,7 +245,8 @@ def prefill(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, prompts: 
     state = DecodeState(
         cache=cache, drafts=jnp.concatenate([first[:, None], guesses], axis=1), draft_probs=guess_probs,
         tokens=jnp.zeros((batch, spec.capacity + k), jnp.int32), num_tokens=jnp.zeros((batch,), jnp.int32),
-        max_new_tokens=jnp.broadcast_to(jnp.asarray(max_new_tokens, jnp.int32), (batch,)), finish=jnp.zeros((batch,), jnp.int32),
+        max_new_tokens=jnp.broadcast_to(jnp.asarray(max_new_tokens, jnp.int32), (batch,)),
+        finish=jnp.zeros((batch,), jnp.int32),
         row_forwards=jnp.ones((batch,), jnp.int32), forwards=jnp.ones((), jnp.int32),
         accept_hist=jnp.zeros((k + 1,), jnp.int32), key=key)
     state = _append_output(state, first[:, None], jnp.ones((batch,), jnp.int32), jnp.ones((batch,), bool), spec)

@@ -3,13 +3,14 @@
 Shapes come from buckets (buckets.py), so a new prompt length, batch size or max_new_tokens within a bucket does
 not recompile: prompts are padded (left-aligned) to the smallest `decode.prompt_buckets` entry that holds the
 longest one; the batch is padded to the smallest `decode.batch_buckets` entry (past the largest: its next multiple;
-on a mesh: rounded up to a multiple of the data shards) with inert rows, which finish at prefill and are dropped from every result; the output buffer
-holds the smallest `decode.max_new_tokens * 2^i` tokens that hold the requested max_new_tokens, which stays an exact
-per-row limit (a traced [batch] array). Compiled programs are kept per (model graph, function, DecodeSpec, mesh,
-argument shapes and shardings): the prefill per (prompt bucket, batch bucket, mode, greedy, capacity), the decode
-loop per (batch bucket, mode, greedy, capacity), independent of the prompt bucket because the KV cache has a fixed
-length. They live in a bounded LRU `ProgramCache` (program_cache.py; module-wide `PROGRAMS` by default), so
-Generators over models of one architecture share programs. beta / temperature / top-k / top-p / seed are traced.
+on a mesh: rounded up to a multiple of the data shards) with inert rows, which finish at prefill and are dropped
+from every result; the output buffer holds the smallest `decode.max_new_tokens * 2^i` tokens that hold the
+requested max_new_tokens, which stays an exact per-row limit (a traced [batch] array). Compiled programs are kept
+per (model graph, function, DecodeSpec, mesh, argument shapes and shardings): the prefill per (prompt bucket, batch
+bucket, mode, greedy, capacity), the decode loop per (batch bucket, mode, greedy, capacity), independent of the
+prompt bucket because the KV cache has a fixed length. They live in a bounded LRU `ProgramCache`
+(program_cache.py; module-wide `PROGRAMS` by default), so Generators over models of one architecture share
+programs. beta / temperature / top-k / top-p / seed are traced.
 `TRACE_COUNTS` counts traces per function name and `PROGRAMS.misses` compilations, for tests.
 
 Sharded decoding: with `mesh`, params are placed by the rules table (heads, kv_heads, mlp, vocab over `tensor`),
