@@ -15,6 +15,7 @@ With `adapter_rank > 0` the projections carry mask-gated low-rank adapters (adap
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
@@ -195,8 +196,23 @@ class Attention(nnx.Module):
         return out, cache_kv
 
 
+def _batch_sharded(x: Array) -> Array:
+    """x: [batch, ...] pinned to the batch mesh axes when traced under a mesh (`jax.set_mesh`), else unchanged.
+
+    Without it the SPMD partitioner gathered the whole global batch's MLP activations on every fsdp device instead
+    of gathering the fsdp-sharded weights (the CPU plan of qwen2.5-1.5b: [8, 8192, 8960] float32 buffers in every
+    layer, 2x the temp memory; docs/RESULTS.md section 3)."""
+    from tidar_jax.sharding import BATCH_AXES  # sharding.py imports this module
+
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = () if mesh.empty else tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes))
+
+
 class MLP(nnx.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)); input and output batch-sharded under a mesh (`_batch_sharded`)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         pd = jnp.dtype(cfg.param_dtype)
@@ -212,10 +228,11 @@ class MLP(nnx.Module):
     def __call__(self, x: Array, rows: Array | None = None) -> Array:
         """x: [batch, seq, d_model]; rows: [batch, seq] bool adapter gate (None: no adapters)."""
         dt = x.dtype
+        x = _batch_sharded(x)
         gate = gated(x @ self.gate_proj[...].astype(dt), x, self.gate_adapter, rows)
         up = gated(x @ self.up_proj[...].astype(dt), x, self.up_adapter, rows)
         hidden = jax.nn.silu(gate) * up
-        return gated(hidden @ self.down_proj[...].astype(dt), hidden, self.down_adapter, rows)
+        return _batch_sharded(gated(hidden @ self.down_proj[...].astype(dt), hidden, self.down_adapter, rows))
 
 
 class DecoderLayer(nnx.Module):
