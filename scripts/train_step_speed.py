@@ -18,7 +18,7 @@ import time
 import jax
 import numpy as np
 
-from tidar_jax.config import ATTENTION_IMPLS, ConfigError, MeshConfig, load_config, replace
+from tidar_jax.config import ATTENTION_IMPLS, ConfigError, load_config, replace
 from tidar_jax.sharding import make_global_batch, make_mesh
 from tidar_jax.trainer import Trainer
 
@@ -34,7 +34,7 @@ def main(argv=None) -> None:
     if bad or args.repeats < 1:
         parser.error(f"--impls must be among {ATTENTION_IMPLS}, got {bad}" if bad else "--repeats must be >= 1")
     try:
-        base = replace(load_config(args.config, args.overrides), mesh=MeshConfig(data=1, fsdp=1, tensor=1))
+        base = replace(load_config(args.config, args.overrides), mesh={"data": 1, "fsdp": 1, "tensor": 1})
     except ConfigError as e:
         parser.error(str(e))
     mesh = make_mesh(base.mesh, jax.devices()[:1])

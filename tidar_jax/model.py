@@ -92,7 +92,8 @@ def _write_rows(buffer: Array, new: Array, start: Array) -> Array:
 
 
 class Attention(nnx.Module):
-    """Grouped-query attention over an explicit boolean mask, with optional QKV bias (Qwen2) and QK-norm (Qwen3)."""
+    """Grouped-query attention over an explicit boolean mask (dense, or a structured `masks.LayoutMask` that
+    attention_impl=blockwise attends with tile by tile), with optional QKV bias (Qwen2) and QK-norm (Qwen3)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -130,9 +131,9 @@ class Attention(nnx.Module):
         """x: [batch, q, d_model]; positions: [batch, q]; mask: [batch or 1, q, keys] bool where keys is
         `max_len + q` with a cache (cache slots first) and `q` without, or a `masks.LayoutMask` (the q tokens are
         its layout's last q rows; with a cache its first T - q keys are cache slots 0..T-q-1): "blockwise" attends
-        with its structure (ops.blockwise_attention), the others with its `dense(max_len, q)` form; cache_kv: ([batch, max_len, kv_heads, head_dim],) * 2 or None; write_start: [batch] slot
-        where the first `n_write` tokens' K/V go; gate: [batch, q] bool rows that get the adapters (None: no
-        adapters).
+        with its structure (ops.blockwise_attention), the others with its `dense(max_len, q)` form; cache_kv:
+        ([batch, max_len, kv_heads, head_dim],) * 2 or None; write_start: [batch] slot where the first `n_write`
+        tokens' K/V go; gate: [batch, q] bool rows that get the adapters (None: no adapters).
 
         Returns ([batch, q, d_model], updated cache_kv or None).
         """
