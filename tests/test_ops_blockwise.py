@@ -171,7 +171,7 @@ def test_model_forward_xla_bit_identical_and_blockwise_close(tiny_config):
     np.testing.assert_allclose(close, ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["tidar", "ar", "adapters"])
+@pytest.mark.parametrize("mode", ["tidar", pytest.param("ar", marks=pytest.mark.slow), "adapters"])
 def test_train_loss_and_grads_equal_xla(tiny_config, mode):
     """The trainer's loss (tidar / ar objective, and the two-pass adapter loss of draft_loss.py) and its
     gradients with attention_impl=blockwise equal the dense "xla" path's (float32)."""
