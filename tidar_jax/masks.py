@@ -90,14 +90,16 @@ class LayoutMask:
     key_valid: Array
     layout: TrainingLayout = struct.field(pytree_node=False)
 
-    def dense(self, cache_len: int | None = None, n_queries: int = 0) -> Array:
+    def dense(self, cache_len: int | None = None, n_queries: int | None = None) -> Array:
         """No cache (`cache_len=None`): [batch, T, T], exactly `with_key_padding(layout.dense(), key_valid)`.
 
-        With a cache of `cache_len` slots and q = `n_queries` current tokens: [batch, q, cache_len + q] (cache
-        columns first, as `with_cache`), slots past `T - q` unseen."""
+        With a cache of `cache_len` slots and q = `n_queries` current tokens (required then): [batch, q,
+        cache_len + q] (cache columns first, as `with_cache`), slots past `T - q` unseen."""
         full = with_key_padding(self.layout.dense(), self.key_valid)
         if cache_len is None:
             return full
+        if n_queries is None:
+            raise ValueError("a cached LayoutMask.dense needs n_queries (the current tokens)")
         n_cached = self.layout.length - n_queries
         if not 0 <= n_cached <= cache_len:
             raise ValueError(f"{n_queries} current tokens need T - q = {n_cached} of the {cache_len} cache slots")
