@@ -34,8 +34,8 @@ from tidar_jax.masks import TrainingLayout
 
 Array = jax.Array
 
-# Tile sizes (rows x keys). 128 x 128 measured fastest on the 2-core CPU for configs/small.yaml (docs/RESULTS.md);
-# accelerators usually prefer larger tiles.
+# Default tile sizes (rows x keys), used by model.py. Not tuned: 128 x 128 is what docs/RESULTS.md measured
+# (faster than dense on the CPU at S = 512); accelerators may prefer larger tiles.
 BLOCK_Q = 128
 BLOCK_K = 128
 
