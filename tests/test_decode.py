@@ -13,12 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from tidar_jax import config as config_lib
 from tidar_jax import decode, generation, masks, sampling
 from tidar_jax.generation import Generator
 from tidar_jax.kv_cache import init_cache
-from tidar_jax.model import forward
+from tidar_jax.model import create_model, forward
 
 from markov import CHAIN_STATES, SUCCESSORS, scaled_random_model, trained_model
 
@@ -107,6 +108,17 @@ def test_greedy_tidar_is_lossless(cfg, named_model, prompts, block_size):
     if name == "trained":  # the multi-token path must actually run
         assert sum(tidar.acceptance_histogram[2:]) > 0
         assert tidar.forwards < MAX_NEW and tidar.tokens_per_forward > 1.2
+
+
+def test_greedy_tidar_is_lossless_with_blockwise_attention(cfg, trained_params):
+    """attention_impl=blockwise (cached forwards, prefill included, take the "xla" cached path): TiDAR greedy still
+    equals AR greedy, and both equal the "xla" model's AR tokens."""
+    block_cfg = config_lib.replace(cfg, model={"attention_impl": "blockwise"})
+    model = (nnx.graphdef(create_model(block_cfg.model)), trained_params[1])
+    tidar = _generator(block_cfg, model, 4).generate(RAGGED, "tidar", MAX_NEW)
+    ar = _generator(block_cfg, model).generate(RAGGED, "ar", MAX_NEW)
+    assert tidar.tokens == ar.tokens == _generator(cfg, trained_params).generate(RAGGED, "ar", MAX_NEW).tokens
+    assert sum(tidar.acceptance_histogram[2:]) > 0  # multi-token steps ran
 
 
 def test_while_loop_equals_python_loop_and_finished_rows_freeze(cfg, trained_params):
