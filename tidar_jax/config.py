@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLS = ("xla", "cudnn", "xla_reference", "blockwise")
+ATTENTION_IMPLS = ("xla", "cudnn", "xla_reference", "blockwise", "splash")
 OBJECTIVES = ("tidar", "ar")
 ADAPTATIONS = ("full", "adapters")
 
