@@ -148,3 +148,22 @@ def test_prefill_mask_and_positions_match_reference():
                 assert m[row, q, k] == expected, (row, q, k)
         np.testing.assert_array_equal(pos[row, prompt_len:], np.arange(length, length + block))
         np.testing.assert_array_equal(pos[row, :prompt_len], np.arange(prompt_len))
+
+
+def test_layout_mask_dense_forms_with_and_without_a_cache():
+    """LayoutMask.dense(): the padded training mask; with a cache (draft_loss.py's two passes) the layout's last q
+    rows with its first T - q keys as cache slots and the remaining slots unseen."""
+    seq, block = 6, 3
+    valid = np.ones((2, seq), bool)
+    valid[1, 4:] = False
+    lm = masks.tidar_layout_mask(jnp.asarray(valid), block)
+    ref = reference_training_mask(seq, block)[None] & np.concatenate([valid, valid], 1)[:, None, :]
+    np.testing.assert_array_equal(lm.dense(), ref)
+    cached = np.asarray(lm.dense(cache_len=seq + 2, n_queries=seq))  # mask rows over [clean slots | 2 free | mask]
+    assert cached.shape == (2, seq, 2 * seq + 2)
+    np.testing.assert_array_equal(cached[..., :seq], ref[:, seq:, :seq])
+    assert not cached[..., seq:seq + 2].any()
+    np.testing.assert_array_equal(cached[..., seq + 2:], ref[:, seq:, seq:])
+    causal = np.asarray(masks.causal_layout_mask(jnp.asarray(valid)).dense(cache_len=seq, n_queries=seq))
+    assert not causal[..., :seq].any()  # the clean pass reads no cache slot
+    np.testing.assert_array_equal(causal[..., seq:], np.tril(np.ones((seq, seq), bool))[None] & valid[:, None, :])

@@ -3,7 +3,8 @@
 `diffusion_metrics` gives the same numbers as the mask half of the joint 2S forward (`losses.diffusion_terms` on
 `masks.training_*`), but splits it: the S clean tokens run first, writing their per-layer K/V into a cache of S
 slots; then the S mask tokens run as queries over `[that cache | themselves]`, mask block b seeing clean keys
-`< b*K` and its own block. With mask-gated adapters (adapters.py) the clean pass depends on frozen params only, so
+`< b*K` and its own block (both passes take the mask as a `masks.LayoutMask`, so attention_impl=blockwise keeps
+them O(S) in memory). With mask-gated adapters (adapters.py) the clean pass depends on frozen params only, so
 its output is a constant under `stop_gradient`: the backward pass covers the S mask rows only, and neither pass
 runs the LM head on clean rows. Per step that is about half the compute of differentiating the joint forward.
 """
@@ -22,26 +23,14 @@ from tidar_jax.model import forward_hidden, head_logits, head_weight
 Array = jax.Array
 
 
-def mask_block_mask(seq_len: int, block_size: int, valid: Array) -> Array:
-    """[batch, S, 2S] bool for mask queries over keys `[clean cache slots (S) | mask tokens (S)]`: clean slot p' is
-    visible to mask position p when p' < (p // K) * K, a mask key when it is in p's block; padded keys never."""
-    pos = jnp.arange(seq_len, dtype=jnp.int32)
-    block_start = (pos // block_size) * block_size
-    to_clean = pos[None, :] < block_start[:, None]
-    own_block = (pos[None, :] // block_size) == (pos[:, None] // block_size)
-    local = jnp.concatenate([to_clean, own_block], axis=1)[None]
-    return local & jnp.concatenate([valid, valid], axis=1)[:, None, :]
-
-
 def clean_cache(graphdef: nnx.GraphDef, params: nnx.State | dict, tokens: Array, valid: Array, cfg: ModelConfig):
     """KVCache of S slots holding the causal forward's per-layer K/V of tokens [batch, S] (valid: [batch, S])."""
     batch, seq = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32)[None], (batch, seq))
-    causal = masks.with_key_padding(masks.causal_mask(seq), valid)
-    mask = masks.with_cache(jnp.zeros((batch, seq), bool), causal)
     cache = init_cache(cfg, batch, seq)
-    _, cache = forward_hidden(graphdef, params, tokens, positions, mask, cache, jnp.zeros((batch,), jnp.int32),
-                              n_write=seq)
+    # The causal layout's S rows are all current tokens, so no cache slot is read (masks.LayoutMask).
+    _, cache = forward_hidden(graphdef, params, tokens, positions, masks.causal_layout_mask(valid), cache,
+                              jnp.zeros((batch,), jnp.int32), n_write=seq)
     return cache
 
 
@@ -54,7 +43,8 @@ def diffusion_metrics(graphdef: nnx.GraphDef, params: nnx.State | dict, tokens: 
     cache = jax.lax.stop_gradient(clean_cache(graphdef, params, tokens, valid, cfg))
     positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32)[None], (batch, seq))
     queries = jnp.full_like(tokens, cfg.mask_token_id)
-    hidden, _ = forward_hidden(graphdef, params, queries, positions, mask_block_mask(seq, cfg.block_size, valid),
+    # The S mask tokens are the TiDAR layout's last S rows; its first S keys (the clean ones) are the cache slots.
+    hidden, _ = forward_hidden(graphdef, params, queries, positions, masks.tidar_layout_mask(valid, cfg.block_size),
                                cache, None, n_write=0)
     if chunk_rows > 0:
         return losses.diffusion_terms_from_hidden(hidden, head_weight(graphdef, params), tokens, valid,

@@ -9,29 +9,119 @@ Query layouts:
 - decode step: `[v_1 .. v_K | P_1 | .. | P_K]` (proposal blocks of K mask tokens, or none for the AR / draft-model
   verify step), drafts at `L .. L+K-1`, proposal j's slot r at `L+j+r-1` (j, r from 1).
 With a KV cache the key axis is `[cache slots (max_len) | current tokens]`; `with_cache` prepends the cache part.
+A no-cache training forward may take its mask in structured form (`LayoutMask`: a static `TrainingLayout` plus
+key padding), which `ops.blockwise_attention` uses without ever forming the dense mask.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 Array = jax.Array
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainingLayout:
+    """The static attention pattern of a no-cache training forward (hashable: usable as a jit-static argument).
+
+    `block_size=None`: plain causal over `seq_len` tokens (the AR objective, likelihood evals). Otherwise the TiDAR
+    layout of `2 * seq_len` tokens `[clean | mask]` with draft blocks of `block_size` (design.md section 2).
+
+    Every row's allowed keys are at most two intervals, `[0, hi)` and `[lo2, hi2)` (`key_ranges`): this one
+    predicate builds the dense masks (`training_mask`, `causal_mask`), the in-tile masks of `ops.blockwise` and,
+    evaluated on the rows of a tile, its schedule of tiles that are not fully masked, so the two cannot drift.
+    """
+
+    seq_len: int
+    block_size: int | None = None
+
+    def __post_init__(self):
+        if self.block_size is not None and self.seq_len % self.block_size:
+            raise ValueError(f"seq_len ({self.seq_len}) must be a multiple of block_size ({self.block_size})")
+
+    @property
+    def length(self) -> int:
+        """Tokens (= query rows = keys) of the layout: S causal, 2S TiDAR."""
+        return self.seq_len if self.block_size is None else 2 * self.seq_len
+
+    def key_ranges(self, q, xp=jnp):
+        """Row indices q (int array, numpy with `xp=np`) -> (hi, lo2, hi2): row q may attend to keys in
+        `[0, hi) | [lo2, hi2)` (the second interval is empty, lo2 == hi2 == 0, for clean and causal rows).
+
+        TiDAR: clean row p sees clean keys <= p; mask row at position p (block b = p // K) sees clean keys < b*K and
+        the mask keys of its own block, `[S + b*K, S + b*K + K)`."""
+        zero = xp.zeros_like(q)
+        if self.block_size is None:
+            return q + 1, zero, zero
+        s, k = self.seq_len, self.block_size
+        is_mask = q >= s
+        start = ((q - s) // k) * k  # b*K, meaningful for mask rows
+        hi = xp.where(is_mask, start, q + 1)
+        lo2 = xp.where(is_mask, s + start, zero)
+        hi2 = xp.where(is_mask, s + start + k, zero)
+        return hi, lo2, hi2
+
+    def allowed(self, q, k, xp=jnp):
+        """Broadcastable row / key indices -> bool: may row q attend to key k."""
+        hi, lo2, hi2 = self.key_ranges(q, xp)
+        return (k < hi) | ((k >= lo2) & (k < hi2))
+
+    def dense(self) -> Array:
+        """[T, T] bool, T = `length`."""
+        idx = jnp.arange(self.length, dtype=jnp.int32)
+        return self.allowed(idx[:, None], idx[None, :])
+
+
+@struct.dataclass
+class LayoutMask:
+    """A training forward's mask in structured form: the static `layout` plus key padding.
+
+    key_valid: [batch, T] bool (T = layout.length; for TiDAR `[valid, valid]`). A forward of q tokens computes the
+    layout's last q rows; with a KV cache its first `T - q` keys are cache slots `0 .. T-q-1` (the clean pass of
+    draft_loss.py: q = T, nothing read; its mask pass: the S mask rows over the S cached clean keys).
+    `dense(cache_len)` is the boolean mask the "xla" path attends with; `ops.blockwise_attention` uses the
+    structure instead and never forms it.
+    """
+
+    key_valid: Array
+    layout: TrainingLayout = struct.field(pytree_node=False)
+
+    def dense(self, cache_len: int | None = None, n_queries: int | None = None) -> Array:
+        """No cache (`cache_len=None`): [batch, T, T], exactly `with_key_padding(layout.dense(), key_valid)`.
+
+        With a cache of `cache_len` slots and q = `n_queries` current tokens (required then): [batch, q,
+        cache_len + q] (cache columns first, as `with_cache`), slots past `T - q` unseen."""
+        full = with_key_padding(self.layout.dense(), self.key_valid)
+        if cache_len is None:
+            return full
+        if n_queries is None:
+            raise ValueError("a cached LayoutMask.dense needs n_queries (the current tokens)")
+        n_cached = self.layout.length - n_queries
+        if not 0 <= n_cached <= cache_len:
+            raise ValueError(f"{n_queries} current tokens need T - q = {n_cached} of the {cache_len} cache slots")
+        rows = full[:, n_cached:]
+        unseen = jnp.zeros(rows.shape[:2] + (cache_len - n_cached,), bool)
+        return jnp.concatenate([rows[..., :n_cached], unseen, rows[..., n_cached:]], axis=2)
+
+
+def tidar_layout_mask(valid: Array, block_size: int) -> LayoutMask:
+    """valid: [batch, S] bool -> the TiDAR training mask of `[x | M x S]` with padded keys removed (both halves)."""
+    return LayoutMask(key_valid=jnp.concatenate([valid, valid], axis=1),
+                      layout=TrainingLayout(valid.shape[1], block_size))
+
+
+def causal_layout_mask(valid: Array) -> LayoutMask:
+    """valid: [batch, S] bool -> the plain causal mask over S tokens with padded keys removed."""
+    return LayoutMask(key_valid=valid, layout=TrainingLayout(valid.shape[1]))
+
+
 def training_mask(seq_len: int, block_size: int) -> Array:
     """[2S, 2S] bool hybrid mask: clean causal; mask block b sees clean keys < b*K and its own block."""
-    if seq_len % block_size:
-        raise ValueError(f"seq_len ({seq_len}) must be a multiple of block_size ({block_size})")
-    idx = jnp.arange(2 * seq_len, dtype=jnp.int32)
-    q, k = idx[:, None], idx[None, :]
-    q_clean, k_clean = q < seq_len, k < seq_len
-    q_pos, k_pos = q % seq_len, k % seq_len
-    q_block, k_block = q_pos // block_size, k_pos // block_size
-    clean_to_clean = q_clean & k_clean & (k_pos <= q_pos)
-    mask_to_clean = ~q_clean & k_clean & (k_pos < q_block * block_size)
-    mask_to_own_block = ~q_clean & ~k_clean & (q_block == k_block)
-    return clean_to_clean | mask_to_clean | mask_to_own_block
+    return TrainingLayout(seq_len, block_size).dense()
 
 
 def training_positions(seq_len: int) -> Array:
@@ -54,8 +144,7 @@ def with_key_padding(mask: Array, key_valid: Array) -> Array:
 
 def causal_mask(length: int) -> Array:
     """[length, length] bool lower-triangular mask (plain AR training and full recomputes)."""
-    idx = jnp.arange(length, dtype=jnp.int32)
-    return idx[None, :] <= idx[:, None]
+    return TrainingLayout(length).dense()
 
 
 def prefill_mask(prompt_len: int, lengths: Array, block_size: int) -> Array:

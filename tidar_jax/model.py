@@ -15,6 +15,7 @@ With `adapter_rank > 0` the projections carry mask-gated low-rank adapters (adap
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
@@ -25,13 +26,16 @@ from tidar_jax.adapters import MASK_EMBED, LowRankAdapter, gated
 from tidar_jax.config import ModelConfig
 from tidar_jax.kv_cache import KVCache
 from tidar_jax.layer_stacking import stack_modules
-from tidar_jax.ops import cached_attention
+from tidar_jax.masks import LayoutMask
+from tidar_jax.ops import blockwise_attention, cached_attention, splash_attention
 
 Array = jax.Array
 
 # model.attention_impl -> jax.nn.dot_product_attention's implementation ("xla_reference" differs from "xla" only
-# with a KV cache, where "xla" uses ops.cached_attention).
-_JAX_ATTENTION_IMPL = {"xla": "xla", "xla_reference": "xla", "cudnn": "cudnn"}
+# with a KV cache, where "xla" uses ops.cached_attention; "blockwise" differs from "xla" only on a structured
+# `masks.LayoutMask` without a cache, where it uses ops.blockwise_attention; "splash" uses ops.splash_attention
+# there, and ops.blockwise_attention on a LayoutMask with a cache).
+_JAX_ATTENTION_IMPL = {"xla": "xla", "xla_reference": "xla", "cudnn": "cudnn", "blockwise": "xla", "splash": "xla"}
 
 
 def _param(rngs: nnx.Rngs, init: Callable, shape: tuple[int, ...], axes: tuple[str | None, ...],
@@ -90,7 +94,8 @@ def _write_rows(buffer: Array, new: Array, start: Array) -> Array:
 
 
 class Attention(nnx.Module):
-    """Grouped-query attention over an explicit boolean mask, with optional QKV bias (Qwen2) and QK-norm (Qwen3)."""
+    """Grouped-query attention over an explicit boolean mask (dense, or a structured `masks.LayoutMask` that
+    attention_impl=blockwise attends with tile by tile), with optional QKV bias (Qwen2) and QK-norm (Qwen3)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -122,13 +127,16 @@ class Attention(nnx.Module):
             out = out + getattr(self, bias_name)[...].astype(dt)
         return gated(out, x, adapter, gate)
 
-    def __call__(self, x: Array, positions: Array, mask: Array, cache_kv: tuple[Array, Array] | None,
+    def __call__(self, x: Array, positions: Array, mask: Array | LayoutMask, cache_kv: tuple[Array, Array] | None,
                  write_start: Array | None, n_write: int,
                  gate: Array | None = None) -> tuple[Array, tuple[Array, Array] | None]:
         """x: [batch, q, d_model]; positions: [batch, q]; mask: [batch or 1, q, keys] bool where keys is
-        `max_len + q` with a cache (cache slots first) and `q` without; cache_kv: ([batch, max_len, kv_heads,
-        head_dim],) * 2 or None; write_start: [batch] slot where the first `n_write` tokens' K/V go; gate:
-        [batch, q] bool rows that get the adapters (None: no adapters).
+        `max_len + q` with a cache (cache slots first) and `q` without, or a `masks.LayoutMask` (the q tokens are
+        its layout's last q rows; with a cache its first T - q keys are cache slots 0..T-q-1): "blockwise" and
+        "splash" attend with its structure (ops.blockwise_attention / ops.splash_attention), the others with its
+        `dense(max_len, q)` form; cache_kv: ([batch, max_len, kv_heads, head_dim],) * 2 or None; write_start:
+        [batch] slot where the first `n_write` tokens' K/V go; gate: [batch, q] bool rows that get the adapters
+        (None: no adapters).
 
         Returns ([batch, q, d_model], updated cache_kv or None).
         """
@@ -140,11 +148,27 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = rotary_embedding(q, positions, cfg.rope_theta)
         k = rotary_embedding(k, positions, cfg.rope_theta)
+        out, new_cache = self._attend(q, k, v, mask, cache_kv, write_start, n_write)
+        projected = jnp.einsum("bshk,hkd->bsd", out, self.o_proj[...].astype(out.dtype))
+        return gated(projected, out, self.o_adapter, gate), new_cache
+
+    def _attend(self, q: Array, k: Array, v: Array, mask: Array | LayoutMask, cache_kv: tuple[Array, Array] | None,
+                write_start: Array | None, n_write: int) -> tuple[Array, tuple[Array, Array] | None]:
+        """Attention of the roped q [batch, q, heads, head_dim] over k / v [batch, q, kv_heads, head_dim] (and the
+        cache) under `cfg.attention_impl`, writing the first `n_write` tokens' K/V (see `__call__`).
+        Returns ([batch, q, heads, head_dim], updated cache_kv or None)."""
+        cfg = self.cfg
+        if isinstance(mask, LayoutMask):
+            if cfg.attention_impl == "splash" and cache_kv is None:
+                return splash_attention(q, k, v, mask.layout, mask.key_valid), None
+            if cfg.attention_impl in ("blockwise", "splash"):
+                return self._blockwise(q, k, v, mask, cache_kv, write_start, n_write)
+            mask = mask.dense(None if cache_kv is None else cache_kv[0].shape[1], q.shape[1])
         if cache_kv is None:
             out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :],
                                                implementation=_JAX_ATTENTION_IMPL[cfg.attention_impl])
-            new_cache = None
-        elif cfg.attention_impl == "xla":
+            return out, None
+        if cfg.attention_impl in ("xla", "blockwise", "splash"):
             # Write first, then attend to the written cache and the current block separately (ops/attention.py).
             # The mask hides the written slots' cache columns (they lie at or past every reading row's cursor), so
             # this equals attending to the old cache; reading the old buffers before an in-place write instead makes
@@ -153,24 +177,54 @@ class Attention(nnx.Module):
             if n_write > 0:
                 cache_k = _write_rows(cache_k, k[:, :n_write].astype(cache_k.dtype), write_start)
                 cache_v = _write_rows(cache_v, v[:, :n_write].astype(cache_v.dtype), write_start)
-            new_cache = (cache_k, cache_v)
-            out = cached_attention(q, k, v, cache_k, cache_v, mask)
-        else:  # the reference: attend to [old cache | current] concatenated, then write
-            cache_k, cache_v = cache_kv
-            keys = jnp.concatenate([cache_k.astype(k.dtype), k], axis=1)
-            values = jnp.concatenate([cache_v.astype(v.dtype), v], axis=1)
-            new_cache = cache_kv
-            if n_write > 0:
-                new_cache = (_write_rows(cache_k, k[:, :n_write].astype(cache_k.dtype), write_start),
-                             _write_rows(cache_v, v[:, :n_write].astype(cache_v.dtype), write_start))
-            out = jax.nn.dot_product_attention(q, keys, values, mask=mask[:, None, :, :],
-                                               implementation=_JAX_ATTENTION_IMPL[cfg.attention_impl])
-        projected = jnp.einsum("bshk,hkd->bsd", out, self.o_proj[...].astype(out.dtype))
-        return gated(projected, out, self.o_adapter, gate), new_cache
+            return cached_attention(q, k, v, cache_k, cache_v, mask), (cache_k, cache_v)
+        # The reference: attend to [old cache | current] concatenated, then write.
+        cache_k, cache_v = cache_kv
+        keys = jnp.concatenate([cache_k.astype(k.dtype), k], axis=1)
+        values = jnp.concatenate([cache_v.astype(v.dtype), v], axis=1)
+        new_cache = cache_kv
+        if n_write > 0:
+            new_cache = (_write_rows(cache_k, k[:, :n_write].astype(cache_k.dtype), write_start),
+                         _write_rows(cache_v, v[:, :n_write].astype(cache_v.dtype), write_start))
+        out = jax.nn.dot_product_attention(q, keys, values, mask=mask[:, None, :, :],
+                                           implementation=_JAX_ATTENTION_IMPL[cfg.attention_impl])
+        return out, new_cache
+
+    @staticmethod
+    def _blockwise(q: Array, k: Array, v: Array, mask: LayoutMask, cache_kv: tuple[Array, Array] | None,
+                   write_start: Array | None, n_write: int) -> tuple[Array, tuple[Array, Array] | None]:
+        """ops.blockwise_attention of the layout's last q rows; its first `T - q` keys are cache slots (see
+        `masks.LayoutMask`), read before the first `n_write` tokens' K/V are written at `write_start`."""
+        n_cached = mask.layout.length - q.shape[1]
+        if cache_kv is None:
+            return blockwise_attention(q, k, v, mask.layout, mask.key_valid), None
+        cache_k, cache_v = cache_kv
+        keys = jnp.concatenate([cache_k[:, :n_cached].astype(k.dtype), k], axis=1)
+        values = jnp.concatenate([cache_v[:, :n_cached].astype(v.dtype), v], axis=1)
+        out = blockwise_attention(q, keys, values, mask.layout, mask.key_valid, q_offset=n_cached)
+        if n_write > 0:
+            cache_kv = (_write_rows(cache_k, k[:, :n_write].astype(cache_k.dtype), write_start),
+                        _write_rows(cache_v, v[:, :n_write].astype(cache_v.dtype), write_start))
+        return out, cache_kv
+
+
+def _batch_sharded(x: Array) -> Array:
+    """x: [batch, ...] pinned to the batch mesh axes when traced under a mesh (`jax.set_mesh`), else unchanged.
+
+    Without it the SPMD partitioner gathered the whole global batch's MLP activations on every fsdp device instead
+    of gathering the fsdp-sharded weights (the CPU plan of qwen2.5-1.5b: [8, 8192, 8960] float32 buffers in every
+    layer, 2x the temp memory; docs/RESULTS.md section 3)."""
+    from tidar_jax.sharding import BATCH_AXES  # sharding.py imports this module
+
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = () if mesh.empty else tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes))
 
 
 class MLP(nnx.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)); input and output batch-sharded under a mesh (`_batch_sharded`)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         pd = jnp.dtype(cfg.param_dtype)
@@ -186,10 +240,11 @@ class MLP(nnx.Module):
     def __call__(self, x: Array, rows: Array | None = None) -> Array:
         """x: [batch, seq, d_model]; rows: [batch, seq] bool adapter gate (None: no adapters)."""
         dt = x.dtype
+        x = _batch_sharded(x)
         gate = gated(x @ self.gate_proj[...].astype(dt), x, self.gate_adapter, rows)
         up = gated(x @ self.up_proj[...].astype(dt), x, self.up_adapter, rows)
         hidden = jax.nn.silu(gate) * up
-        return gated(hidden @ self.down_proj[...].astype(dt), hidden, self.down_adapter, rows)
+        return _batch_sharded(gated(hidden @ self.down_proj[...].astype(dt), hidden, self.down_adapter, rows))
 
 
 class DecoderLayer(nnx.Module):

@@ -57,11 +57,11 @@ def objective_metrics(graphdef: nnx.GraphDef, params: dict, tokens: Array, valid
     if objective == "tidar":
         inputs = masks.training_inputs(tokens, m.mask_token_id)
         positions = jnp.broadcast_to(masks.training_positions(seq)[None], inputs.shape)
-        mask = masks.with_key_padding(masks.training_mask(seq, m.block_size), jnp.concatenate([valid, valid], 1))
+        mask = masks.tidar_layout_mask(valid, m.block_size)
     else:
         inputs = tokens
         positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32)[None], (batch, seq))
-        mask = masks.with_key_padding(masks.causal_mask(seq), valid)
+        mask = masks.causal_layout_mask(valid)
     chunk = cfg.train.loss_chunk_rows
     if chunk > 0:  # CE straight from hidden states, never the full [batch, rows, vocab] logits (ops.row_ce)
         hidden, _ = forward_hidden(graphdef, params, inputs, positions, mask)

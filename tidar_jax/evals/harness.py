@@ -18,7 +18,7 @@ model_args (all optional but `checkpoint`):
     beta, block_size, allow_block_size_mismatch, seed, chunk_forwards   as in infer.generate / infer.humaneval
 Params are restored with `load_for_inference` onto the local devices (replicated).
 
-- `loglikelihood` / `loglikelihood_rolling`: one plain causal forward (`model.forward` + `masks.causal_mask`) per
+- `loglikelihood` / `loglikelihood_rolling`: one plain causal forward (`model.forward` + `masks.causal_layout_mask`) per
   batch; requests are sorted by length and each batch is right-padded to a power-of-two length bucket (<= the one
   holding max_length), so there is one compiled program per bucket, never one per length. The jitted function
   returns per-row sums of continuation log-probabilities and the all-greedy flag, not the logits. Rolling
@@ -64,7 +64,7 @@ def _score(graphdef, params, tokens, targets, weights):
     target is scored). Returns (sum of scored log-probs [B], every scored target is the argmax [B])."""
     length = tokens.shape[1]
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), tokens.shape)
-    logits, _ = forward(graphdef, params, tokens, positions, masks.causal_mask(length)[None])
+    logits, _ = forward(graphdef, params, tokens, positions, masks.causal_layout_mask(jnp.ones(tokens.shape, bool)))
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     target_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     greedy = (jnp.argmax(logits, axis=-1) == targets) | (weights == 0)

@@ -3,11 +3,17 @@
 - `cached_attention`: the current block's queries over a read-only KV cache plus the block itself, merged by a
   shared softmax max instead of concatenating `[cache | current]` (the cached forward's default for
   `model.attention_impl = "xla"`; `"xla_reference"` keeps the concatenating reference path).
+- `blockwise_attention`: flash-style attention for the training layouts (`masks.TrainingLayout`), fully masked
+  tiles skipped, no [T, T] array, custom VJP (`model.attention_impl = "blockwise"`, tests/test_ops_blockwise.py).
+- `splash_attention`: TPU Pallas Splash attention with the training layout as a computable mask, under `shard_map`
+  when a mesh is set (`model.attention_impl = "splash"`; interpret mode off TPU, tests/test_ops_splash.py).
 - `row_ce`: per-row cross-entropy / top-1 hits from hidden states and the head weight, chunked over rows so the
   full logits are never held (tests/test_chunked_ce.py).
 """
 
 from tidar_jax.ops.attention import cached_attention
+from tidar_jax.ops.blockwise import blockwise_attention
 from tidar_jax.ops.chunked_ce import row_ce
+from tidar_jax.ops.splash import splash_attention
 
-__all__ = ["cached_attention", "row_ce"]
+__all__ = ["blockwise_attention", "cached_attention", "row_ce", "splash_attention"]
