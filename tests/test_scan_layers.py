@@ -260,3 +260,22 @@ def test_hf_tensors_round_trip_with_scan_layers(cfgs, params, tmp_path):
     imported = convert.convert_hf(json.loads((out / "config.json").read_text()), convert.SafetensorsCheckpoint(out))
     again = to_layout(nnx.to_pure_dict(imported.params), True)
     jax.tree.map(np.testing.assert_array_equal, again, to_layout(params, True))
+
+
+def test_sharded_decoding_with_a_stacked_cache(cfgs, params):
+    """data 2 x tensor 2: the stacked cache is split over rows and KV heads behind a replicated layer axis, and
+    the output equals the unrolled model's on one device."""
+    cfg, scfg = cfgs
+    prompts = [[5, 9, 33, 7], [12, 40, 41]]
+    states = []
+    for c, p in ((cfg, params), (scfg, to_layout(params, True))):
+        state = abstract_model(c.model)[1]
+        nnx.replace_by_pure_dict(state, p)
+        states.append(state)
+    one = Generator(_graphdef(cfg.model), states[0], cfg.model, cfg.decode).generate(prompts, "tidar", 6)
+    mesh = make_mesh(MeshConfig(data=2, fsdp=1, tensor=2), jax.devices()[:4])
+    gen = Generator(_graphdef(scfg.model), states[1], scfg.model, scfg.decode, mesh=mesh)
+    state, _, _ = gen.prefill(prompts, "tidar", 6)
+    for buffer in (state.cache.keys, state.cache.values):  # [layers, batch, slots, kv_heads, head_dim]
+        assert tuple(n // s for n, s in zip(buffer.shape, buffer.sharding.shard_shape(buffer.shape))) == (1, 2, 1, 2, 1)
+    assert gen.generate(prompts, "tidar", 6).tokens == one.tokens

@@ -145,8 +145,12 @@ def decode_shardings(tree: Any, mesh: Mesh) -> Any:
         if x is None:
             return None
         if isinstance(x, KVCache):
-            keys, values = ([named_sharding(KV_CACHE_AXES, b.shape, mesh) for b in xs] for xs in (x.keys, x.values))
-            return KVCache(keys=tuple(keys), values=tuple(values), cursor=leaf("cursor", x.cursor))
+            # Per-layer buffers, or stacked ones (model.scan_layers) whose leading layer axis is replicated.
+            def buffer(b: Any) -> NamedSharding:
+                return named_sharding((None,) * (b.ndim - len(KV_CACHE_AXES)) + KV_CACHE_AXES, b.shape, mesh)
+
+            return x.replace(keys=jax.tree.map(buffer, x.keys), values=jax.tree.map(buffer, x.values),
+                             cursor=leaf("cursor", x.cursor))
         if dataclasses.is_dataclass(x):
             return x.replace(**{f.name: leaf(f.name, getattr(x, f.name)) for f in dataclasses.fields(x)})
         logical = DECODE_STATE_AXES.get(name, ())
