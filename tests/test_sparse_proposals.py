@@ -6,7 +6,6 @@ by a Python loop, logits on every row, the next block chosen by a per-row Python
 the first five sampled tokens from full recomputes, and hand-worked acceptance histograms.
 """
 
-import dataclasses
 import functools
 
 import jax
@@ -20,32 +19,13 @@ from tidar_jax.generation import Generator
 from tidar_jax.kv_cache import init_cache
 from tidar_jax.model import forward
 
-from markov import CHAIN_STATES, SUCCESSORS, trained_model
-from test_decode import _full_logits, _pad, _tv_noise_bound
+from markov import CHAIN_STATES, SUCCESSORS
+from test_decode import MAX_NEW, RAGGED, _full_logits, _generator, _pad, _tv_noise_bound
+from test_decode import cfg, trained_params  # noqa: F401  (module fixtures shared with the decode tests)
 from test_masks import reference_step
 
-RAGGED = [[3, 4, 5], [7, 3, 9, 4, 10, 5, 6, 8, 3, 9, 4, 7, 5], [9, 8, 7, 6, 5, 4, 3]]
-MAX_NEW = 12
 BATCH1 = [[3, 4, 5, 6, 7]]
 SLOW = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def cfg(tiny_config):
-    return config_lib.replace(tiny_config, decode={"prompt_buckets": (8, 16), "max_cache_len": 32,
-                                                   "max_new_tokens": 20, "block_size": 0})
-
-
-@pytest.fixture(scope="module")
-def trained_params(cfg):
-    """100 Adam steps of the TiDAR loss on a Markov chain (the same model as test_decode's): drafts often match."""
-    return trained_model(cfg.model, "tidar", seed=0, steps=100)
-
-
-def _generator(cfg, model, block_size, lengths=()):
-    graphdef, params = model
-    dec = dataclasses.replace(cfg.decode, block_size=block_size, proposal_lengths=tuple(lengths))
-    return Generator(graphdef, params, cfg.model, dec, allow_block_size_mismatch=True)
 
 
 @pytest.mark.parametrize("block_size,lengths,prompts", [
@@ -59,8 +39,9 @@ def _generator(cfg, model, block_size, lengths=()):
 def test_sparse_greedy_is_lossless(cfg, trained_params, block_size, lengths, prompts):
     """beta = 1 greedy TiDAR with a sparse set emits exactly AR greedy's tokens, row by row, and multi-token steps
     happen (the full set: test_decode.test_greedy_tidar_is_lossless, the same program as the default)."""
-    ar = _generator(cfg, trained_params, 1).generate(prompts, "ar", MAX_NEW)
-    tidar = _generator(cfg, trained_params, block_size, lengths).generate(prompts, "tidar", MAX_NEW)
+    ar = _generator(cfg, trained_params).generate(prompts, "ar", MAX_NEW)
+    sparse = _generator(cfg, trained_params, block_size, proposal_lengths=lengths)
+    tidar = sparse.generate(prompts, "tidar", MAX_NEW)
     assert tidar.tokens == ar.tokens
     assert tidar.finish_reasons == ["length"] * len(prompts)
     assert len(tidar.acceptance_histogram) == block_size + 1 and sum(tidar.acceptance_histogram[2:]) > 0
@@ -139,11 +120,11 @@ def test_full_set_is_the_default_program(cfg, trained_params):
     specs = {decode.DecodeSpec.create("tidar", 4, False, 20, model_cfg, proposal_lengths=x)
              for x in (None, (), (1, 2, 3, 4), [1, 2, 3, 4])}
     assert len(specs) == 1
-    default = _generator(cfg, trained_params, 4).generate(RAGGED, "tidar", MAX_NEW, seed=3, temperature=1.0,
-                                                          beta=0.5)
+    knobs = dict(seed=3, temperature=1.0, beta=0.5)
+    default = _generator(cfg, trained_params, 4).generate(RAGGED, "tidar", MAX_NEW, **knobs)
     before = dict(generation.TRACE_COUNTS)
-    full = _generator(cfg, trained_params, 4, (1, 2, 3, 4)).generate(RAGGED, "tidar", MAX_NEW, seed=3,
-                                                                     temperature=1.0, beta=0.5)
+    full = _generator(cfg, trained_params, 4, proposal_lengths=(1, 2, 3, 4)).generate(RAGGED, "tidar", MAX_NEW,
+                                                                                     **knobs)
     assert dict(generation.TRACE_COUNTS) == before
     assert full.tokens == default.tokens and full.acceptance_histogram == default.acceptance_histogram
 
@@ -172,7 +153,8 @@ def test_sparse_sampling_follows_the_exact_ar_distribution(cfg, trained_params):
     joint = np.array([np.prod([probs[x[:i]][x[i]] for i in range(new)]) for x in level])
     assert len(level) == 2 ** new and abs(joint.sum() - 1) < 1e-6
     bound = _tv_noise_bound(joint, rows, np.random.default_rng(0))
-    result = _generator(cfg, trained_params, 4, (1,)).generate([prompt] * rows, "tidar", new, seed=5, **knobs)
+    result = _generator(cfg, trained_params, 4, proposal_lengths=(1,)).generate([prompt] * rows, "tidar", new, seed=5,
+                                                                                **knobs)
     index = {x: i for i, x in enumerate(level)}
     counts = np.zeros(len(level) + 1)
     for row in result.tokens:
@@ -197,8 +179,9 @@ def test_invalid_sets_and_beta_raise_clear_errors(cfg, trained_params):
     assert config_lib.load_config(None, ["decode.proposal_lengths=[1,2]"]).decode.proposal_lengths == (1, 2)
     assert config_lib.load_config(None, ["decode.proposal_lengths=[1,2,3,4]", "decode.beta=0.5"])  # full: any beta
     with pytest.raises(ValueError, match="beta must be 1 with a sparse proposal set"):
-        _generator(cfg, trained_params, 4, (1, 2)).generate([[3, 4]], "tidar", 4, beta=0.5)
-    assert _generator(cfg, trained_params, 4, (1, 2)).generate([[3, 4]], "ar", 4, beta=0.5).tokens  # AR: no set
+        _generator(cfg, trained_params, 4, proposal_lengths=(1, 2)).generate([[3, 4]], "tidar", 4, beta=0.5)
+    sparse = _generator(cfg, trained_params, 4, proposal_lengths=(1, 2))
+    assert sparse.generate([[3, 4]], "ar", 4, beta=0.5).tokens  # AR mode has no proposal set: any beta
 
 
 def test_suggested_set_from_a_histogram():

@@ -129,13 +129,13 @@ class DecodeState:
     """Everything the loop carries (fixed shapes; b = batch, K = spec.num_drafts, V = vocab).
 
     cache: KVCache with per-row cursor [b]; drafts: [b, K] int32 (v_1..v_K; a sparse proposal set may fill trailing
-    guesses with the mask token, `shifted_slots`); draft_probs: [b, K-1, V] float32, the distributions v_2..v_K
-    were sampled from (a filler's: a point mass on the mask token; [b, 0, 0] when greedy); tokens: [b, capacity + K] int32 output buffer
-    (the K slack lets a step write a whole block); num_tokens: [b] int32 valid prefix of `tokens`; max_new_tokens:
-    [b] int32 per-row limit <= capacity (0 = inert row); finish: [b] int32 (RUNNING or a FINISH_* reason);
-    row_forwards: [b] int32 forwards each row was active for (prefill included); forwards: [] int32 batch forwards
-    so far (prefill included); accept_hist: [K+1] int32, accept_hist[a] = row-steps that accepted a tokens; key:
-    PRNG key.
+    guesses with the mask token, `fill_stale_guesses`); draft_probs: [b, K-1, V] float32, the distributions
+    v_2..v_K were sampled from (a filler's: a point mass on the mask token; [b, 0, 0] when greedy); tokens:
+    [b, capacity + K] int32 output buffer (the K slack lets a step write a whole block); num_tokens: [b] int32
+    valid prefix of `tokens`; max_new_tokens: [b] int32 per-row limit <= capacity (0 = inert row); finish: [b]
+    int32 (RUNNING or a FINISH_* reason); row_forwards: [b] int32 forwards each row was active for (prefill
+    included); forwards: [] int32 batch forwards so far (prefill included); accept_hist: [K+1] int32,
+    accept_hist[a] = row-steps that accepted a tokens; key: PRNG key.
     """
 
     cache: KVCache
