@@ -12,8 +12,9 @@ The held-out split is the checkpoint's own (its data config and WORKDIR/tokenize
 - greedy decoding of held-out prompts: TiDAR tokens per forward and acceptance histogram, the same prompts decoded
   AR, and whether the two outputs are identical (they must be at beta = 1);
 - from that histogram (full proposal set), the best sparse proposal set of each size (proposals.best_sets: the
-  fewest guesses per step lost to fillers) and a suggested `decode.proposal_lengths`: the smallest set losing at
-  most --max-lost-drafts guesses per step (measure it with `infer.bench --proposal-sets`);
+  fewest tokens per step lost to shorter draft blocks, modelling steps as independent) and a suggested
+  `decode.proposal_lengths`: the smallest set losing at most --max-token-loss of the tokens per step (a model:
+  measure the set with `infer.bench --proposal-sets`);
 - a few generations as text.
 The params are restored onto a mesh of all visible devices (`mesh.*` overrides shape it), and decoding runs sharded
 on it: prompt rows over data, heads / MLP / vocabulary and the KV cache's heads over tensor.
@@ -47,9 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, help="tokens generated per prompt (default: "
                                                            "decode.max_new_tokens of the checkpoint)")
     parser.add_argument("--samples", type=int, default=3, help="generations printed (and stored) as text")
-    parser.add_argument("--max-lost-drafts", type=float, default=0.1,
-                        help="the suggested sparse proposal set is the smallest that loses at most this many draft "
-                             "guesses per step on the measured acceptance histogram")
+    parser.add_argument("--max-token-loss", type=float, default=0.02,
+                        help="the suggested sparse proposal set is the smallest whose modelled loss of tokens per "
+                             "step, on the measured acceptance histogram, is at most this fraction")
     parser.add_argument("--block-size", type=int,
                         help="TiDAR decode block size K (default: the trained one; another K needs the next flag)")
     parser.add_argument("--allow-block-size-mismatch", action="store_true",
@@ -60,8 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     from infer.common import require_at_least
 
-    if args.max_lost_drafts < 0:
-        parser.error(f"--max-lost-drafts must be >= 0, got {args.max_lost_drafts}")
+    if args.max_token_loss < 0:
+        parser.error(f"--max-token-loss must be >= 0, got {args.max_token_loss}")
     require_at_least(parser, args, eval_batches=0, batch_size=1, num_prompts=0, prompt_len=1, max_new_tokens=1,
                      samples=0, block_size=1)
     return args
@@ -149,7 +150,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
             hist = stats["tidar"]["acceptance_histogram"]
             report["decoding"]["proposal_sets"] = proposals.best_sets(hist)
             report["decoding"]["suggested_proposal_lengths"] = proposals.suggest_set(
-                hist, args.max_lost_drafts)["proposal_lengths"]
+                hist, args.max_token_loss)["proposal_lengths"]
         report["samples"] = [{"prompt": tok.decode(p), "continuation": tok.decode(outputs[modes[0]][i]),
                               "mode": modes[0]} for i, p in enumerate(prompts[:args.samples])]
     return report
@@ -186,10 +187,10 @@ def format_report(report: dict) -> str:
         if "tidar_equals_ar" in d:
             lines.append(f"  TiDAR greedy output identical to AR greedy output: {d['tidar_equals_ar']}")
         if "proposal_sets" in d:
-            lines += ["", "  sparse proposal sets on this histogram (query tokens per step, guesses lost to fillers "
-                          "per step):"]
-            lines += [f"    {str(s['proposal_lengths']):<24}Q={s['query_tokens']:<6}{s['lost_drafts_per_step']:.3f}"
-                      for s in d["proposal_sets"]]
+            lines += ["", "  sparse proposal sets on this histogram: query tokens per step, modelled tokens per "
+                          "step lost (fraction), guesses replaced by fillers per step"]
+            lines += [f"    {str(s['proposal_lengths']):<24}Q={s['query_tokens']:<6}{s['lost_tokens_per_step']:.4f} "
+                      f"({s['lost_token_fraction']:.2%})  {s['lost_drafts_per_step']:.3f}" for s in d["proposal_sets"]]
             best = ",".join(map(str, d["suggested_proposal_lengths"]))
             lines.append(f"  suggested: decode.proposal_lengths=[{best}]")
     for i, s in enumerate(report.get("samples", [])):

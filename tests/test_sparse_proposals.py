@@ -185,14 +185,18 @@ def test_invalid_sets_and_beta_raise_clear_errors(cfg, trained_params):
 
 
 def test_suggested_set_from_a_histogram():
-    """Hand-worked: h = [-, 5, 0, 0, 3] (a = 1 five times, a = 4 three times) at K = 4. {1} replaces 3 guesses in
-    each a = 4 step by fillers: 9 / 8 per step; {1, 4} loses none."""
+    """Hand-worked: h = [-, 5, 0, 0, 3] (a = 1 five times, a = 4 three times) at K = 4, mean 17/8 tokens per step.
+    {1} replaces 3 guesses after each a = 4 step (9/8 per step); the next block then holds 1 real token, so a next
+    a' = 4 (probability 3/8) loses 3 tokens: 3/8 * 3/8 * 3 = 27/64 per step. {1, 4} loses nothing."""
     h = [0, 5, 0, 0, 3]
     assert proposals.lost_drafts(h, (1,)) == pytest.approx(9 / 8)
     assert proposals.lost_drafts(h, (1, 2)) == pytest.approx(3 * 2 / 8)
+    assert proposals.lost_tokens(h, (1,)) == pytest.approx(27 / 64)
+    assert proposals.lost_tokens(h, (1, 3)) == pytest.approx(9 / 64)
+    assert proposals.lost_tokens(h, (1, 4)) == 0 == proposals.lost_tokens(h, (1, 2, 3, 4))
     best = proposals.best_sets(h)
-    assert [b["proposal_lengths"] for b in best][:2] == [[1], [1, 4]]
+    assert [b["proposal_lengths"] for b in best] == [[1], [1, 4], [1, 2, 4], [1, 2, 3, 4]]
     assert [b["query_tokens"] for b in best] == [8, 12, 16, 20]
-    assert best[1]["lost_drafts_per_step"] == 0 and best[-1]["lost_drafts_per_step"] == 0
+    assert best[0]["lost_token_fraction"] == pytest.approx(27 / 64 / (17 / 8))
     assert proposals.suggest_set(h)["proposal_lengths"] == [1, 4]
-    assert proposals.suggest_set(h, max_lost=2.0)["proposal_lengths"] == [1]
+    assert proposals.suggest_set(h, max_loss=0.25)["proposal_lengths"] == [1]

@@ -64,30 +64,46 @@ def check_beta(beta: float, lengths: Sequence[int], block_size: int, field: str 
                          f"proposal block of every acceptance length 1..{block_size}), got {beta}")
 
 
+def _covering(lengths: Sequence[int], a: int) -> int:
+    return max(j for j in lengths if j <= a)
+
+
 def lost_drafts(histogram: Sequence[int], lengths: Sequence[int]) -> float:
     """Mean guesses per step that a set replaces by fillers, sum_a h[a] (a - j*(a)) / sum_a h[a], for an acceptance
     histogram h (index a = 1..K; index 0 unused) measured with the full set."""
     total = sum(histogram[1:])
-    if total == 0:
+    return sum(n * (a - _covering(lengths, a)) for a, n in enumerate(histogram) if a >= 1) / total if total else 0.0
+
+
+def lost_tokens(histogram: Sequence[int], lengths: Sequence[int]) -> float:
+    """Expected tokens per step a set emits fewer than the full set, were successive steps' accepted lengths
+    independent draws from `histogram` (a model, not a measurement): after a step accepting a, the next block holds
+    K - (a - j*) real tokens, so a next acceptance a' above that is cut to it:
+    sum_a p(a) sum_a' p(a') max(0, a' - K + a - j*(a))."""
+    k, total = len(histogram) - 1, sum(histogram[1:])
+    if not total:
         return 0.0
-    lost = sum(n * (a - max(j for j in lengths if j <= a)) for a, n in enumerate(histogram) if a >= 1)
-    return lost / total
+    p = [n / total for n in histogram]
+    return sum(p[a] * p[b] * max(0, b - k + a - _covering(lengths, a))
+               for a in range(1, k + 1) for b in range(1, k + 1))
 
 
 def best_sets(histogram: Sequence[int]) -> list[dict]:
-    """For every set size m = 1..K: the set A (containing 1) that loses the fewest guesses on `histogram` (ties:
-    the lexicographically first), with its step size Q = K + m*K and `lost_drafts`. Exhaustive over the 2^(K-1)
-    sets, which is instant for the K <= 16 this project decodes with."""
-    k = len(histogram) - 1
+    """For every set size m = 1..K: the set A (containing 1) with the fewest `lost_tokens` on `histogram` (ties: the
+    lexicographically first), with its step size Q = K + m*K, `lost_tokens` (as a fraction of the full set's mean
+    tokens per step, too) and `lost_drafts`. Exhaustive over the 2^(K-1) sets: about a second at K = 16."""
+    k, total = len(histogram) - 1, sum(histogram[1:])
+    mean = sum(a * n for a, n in enumerate(histogram)) / total if total else 1.0
     out = []
     for m in range(1, k + 1):
         candidates = [(1,) + rest for rest in itertools.combinations(range(2, k + 1), m - 1)]
-        lost, best = min((lost_drafts(histogram, c), c) for c in candidates)
-        out.append({"proposal_lengths": list(best), "query_tokens": k + m * k, "lost_drafts_per_step": lost})
+        lost, best = min((lost_tokens(histogram, c), c) for c in candidates)
+        out.append({"proposal_lengths": list(best), "query_tokens": k + m * k, "lost_tokens_per_step": lost,
+                    "lost_token_fraction": lost / mean, "lost_drafts_per_step": lost_drafts(histogram, best)})
     return out
 
 
-def suggest_set(histogram: Sequence[int], max_lost: float = 0.1) -> dict:
-    """The smallest of `best_sets` that loses at most `max_lost` guesses per step on average (the full set loses
-    none, so one always qualifies)."""
-    return next(s for s in best_sets(histogram) if s["lost_drafts_per_step"] <= max_lost)
+def suggest_set(histogram: Sequence[int], max_loss: float = 0.02) -> dict:
+    """The smallest of `best_sets` whose `lost_token_fraction` is at most `max_loss` (the full set loses nothing, so
+    one always qualifies)."""
+    return next(s for s in best_sets(histogram) if s["lost_token_fraction"] <= max_loss)
