@@ -28,14 +28,14 @@ def test_bench_cli_smoke(runs, tmp_path):
     argv = ["--checkpoint", str(runs["tidar"][0]), str(runs["ar"][0]), "--draft", str(runs["draft"][0]),
             "--batch-sizes", "1", "2", "--repeats", "2", "--prompt-len", "8", "--max-new-tokens", "6",
             "--latency-prefixes", "16", "--latency-queries", "1", "3", "--latency-repeats", "2", "--no-progress",
-            "--json", str(out), "--plot-dir", str(plots)]
+            "--proposal-sets", "1", "--json", str(out), "--plot-dir", str(plots)]
     assert bench.main(argv) == 0
     report = json.loads(out.read_text())
     groups = report["generation"]
     assert [(g["objective"], g["batch_size"]) for g in groups] == [("tidar", 1), ("tidar", 2), ("ar", 1), ("ar", 2)]
     for g in groups:
         methods = g["methods"]
-        assert set(methods) == ({"ar", "tidar", "spec"} if g["objective"] == "tidar" else {"ar", "spec"})
+        assert set(methods) == ({"ar", "tidar", "tidar{1}", "spec"} if g["objective"] == "tidar" else {"ar", "spec"})
         assert methods["ar"]["speedup_vs_ar"] == 1.0 and methods["ar"]["tokens_per_forward"] == 1.0
         for name, s in methods.items():
             assert s["same_tokens_as_ar"] is True, name  # greedy TiDAR and speculative decoding are lossless
@@ -87,7 +87,7 @@ def test_cost_only_needs_no_checkpoint(tmp_path, capsys):
     2 * params * query rows (loose: attention over the cache and elementwise work add to it)."""
     out = tmp_path / "cost.json"
     argv = ["--cost-only", "--config", "configs/tiny.yaml", "--cache-len", "64", "--prompt-bucket", "16",
-            "--peak-tflops", "1", "--bandwidth-gbs", "100", "--json", str(out)]
+            "--peak-tflops", "1", "--bandwidth-gbs", "100", "--proposal-sets", "1,2", "--json", str(out)]
     assert bench.main(argv) == 0
     assert "TiDAR step / AR step" in capsys.readouterr().out
     report = json.loads(out.read_text())
@@ -99,6 +99,8 @@ def test_cost_only_needs_no_checkpoint(tmp_path, capsys):
         assert 0.3 * estimate < f["gflop"] < 4 * estimate, (name, f["gflop"], estimate)
     assert cost["tidar_step"]["query_rows"] == k + k * k and cost["ar_step"]["query_rows"] == 1
     assert cost["tidar_over_ar"]["flops"] > 0.3 * (k + k * k)
+    sparse = report["sparse_step_costs"]["tidar{1,2}"]  # a sparse proposal set: K + 2K rows, fewer FLOPs
+    assert sparse["tidar_step"]["query_rows"] == 3 * k and sparse["tidar_step"]["gflop"] < cost["tidar_step"]["gflop"]
 
 
 def test_cost_only_arguments():

@@ -53,6 +53,11 @@ ROWS = [
     (["infer.generate", "--checkpoint", "{ckpt}", "--prompt-ids", "3", "--block-size", "2"],
      "--allow-block-size-mismatch"),
     (["train.import_checkpoint", "--from", "hf", "/no/such/model", "--out", "{tmp}/imp"], "does not exist"),
+    (["infer.generate", "--checkpoint", "{ckpt}", "--prompt-ids", "3", "decode.proposal_lengths=[2,3]"],
+     "decode.proposal_lengths must include 1"),
+    (["infer.generate", "--checkpoint", "{ckpt}", "--prompt-ids", "3", "decode.proposal_lengths=[1,2]", "--beta",
+      "0.5"], "decode.beta must be 1"),
+    (["infer.bench", "--checkpoint", "{ckpt}", "--proposal-sets", "1,x"], "--proposal-sets"),
 ]
 
 

@@ -15,6 +15,8 @@ from typing import Any, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from tidar_jax import proposals
+
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("xla", "cudnn", "xla_reference", "blockwise", "splash")
 OBJECTIVES = ("tidar", "ar")
@@ -129,7 +131,9 @@ class DecodeConfig:
     """Generation settings. `block_size` 0 means the model's trained block size. Shapes come from buckets, so that a
     new prompt length, batch size or max_new_tokens within a bucket reuses the compiled programs: prompts are padded
     to `prompt_buckets`, batches to `batch_buckets` (with inert rows; past the largest, to its next multiple), and
-    the output buffer holds the smallest `max_new_tokens * 2^i` tokens that hold the requested max_new_tokens."""
+    the output buffer holds the smallest `max_new_tokens * 2^i` tokens that hold the requested max_new_tokens.
+    `proposal_lengths`: the acceptance lengths whose proposal blocks a TiDAR step computes (a sparse set, e.g.
+    [1, 2]: Q = K + |A|*K query tokens; must include 1; needs beta = 1); empty = all of 1..K (proposals.py)."""
 
     block_size: int = 0
     beta: float = 1.0
@@ -140,6 +144,7 @@ class DecodeConfig:
     max_cache_len: int = 512
     prompt_buckets: tuple[int, ...] = (16, 64, 256)
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    proposal_lengths: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -230,6 +235,12 @@ def validate(cfg: Config) -> Config:
     _require(dec.max_cache_len > dec.prompt_buckets[-1],
              f"decode.max_cache_len ({dec.max_cache_len}) must exceed the largest prompt bucket "
              f"({dec.prompt_buckets[-1]})")
+    try:
+        k = dec.block_size or m.block_size
+        proposals.check_beta(dec.beta, proposals.resolve_proposal_lengths(dec.proposal_lengths, k), k,
+                             "decode.beta")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return cfg
 
 

@@ -215,7 +215,9 @@ class Generator:
         limit = dec.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
         if limit < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {limit}")
-        spec = DecodeSpec.create(mode, self.block_size, greedy, self.capacity(limit), self.model_cfg)
+        spec = DecodeSpec.create(mode, self.block_size, greedy, self.capacity(limit), self.model_cfg,
+                                 proposal_lengths=dec.proposal_lengths)
+        spec.check_beta(float(sp.beta))
         batch = self.pad_batch(prompts, spec.num_drafts, limit)
         rows = len(batch.lengths)
         if cache is None:
@@ -224,7 +226,7 @@ class Generator:
             raise ValueError(f"cache has batch {cache.batch_size} and {cache.max_len} slots; expected batch "
                              f"{rows} (the batch bucket of {batch.rows} prompts) and "
                              f"decode.max_cache_len={dec.max_cache_len}")
-        state = self._run_compiled("prefill", decode.prefill, spec, 1, self.params, self.place(cache),
+        state = self._run_compiled("prefill", decode.prefill, spec.for_prefill(), 1, self.params, self.place(cache),
                                    self.place(batch.prompts, ("batch", None)), self.place(batch.lengths, ("batch",)),
                                    self.place(batch.limits, ("batch",)), self.place(jax.random.key(seed)),
                                    self.place(sp))
