@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     from infer.common import require_at_least
 
-    require_at_least(parser, args, eval_batches=0, batch_size=1, num_prompts=0, prompt_len=1, max_new_tokens=1,
+    require_at_least(parser, args, eval_batches=1, batch_size=1, num_prompts=0, prompt_len=1, max_new_tokens=1,
                      samples=0, block_size=1)
     return args
 

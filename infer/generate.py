@@ -52,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     from infer.common import require_at_least
 
     require_at_least(parser, args, max_new_tokens=1, block_size=1, top_k=0)
+    if args.beta is not None and not 0 <= args.beta <= 1:
+        parser.error(f"--beta must be in [0, 1], got {args.beta}")
     if args.temperature is not None and args.temperature < 0:
         parser.error(f"--temperature must be >= 0, got {args.temperature}")
     if args.top_p is not None and not 0 < args.top_p <= 1:

@@ -17,9 +17,11 @@ written on one mesh loads on any other.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import filecmp
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -65,6 +67,11 @@ def _steps(root: Path) -> list[int]:
         return []
     with _reader(root) as manager:
         return sorted(manager.all_steps())
+
+
+def saved_steps(workdir: str | Path) -> list[int]:
+    """The finished steps of WORKDIR/checkpoints, ascending (empty when there are none)."""
+    return _steps(Path(workdir).absolute() / CHECKPOINT_DIR)
 
 
 def _keystr(path: tuple) -> str:
@@ -148,15 +155,29 @@ def _damaged(step_dir: Path, message: str) -> CheckpointError:
 
 
 def _corrupt(step_dir: Path, error: Exception | str) -> CheckpointError:
-    if isinstance(error, Exception):
-        error = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    if isinstance(error, Exception):  # its first line, without TensorStore's pointer to a repr of its spec
+        first = str(error).splitlines()[0].split(" See full TensorStore details")[0] if str(error) else ""
+        error = f"{type(error).__name__}: {first}"
     return _damaged(step_dir, f"checkpoint {step_dir} is corrupt or partially written and cannot be read ({error})")
+
+
+@contextlib.contextmanager
+def _quiet_storage_warnings():
+    """Orbax's warnings (logger "absl") are errors to hide while reading: the caller raises its own message."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _state_metadata(manager: ocp.CheckpointManager, step: int, step_dir: Path) -> Any:
     """The saved state's metadata tree (shapes and dtypes, no array data)."""
     try:
-        saved = manager.item_metadata(step)[_STATE]
+        with _quiet_storage_warnings():  # a damaged item is reported below, in one line, not as Orbax warnings
+            saved = manager.item_metadata(step)[_STATE]
     except Exception as e:  # any failure to read metadata means the files are damaged
         raise _corrupt(step_dir, e) from e
     if saved is None or not _shapes(saved):

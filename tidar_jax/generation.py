@@ -25,8 +25,16 @@ from tidar_jax.config import DecodeConfig, ModelConfig
 from tidar_jax.decode import DecodeSpec, DecodeState
 from tidar_jax.kv_cache import KVCache, init_cache
 from tidar_jax.sampling import SamplingParams
+from tidar_jax.sharding import check_runtime
 
 TokenCallback = Callable[[list[list[int]]], None]
+
+
+def _tensor_axis_size(params) -> int:
+    """The tensor-axis size of the mesh the params live on (1 when they are not on a named mesh)."""
+    sharding = getattr(jax.tree.leaves(params)[0], "sharding", None) if jax.tree.leaves(params) else None
+    mesh = getattr(sharding, "mesh", None)
+    return dict(mesh.shape).get("tensor", 1) if mesh is not None else 1
 
 TRACE_COUNTS: collections.Counter[str] = collections.Counter()
 _PROGRAMS: dict = {}  # signature -> compiled executable
@@ -65,6 +73,7 @@ class Generator:
         self.graphdef, self.params = graphdef, params
         self.model_cfg, self.decode_cfg = model_cfg, decode_cfg
         self.block_size = decode.resolve_block_size(model_cfg, decode_cfg, allow_block_size_mismatch)
+        check_runtime(model_cfg, _tensor_axis_size(params))
         self._compile_time = 0.0
 
     # ----- input checks -------------------------------------------------------------------------------------------
