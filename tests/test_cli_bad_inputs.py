@@ -48,7 +48,7 @@ def inputs(tmp_path_factory, ckpt) -> Path:
     files = {"list.yaml": "- model\n- data\n", "empty.yaml": "", "broken.yaml": "model: {d_model: 64\n  n_layers: [\n",
              "scalar_section.yaml": "model: 3\n", "unknown_section.yaml": "model:\n  d_model: 64\nmodle:\n  x: 1\n",
              "unknown_key.yaml": "model:\n  d_modl: 64\n", "one_doc.txt": "a single document\n",
-             "a_file": "not a directory\n", "fake.gguf": "not a gguf file\n"}
+             "a_file": "not a directory\n", "fake.gguf": "not a gguf file\n", "cudnn.yaml": CUDNN_YAML}
     for name, text in files.items():
         (d / name).write_text(text)
     (d / "no_text_files").mkdir()
@@ -67,6 +67,7 @@ def inputs(tmp_path_factory, ckpt) -> Path:
     return d
 
 
+CUDNN_YAML = "model:\n  attention_impl: cudnn\n  compute_dtype: bfloat16\n"  # valid, but not on this CPU
 LONG_PROMPT = ",".join(["5"] * 300)  # more tokens than the tiny preset's largest prompt bucket (128)
 
 # CLI module -> [(argv, text the error line must contain)]; {ckpt}, {in}, {tmp} (a fresh path per row) filled in.
@@ -171,6 +172,11 @@ ROWS = {
         (["--cost-only"], "--config"),
         (["--cost-only", "--config", "{in}/list.yaml"], "must hold a mapping"),
     ],
+    "train.plan": [
+        (["--config", "{in}/empty.yaml", "--devices", "1"], "empty.yaml is empty"),
+        (["--config", "configs/tiny.yaml", "--devices", "1", "model.nonsense=1"], "model.nonsense"),
+        (["--config", "{in}/cudnn.yaml", "--devices", "1"], "cudnn needs a GPU backend"),
+    ],
     "train.import_checkpoint": [
         (["--from", "hf", "/no/such/model", "--out", "{tmp}"], "does not exist"),
         (["--from", "gguf", "/no/such.gguf", "--out", "{tmp}"], "does not exist"),
@@ -191,6 +197,7 @@ FAST = [("train.train", "-1"), ("train.train", "{in}/a_file"), ("train.train", "
         ("train.train", "{in}/empty.yaml"), ("train.train", "{in}/broken.yaml"),
         ("train.train", "{in}/scalar_section.yaml"), ("train.train", "data.corpus=nope"),
         ("infer.generate", "2"), ("infer.generate", "-1"), ("infer.eval", "0"), ("infer.bench", "--cost-only"),
+        ("train.plan", "{in}/cudnn.yaml"),
         ("train.import_checkpoint", "/no/such/model")]
 FAST_CASES = [(m, next(i for i, (argv, _) in enumerate(ROWS[m]) if arg in argv)) for m, arg in FAST]
 
@@ -216,7 +223,8 @@ def test_bad_input_exits_2_in_process(tmp_path, module, index):
     inputs = tmp_path / "in"
     inputs.mkdir()
     for name, text in {"a_file": "x\n", "list.yaml": "- model\n", "empty.yaml": "",
-                       "broken.yaml": "model: {d_model: 64\n  n_layers: [\n", "scalar_section.yaml": "model: 3\n"}.items():
+                       "broken.yaml": "model: {d_model: 64\n  n_layers: [\n", "scalar_section.yaml": "model: 3\n",
+                       "cudnn.yaml": CUDNN_YAML}.items():
         (inputs / name).write_text(text)
     fresh = tmp_path / "fresh"
     argv = [a.format(ckpt=tmp_path / "no_ckpt", tmp=fresh, **{"in": inputs}) for a in ROWS[module][index][0]]
