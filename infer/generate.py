@@ -47,7 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                  "corrupt save)")
     parser.add_argument("--json", action="store_true", help="print one JSON object with tokens and statistics")
     parser.add_argument("overrides", nargs="*", metavar="decode.field=value",
-                        help="decode config overrides, e.g. decode.max_cache_len=1024 decode.prompt_buckets=[32,256]")
+                        help="decode config overrides, e.g. decode.max_cache_len=1024 decode.prompt_buckets=[32,256]; "
+                             "also model.attention_impl / model.compute_dtype (e.g. =xla / =float32 to run a "
+                             "checkpoint trained with cudnn on a CPU)")
     args = parser.parse_args(argv)
     from infer.common import require_at_least
 
@@ -72,9 +74,12 @@ def _decode_config(config, args: argparse.Namespace):
     """The checkpoint's config with decode.* overrides, then flags, applied (typed and validated)."""
     from tidar_jax.config import ConfigError, apply_overrides
 
+    from infer.common import MODEL_OVERRIDES
+
     for item in args.overrides:
-        if "=" not in item or not item.startswith("decode."):
-            raise ConfigError(f"override {item!r} must look like decode.field=value (only decode.* can change)")
+        if "=" not in item or not (item.startswith("decode.") or item.split("=", 1)[0] in MODEL_OVERRIDES):
+            raise ConfigError(f"override {item!r} must look like decode.field=value (only decode.* and "
+                              f"{', '.join(MODEL_OVERRIDES)} can change)")
     flags = {"max_new_tokens": args.max_new_tokens, "block_size": args.block_size, "beta": args.beta,
              "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
     flag_overrides = [f"decode.{name}={value}" for name, value in flags.items() if value is not None]
@@ -117,11 +122,12 @@ class _TextStream:
 
 def run(args: argparse.Namespace) -> dict:
     """Loads the checkpoint, generates, streams unless --json; returns the JSON summary."""
-    from tidar_jax.checkpoint import load_for_inference, step_path
+    from tidar_jax.checkpoint import load_for_inference, step_path, with_model
     from tidar_jax.generation import Generator
 
     bundle = load_for_inference(step_path(args.checkpoint, args.step))
     cfg = _decode_config(bundle.config, args)
+    bundle = with_model(bundle, cfg.model)
     tokenizer = bundle.tokenizer
     prompt_ids = _prompt_ids(args, bundle)
     generator = Generator(bundle.graphdef, bundle.params, cfg.model, cfg.decode,

@@ -31,7 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from tidar_jax.config import Config, ConfigError, config_from_dict, to_dict
+from tidar_jax.config import Config, ConfigError, ModelConfig, config_from_dict, to_dict
 from tidar_jax.sharding import abstract_model, param_shardings, replicated
 
 if TYPE_CHECKING:
@@ -322,6 +322,20 @@ class InferenceBundle:
     params: nnx.State
     tokenizer: Tokenizer | None
     step: int
+
+
+def with_model(bundle: InferenceBundle, model: ModelConfig) -> InferenceBundle:
+    """`bundle` running `model`, which may differ from the saved model section only in execution-only fields
+    (attention_impl, compute_dtype, remat): the same params, a graphdef built for `model`. Raises CheckpointError
+    for any other difference (the params would not fit)."""
+    if model == bundle.config.model:
+        return bundle
+    changed = sorted(f"model.{k}" for k, v in to_dict(model).items() if v != to_dict(bundle.config.model)[k])
+    if not set(changed) <= _RUNTIME_FIELDS:
+        raise CheckpointError(f"{', '.join(changed)} cannot change for a saved model: only "
+                              f"{sorted(f for f in _RUNTIME_FIELDS if f.startswith('model.'))} can")
+    return dataclasses.replace(bundle, config=dataclasses.replace(bundle.config, model=model),
+                               graphdef=abstract_model(model)[0])
 
 
 def locate_checkpoint(path: str | Path) -> tuple[Path, int, Path]:
