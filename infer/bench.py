@@ -155,7 +155,10 @@ def _group(methods: dict, prompts: list[list[int]], batch: int, args) -> dict:
 
 def run_generation(args, bundles: dict, draft, prompts: list[list[int]], progress) -> list[dict]:
     """Every (checkpoint, K, batch) group; returns one record per group."""
+    import dataclasses
+
     from infer.common import decode_room
+    from tidar_jax.buckets import bucket_for
     from tidar_jax.generation import Generator
     from tidar_jax.spec_decode import SpecDecoder
     from tidar_jax.step_cost import step_costs
@@ -168,6 +171,8 @@ def run_generation(args, bundles: dict, draft, prompts: list[list[int]], progres
                 raise ValueError(f"--block-sizes {k} differs from the trained K={m.block_size} of {path}; pass "
                                  "--allow-block-size-mismatch to decode anyway (or train a checkpoint with that K)")
             dec = decode_room(bundle.config.decode, max(map(len, prompts)), args.max_new_tokens, k)
+            # Batch buckets = the measured batch sizes, so no row of a measured batch is padding.
+            dec = dataclasses.replace(dec, batch_buckets=tuple(sorted(set(args.batch_sizes))))
             generator = Generator(bundle.graphdef, bundle.params, m, dec, allow_block_size_mismatch=True)
             methods = {"ar": (generator, "ar")}
             if bundle.config.train.objective == "tidar":
@@ -175,7 +180,7 @@ def run_generation(args, bundles: dict, draft, prompts: list[list[int]], progres
             if draft is not None and k >= 2:
                 methods["spec"] = (SpecDecoder(bundle.graphdef, bundle.params, m, dec, draft.graphdef, draft.params,
                                                draft.config.model, k), "spec")
-            bucket = next(b for b in dec.prompt_buckets if b >= max(map(len, prompts)))
+            bucket = bucket_for(max(map(len, prompts)), dec.prompt_buckets)
             for batch in args.batch_sizes:
                 progress(f"generation: {_label(path, bundle)}, K={k}, batch {batch}: {', '.join(methods)}")
                 cost = step_costs(m, k, dec.max_cache_len, batch, bucket, args.peak_tflops, args.bandwidth_gbs,

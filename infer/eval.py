@@ -12,7 +12,8 @@ The held-out split is the checkpoint's own (its data config and WORKDIR/tokenize
 - greedy decoding of held-out prompts: TiDAR tokens per forward and acceptance histogram, the same prompts decoded
   AR, and whether the two outputs are identical (they must be at beta = 1);
 - a few generations as text.
-The params are restored onto a mesh of all visible devices (`mesh.*` overrides shape it).
+The params are restored onto a mesh of all visible devices (`mesh.*` overrides shape it), and decoding runs sharded
+on it: prompt rows over data, heads / MLP / vocabulary and the KV cache's heads over tensor.
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
         # Room for every prompt and continuation, so no row stops early for lack of cache.
         dec = decode_room(cfg.decode, max(map(len, prompts)), max_new, cfg.decode.block_size or m.block_size)
         generator = Generator(bundle.graphdef, bundle.params, m, dec,
-                              allow_block_size_mismatch=args.allow_block_size_mismatch)
+                              allow_block_size_mismatch=args.allow_block_size_mismatch, mesh=mesh)
         modes = ("tidar", "ar") if cfg.train.objective == "tidar" else ("ar",)
         with jax.set_mesh(mesh):
             stats, outputs = evaluation.decoding_stats(generator, prompts, max_new, modes)

@@ -5,11 +5,14 @@
     python -m infer.generate --checkpoint runs/tiny --prompt "Hi" --temperature 0.8 --top-p 0.95 --seed 1
     python -m infer.generate --checkpoint runs/tiny --prompt-ids 464 decode.max_cache_len=1024 "decode.prompt_buckets=[64]"
     python -m infer.generate --checkpoint runs/smollm2 --chat --prompt "What is the capital of France?" --mode ar
+    python -m infer.generate --checkpoint runs/qwen --prompt "Hi" mesh.data=1 mesh.tensor=4
 
 Text streams to stdout as tokens are accepted (statistics go to stderr); with --json one JSON object is printed at
 the end instead: token_ids (the new tokens), text, forwards, tokens_per_forward, tokens_per_second and more.
 Defaults for every knob come from the checkpoint's `decode` config section; `decode.field=value` overrides change it
-(flags win over overrides). The block size defaults to the one the model was trained with.
+(flags win over overrides). The block size defaults to the one the model was trained with. Decoding runs on one
+device unless `mesh.*` overrides ask for a mesh (e.g. `mesh.data=1 mesh.tensor=4`: the first 4 devices; -1 = all
+remaining devices): the heads, MLP, vocabulary and the KV cache's heads are split over `tensor`, rows over `data`.
 """
 
 from __future__ import annotations
@@ -48,8 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="print one JSON object with tokens and statistics")
     parser.add_argument("overrides", nargs="*", metavar="decode.field=value",
                         help="decode config overrides, e.g. decode.max_cache_len=1024 decode.prompt_buckets=[32,256]; "
-                             "also model.attention_impl / model.compute_dtype (e.g. =xla / =float32 to run a "
-                             "checkpoint trained with cudnn on a CPU)")
+                             "mesh.* overrides decode on a mesh, e.g. mesh.data=1 mesh.tensor=4; "
+                             "model.attention_impl / model.compute_dtype (e.g. =xla / =float32) run a checkpoint "
+                             "trained with cudnn on a CPU")
     args = parser.parse_args(argv)
     from infer.common import require_at_least
 
@@ -72,18 +76,35 @@ def _parse_ids(text: str) -> list[int]:
 
 def _decode_config(config, args: argparse.Namespace):
     """The checkpoint's config with decode.* overrides, then flags, applied (typed and validated)."""
+    from infer.common import MODEL_OVERRIDES
     from tidar_jax.config import ConfigError, apply_overrides
 
-    from infer.common import MODEL_OVERRIDES
-
     for item in args.overrides:
-        if "=" not in item or not (item.startswith("decode.") or item.split("=", 1)[0] in MODEL_OVERRIDES):
-            raise ConfigError(f"override {item!r} must look like decode.field=value (only decode.* and "
-                              f"{', '.join(MODEL_OVERRIDES)} can change)")
+        if "=" not in item or not (item.startswith(("decode.", "mesh.")) or item.split("=", 1)[0] in MODEL_OVERRIDES):
+            raise ConfigError(f"override {item!r} must look like decode.field=value or mesh.field=value (only "
+                              f"decode.*, mesh.* and {', '.join(MODEL_OVERRIDES)} can change)")
     flags = {"max_new_tokens": args.max_new_tokens, "block_size": args.block_size, "beta": args.beta,
              "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
     flag_overrides = [f"decode.{name}={value}" for name, value in flags.items() if value is not None]
     return apply_overrides(config, list(args.overrides) + flag_overrides)
+
+
+def _mesh(args: argparse.Namespace):
+    """The decoding mesh asked for by mesh.* overrides, or None: one device. Sizes default to MeshConfig's (data=-1
+    takes every device left); with no -1 the mesh uses the first data * fsdp * tensor devices."""
+    import math
+
+    import jax
+
+    from tidar_jax.config import load_config
+    from tidar_jax.sharding import make_mesh
+
+    mesh_overrides = [o for o in args.overrides if o.startswith("mesh.")]
+    if not mesh_overrides:
+        return None
+    mesh_cfg = load_config(None, mesh_overrides).mesh
+    sizes = (mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)
+    return make_mesh(mesh_cfg, jax.devices() if -1 in sizes else jax.devices()[:math.prod(sizes)])
 
 
 def _prompt_ids(args: argparse.Namespace, bundle) -> list[int]:
@@ -125,13 +146,14 @@ def run(args: argparse.Namespace) -> dict:
     from tidar_jax.checkpoint import load_for_inference, step_path, with_model
     from tidar_jax.generation import Generator
 
-    bundle = load_for_inference(step_path(args.checkpoint, args.step))
+    mesh = _mesh(args)
+    bundle = load_for_inference(step_path(args.checkpoint, args.step), mesh)  # restored straight onto the mesh
     cfg = _decode_config(bundle.config, args)
     bundle = with_model(bundle, cfg.model)
     tokenizer = bundle.tokenizer
     prompt_ids = _prompt_ids(args, bundle)
     generator = Generator(bundle.graphdef, bundle.params, cfg.model, cfg.decode,
-                          allow_block_size_mismatch=args.allow_block_size_mismatch)
+                          allow_block_size_mismatch=args.allow_block_size_mismatch, mesh=mesh)
     stream = None if args.json else _TextStream(tokenizer, sys.stdout)
     result = generator.generate([prompt_ids], args.mode, seed=args.seed, on_tokens=stream)
     tokens = result.tokens[0]

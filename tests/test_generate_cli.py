@@ -1,6 +1,6 @@
 """`python -m infer.generate` in-process: a random tiny model saved with `save_inference_checkpoint` and reloaded by
-the CLI must print what `Generator` produces. The reference Generator runs on the same restored params (replicated
-on the test's 8 CPU devices), so both share compiled programs; the save / load round trip is checkpoint.py's test."""
+the CLI must print what `Generator` produces. The reference Generator runs on the same restored params (on one
+device, as the CLI's), so both share compiled programs; the save / load round trip is checkpoint.py's test."""
 
 import dataclasses
 import json
@@ -64,6 +64,14 @@ def test_streamed_text_equals_generator(checkpoint, capsys):
     assert f"{NEW} tokens, {NEW} forwards" in err
 
 
+def test_mesh_overrides_decode_sharded_with_the_same_output(checkpoint, capsys):
+    workdir, _, generator, _ = checkpoint
+    code, out, err = _run(["--checkpoint", str(workdir), "--prompt-ids", "5,6,7", "--mode", "tidar", "--json",
+                           "--max-new-tokens", str(NEW), "mesh.data=1", "mesh.tensor=2", *OVERRIDES], capsys)
+    assert code == 0, err
+    assert json.loads(out)["token_ids"] == generator.generate([[5, 6, 7]], "tidar", NEW).tokens[0]
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--prompt-ids", "5,x"], "comma-separated integers"),
     (["--prompt-ids", "5,512"], "outside the vocabulary"),
@@ -71,6 +79,7 @@ def test_streamed_text_equals_generator(checkpoint, capsys):
     (["--prompt-ids", ""], "empty"),
     (["--prompt-ids", "5", "train.steps=3"], "only decode"),
     (["--prompt-ids", "5", "--block-size", "2"], "trained block size"),
+    (["--prompt-ids", "5", "mesh.data=1", "mesh.tensor=16"], "need 16 devices"),
 ])
 def test_bad_requests_fail_with_clear_errors(checkpoint, capsys, argv, message):
     code, out, err = _run(["--checkpoint", str(checkpoint[0]), *argv, *OVERRIDES], capsys)

@@ -32,7 +32,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from tidar_jax.config import Config, ConfigError, ModelConfig, config_from_dict, to_dict
-from tidar_jax.sharding import abstract_model, param_shardings, replicated
+from tidar_jax.sharding import abstract_model, param_shardings
 
 if TYPE_CHECKING:
     from tidar_jax.tokenizer import Tokenizer
@@ -367,17 +367,18 @@ def _pure(tree: Any) -> Any:
 
 
 def _inference_shardings(abstract_state: nnx.State, mesh: jax.sharding.Mesh | None) -> Any:
-    """Pure dict of target shardings: the training rules on `mesh`, else replicated on the local devices."""
+    """Pure dict of target shardings: the training rules on `mesh`, else this process's first device (replicating
+    over all local devices would make every one of them run the same decoding)."""
     if mesh is None:
-        local = jax.sharding.Mesh(np.array(jax.local_devices()), ("data",))
-        return jax.tree.map(lambda _: replicated(local), nnx.to_pure_dict(abstract_state))
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return jax.tree.map(lambda _: one, nnx.to_pure_dict(abstract_state))
     return param_shardings(abstract_state, mesh)
 
 
 def load_for_inference(path: str | Path, mesh: jax.sharding.Mesh | None = None) -> InferenceBundle:
     """Restores params (never the optimizer state: a partial restore reads only the `params` subtree) and config
     from a workdir (latest step), a checkpoints directory (latest step) or one step directory, placed on `mesh`
-    (default: replicated on the local devices), plus WORKDIR/tokenizer.json when present.
+    (default: one device, this process's first), plus WORKDIR/tokenizer.json when present.
 
     Raises `CheckpointError` for a missing path, no checkpoint, or unfinished / corrupt files.
     """

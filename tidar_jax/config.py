@@ -127,7 +127,10 @@ class MeshConfig:
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """Generation settings. `block_size` 0 means the model's trained block size."""
+    """Generation settings. `block_size` 0 means the model's trained block size. Shapes come from buckets, so that a
+    new prompt length, batch size or max_new_tokens within a bucket reuses the compiled programs: prompts are padded
+    to `prompt_buckets`, batches to `batch_buckets` (with inert rows; past the largest, to its next multiple), and
+    the output buffer holds the smallest `max_new_tokens * 2^i` tokens that hold the requested max_new_tokens."""
 
     block_size: int = 0
     beta: float = 1.0
@@ -137,6 +140,7 @@ class DecodeConfig:
     max_new_tokens: int = 64
     max_cache_len: int = 512
     prompt_buckets: tuple[int, ...] = (16, 64, 256)
+    batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 @dataclass(frozen=True)
@@ -286,9 +290,11 @@ def validate(cfg: Config) -> Config:
     _require(dec.top_k >= 0, f"decode.top_k must be >= 0 (0 = off), got {dec.top_k}")
     _require(0.0 < dec.top_p <= 1.0, f"decode.top_p must be in (0, 1], got {dec.top_p}")
     _require(dec.max_new_tokens > 0, f"decode.max_new_tokens must be positive, got {dec.max_new_tokens}")
-    _require(len(dec.prompt_buckets) > 0 and list(dec.prompt_buckets) == sorted(set(dec.prompt_buckets)),
-             f"decode.prompt_buckets must be a non-empty strictly increasing list, got {list(dec.prompt_buckets)}")
-    _require(dec.prompt_buckets[0] > 0, f"decode.prompt_buckets must be positive, got {list(dec.prompt_buckets)}")
+    for name in ("prompt_buckets", "batch_buckets"):
+        buckets = list(getattr(dec, name))
+        _require(len(buckets) > 0 and buckets == sorted(set(buckets)),
+                 f"decode.{name} must be a non-empty strictly increasing list, got {buckets}")
+        _require(buckets[0] > 0, f"decode.{name} must be positive, got {buckets}")
     _require(dec.max_cache_len > dec.prompt_buckets[-1],
              f"decode.max_cache_len ({dec.max_cache_len}) must exceed the largest prompt bucket "
              f"({dec.prompt_buckets[-1]})")

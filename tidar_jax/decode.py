@@ -11,7 +11,8 @@ Output convention: a token is emitted as soon as it is decided, i.e. v_1 after p
 tokens) per step; committing to the cache lags one token behind. So AR emits one token per forward (prefill
 included) and a TiDAR step emits a tokens. A row finishes on EOS (kept, nothing after it), on reaching its
 max_new_tokens, or when its cache cannot hold another block (cursor + K > max_len); finished rows still ride along
-in the fixed-shape forward but none of their state changes (their cache slots at or past the cursor may).
+in the fixed-shape forward but none of their state changes (their cache slots at or past the cursor may). A row
+with max_new_tokens 0 is inert: it finishes at prefill having emitted nothing (padding up to a batch bucket).
 
 The LM head ([d, V], the largest matmul of a decode step at real vocabularies) runs only on rows that are read:
 prefill reads the last real prompt row and the K mask rows. A TiDAR step reads the K draft rows and the K proposal
@@ -97,9 +98,10 @@ class DecodeState:
     cache: KVCache with per-row cursor [b]; drafts: [b, K] int32 (v_1..v_K); draft_probs: [b, K-1, V] float32, the
     distributions v_2..v_K were sampled from ([b, 0, 0] when greedy); tokens: [b, capacity + K] int32 output buffer
     (the K slack lets a step write a whole block); num_tokens: [b] int32 valid prefix of `tokens`; max_new_tokens:
-    [] int32 per-call limit <= capacity; finish: [b] int32 (RUNNING or a FINISH_* reason); row_forwards: [b] int32
-    forwards each row was active for (prefill included); forwards: [] int32 batch forwards so far (prefill
-    included); accept_hist: [K+1] int32, accept_hist[a] = row-steps that accepted a tokens; key: PRNG key.
+    [b] int32 per-row limit <= capacity (0 = inert row); finish: [b] int32 (RUNNING or a FINISH_* reason);
+    row_forwards: [b] int32 forwards each row was active for (prefill included); forwards: [] int32 batch forwards
+    so far (prefill included); accept_hist: [K+1] int32, accept_hist[a] = row-steps that accepted a tokens; key:
+    PRNG key.
     """
 
     cache: KVCache
@@ -214,8 +216,9 @@ def prefill(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, prompts: 
 
     cache: empty KVCache [b, max_len, ...] (donate it); prompts: [b, P] int32, left-aligned and padded to the
     bucket P; lengths: [b] int32 real prompt lengths (1 <= lengths <= P, lengths + K <= max_len); max_new_tokens:
-    [] int32 (<= spec.capacity). v_1 = the verifier's choice from the last prompt token's AR logits (mixed with
-    mask slot 1 by beta); v_2..v_K from mask slots 2..K. v_1 is emitted at once.
+    [b] (or [], the same for every row) int32 <= spec.capacity, 0 for an inert row. v_1 = the verifier's choice
+    from the last prompt token's AR logits (mixed with mask slot 1 by beta); v_2..v_K from mask slots 2..K. v_1 is
+    emitted at once.
     """
     k = spec.num_drafts
     n_masks = k if spec.with_proposals else 0
@@ -242,7 +245,8 @@ def prefill(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, prompts: 
     state = DecodeState(
         cache=cache, drafts=jnp.concatenate([first[:, None], guesses], axis=1), draft_probs=guess_probs,
         tokens=jnp.zeros((batch, spec.capacity + k), jnp.int32), num_tokens=jnp.zeros((batch,), jnp.int32),
-        max_new_tokens=jnp.asarray(max_new_tokens, jnp.int32), finish=jnp.zeros((batch,), jnp.int32),
+        max_new_tokens=jnp.broadcast_to(jnp.asarray(max_new_tokens, jnp.int32), (batch,)),
+        finish=jnp.zeros((batch,), jnp.int32),
         row_forwards=jnp.ones((batch,), jnp.int32), forwards=jnp.ones((), jnp.int32),
         accept_hist=jnp.zeros((k + 1,), jnp.int32), key=key)
     state = _append_output(state, first[:, None], jnp.ones((batch,), jnp.int32), jnp.ones((batch,), bool), spec)

@@ -1,12 +1,22 @@
-"""`Generator`: TiDAR / AR generation compiled once per shape, with per-call sampling knobs and streaming.
+"""`Generator`: TiDAR / AR generation compiled once per shape bucket, with per-call sampling knobs and streaming.
 
-Prompts are padded (left-aligned) to the smallest `decode.prompt_buckets` entry that holds the longest one, so a new
-prompt length does not recompile. Compiled programs are cached per (model graph, function, DecodeSpec, argument
-shapes): the prefill per (bucket, batch, mode, greedy, capacity), the decode loop per (batch, mode, greedy,
-capacity), the loop being independent of the bucket because the KV cache has a fixed length. This program cache is
-module-wide, so Generators over models of one architecture (other weights, other block size) share programs.
-beta / temperature / top-k / top-p / seed / max_new_tokens (up to the capacity) are traced values.
-`TRACE_COUNTS` counts traces (= compilations) per function name, for tests.
+Shapes come from buckets (buckets.py), so a new prompt length, batch size or max_new_tokens within a bucket does
+not recompile: prompts are padded (left-aligned) to the smallest `decode.prompt_buckets` entry that holds the
+longest one; the batch is padded to the smallest `decode.batch_buckets` entry (past the largest: its next multiple;
+on a mesh: rounded up to a multiple of the data shards) with inert rows, which finish at prefill and are dropped
+from every result; the output buffer holds the smallest `decode.max_new_tokens * 2^i` tokens that hold the
+requested max_new_tokens, which stays an exact per-row limit (a traced [batch] array). Compiled programs are kept
+per (model graph, function, DecodeSpec, mesh, argument shapes and shardings): the prefill per (prompt bucket, batch
+bucket, mode, greedy, capacity), the decode loop per (batch bucket, mode, greedy, capacity), independent of the
+prompt bucket because the KV cache has a fixed length. They live in a bounded LRU `ProgramCache`
+(program_cache.py; module-wide `PROGRAMS` by default), so Generators over models of one architecture share
+programs. beta / temperature / top-k / top-p / seed are traced.
+`TRACE_COUNTS` counts traces per function name and `PROGRAMS.misses` compilations, for tests.
+
+Sharded decoding: with `mesh`, params are placed by the rules table (heads, kv_heads, mlp, vocab over `tensor`),
+the batch rows over `data` and the KV cache over batch and kv_heads (`sharding.decode_shardings`), and every
+program's outputs are pinned to those shardings. Without a mesh everything stays where the params are: one device
+for params from `checkpoint.load_for_inference(path)`.
 """
 
 from __future__ import annotations
@@ -14,18 +24,21 @@ from __future__ import annotations
 import collections
 import dataclasses
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from tidar_jax import decode
+from tidar_jax.buckets import bucket_for, length_buckets
 from tidar_jax.config import DecodeConfig, ModelConfig
 from tidar_jax.decode import DecodeSpec, DecodeState
 from tidar_jax.kv_cache import KVCache, init_cache
+from tidar_jax.program_cache import ProgramCache
 from tidar_jax.sampling import SamplingParams
-from tidar_jax.sharding import check_runtime
+from tidar_jax.sharding import batch_shards, check_runtime, decode_shardings, named_sharding, place_params
 
 TokenCallback = Callable[[list[list[int]]], None]
 
@@ -36,8 +49,21 @@ def _tensor_axis_size(params) -> int:
     mesh = getattr(sharding, "mesh", None)
     return dict(mesh.shape).get("tensor", 1) if mesh is not None else 1
 
+
 TRACE_COUNTS: collections.Counter[str] = collections.Counter()
-_PROGRAMS: dict = {}  # signature -> compiled executable
+PROGRAMS = ProgramCache()  # the module-wide program cache; resize with `PROGRAMS.max_programs = n`
+
+
+@dataclasses.dataclass(frozen=True)
+class PaddedBatch:
+    """Prompts in bucket shapes (B = batch bucket, P = prompt bucket). prompts: [B, P] int32, left-aligned, pad
+    token after each row's end; lengths: [B] int32 (1 for inert rows); limits: [B] int32 max_new_tokens per row (0
+    for inert rows, so they finish at prefill); rows: the number of real rows (the first `rows` of B)."""
+
+    prompts: np.ndarray
+    lengths: np.ndarray
+    limits: np.ndarray
+    rows: int
 
 
 @dataclasses.dataclass
@@ -63,17 +89,22 @@ class GenerationResult:
 class Generator:
     """Holds the split model and its compiled decode programs.
 
-    graphdef, params: from `nnx.split(model)` (params may be sharded; inputs follow them); model_cfg: the model's
-    config (vocab, special ids, trained block size); decode_cfg: defaults for every knob plus the prompt buckets,
-    cache length and output capacity (`max_new_tokens`).
+    graphdef, params: from `nnx.split(model)`; model_cfg: the model's config (vocab, special ids, trained block
+    size); decode_cfg: defaults for every knob plus the prompt and batch buckets, cache length and the smallest
+    output capacity (`max_new_tokens`); mesh: decode sharded on it (params are placed there by the rules table),
+    or None: run where the params are (inputs follow them); programs: the compiled-program cache (default the
+    module-wide `PROGRAMS`).
     """
 
     def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, model_cfg: ModelConfig, decode_cfg: DecodeConfig,
-                 *, allow_block_size_mismatch: bool = False):
-        self.graphdef, self.params = graphdef, params
+                 *, allow_block_size_mismatch: bool = False, mesh: Mesh | None = None,
+                 programs: ProgramCache | None = None):
+        self.graphdef, self.mesh = graphdef, mesh
+        self.params = params if mesh is None else place_params(params, mesh)
         self.model_cfg, self.decode_cfg = model_cfg, decode_cfg
         self.block_size = decode.resolve_block_size(model_cfg, decode_cfg, allow_block_size_mismatch)
-        check_runtime(model_cfg, _tensor_axis_size(params))
+        self.programs = PROGRAMS if programs is None else programs
+        check_runtime(model_cfg, mesh.shape["tensor"] if mesh is not None else _tensor_axis_size(params))
         self._compile_time = 0.0
 
     # ----- input checks -------------------------------------------------------------------------------------------
@@ -100,6 +131,32 @@ class Generator:
                                  "diffusion drafting")
         return rows
 
+    def batch_bucket(self, rows: int) -> int:
+        """Rows of the padded batch for `rows` prompts: the decode.batch_buckets entry that holds them (past the
+        largest, its next multiple), rounded up to a multiple of the mesh's batch shards (so the rows split evenly
+        over `data`)."""
+        buckets = self.decode_cfg.batch_buckets
+        bucket = bucket_for(rows, buckets) if rows <= buckets[-1] else _round_up(rows, buckets[-1])
+        return _round_up(bucket, 1 if self.mesh is None else batch_shards(self.mesh))
+
+    def capacity(self, max_new_tokens: int) -> int:
+        """Output-buffer length for `max_new_tokens`: the smallest decode.max_new_tokens * 2^i that holds it."""
+        return length_buckets(max_new_tokens, smallest=self.decode_cfg.max_new_tokens)[-1]
+
+    def pad_batch(self, prompts: Sequence[Sequence[int]], num_drafts: int, max_new_tokens: int) -> PaddedBatch:
+        """Checks the prompts and pads them to the prompt and batch buckets (see `PaddedBatch`)."""
+        rows = self._check_prompts(prompts, num_drafts)
+        batch = self.batch_bucket(len(rows))
+        bucket = bucket_for(max(len(r) for r in rows), self.decode_cfg.prompt_buckets)
+        padded = np.full((batch, bucket), self.model_cfg.pad_token_id, np.int32)
+        for i, row in enumerate(rows):
+            padded[i, :len(row)] = row
+        lengths = np.ones((batch,), np.int32)
+        lengths[:len(rows)] = [len(r) for r in rows]
+        limits = np.zeros((batch,), np.int32)
+        limits[:len(rows)] = max_new_tokens
+        return PaddedBatch(prompts=padded, lengths=lengths, limits=limits, rows=len(rows))
+
     def _sampling_params(self, beta, temperature, top_k, top_p) -> tuple[SamplingParams, bool]:
         """The per-call knobs (None = the DecodeConfig's), checked; plus whether decoding is greedy."""
         dec = self.decode_cfg
@@ -119,54 +176,67 @@ class Generator:
 
     # ----- compiled programs --------------------------------------------------------------------------------------
 
-    def _run_compiled(self, name: str, fn: Callable, spec: DecodeSpec, donate: int, *args):
+    def place(self, tree: Any, logical: tuple[str | None, ...] | None = None) -> Any:
+        """`tree` on the mesh (unchanged without one): an array with dims named `logical`, or (logical None) a
+        decoding pytree in `sharding.decode_shardings`."""
+        if self.mesh is None:
+            return tree
+        if logical is None:
+            return jax.device_put(tree, decode_shardings(tree, self.mesh))
+        return jax.device_put(tree, named_sharding(logical, np.shape(tree), self.mesh))
+
+    def _run_compiled(self, name: str, fn: Callable, spec: DecodeSpec, donate: int | tuple[int, ...], *args):
         """Calls `fn(graphdef, *args, spec=spec)` through an executable compiled once per signature (the argument
-        shardings are part of it: params placed differently compile anew)."""
+        shardings are part of it: params placed differently compile anew), kept in `self.programs`."""
         leaves, treedef = jax.tree.flatten(args)
-        signature = (self.graphdef, name, spec, treedef,
+        signature = (self.graphdef, name, spec, self.mesh, treedef,
                      tuple((leaf.shape, str(leaf.dtype), getattr(leaf, "sharding", None)) for leaf in leaves))
-        executable = _PROGRAMS.get(signature)
-        if executable is None:
+
+        def build():
             start = time.perf_counter()
-            graphdef = self.graphdef
+            graphdef, mesh = self.graphdef, self.mesh
 
             def traced(*a):
                 TRACE_COUNTS[name] += 1
-                return fn(graphdef, *a, spec=spec)
+                out = fn(graphdef, *a, spec=spec)
+                # Pin the loop state's layout (rows over data, cache over kv_heads) rather than leave it to
+                # propagation, so every program of a mesh hands the next one the same shardings.
+                return out if mesh is None else jax.lax.with_sharding_constraint(out, decode_shardings(out, mesh))
 
             executable = jax.jit(traced, donate_argnums=donate).lower(*args).compile()
-            _PROGRAMS[signature] = executable
             self._compile_time += time.perf_counter() - start
-        return executable(*args)
+            return executable
+
+        return self.programs.get(signature, build)(*args)
 
     def prefill(self, prompts: Sequence[Sequence[int]], mode: str = "tidar", max_new_tokens: int | None = None,
                 seed: int = 0, *, beta: float | None = None, temperature: float | None = None,
                 top_k: int | None = None, top_p: float | None = None,
                 cache: KVCache | None = None) -> tuple[DecodeState, DecodeSpec, SamplingParams]:
-        """Validates inputs, pads prompts to their bucket and runs the compiled prefill.
+        """Validates inputs, pads prompts to their prompt and batch buckets and runs the compiled prefill.
 
-        Returns (state, spec, sampling params) for `advance`. `cache` (optional, donated) must be an empty
-        [batch, decode.max_cache_len, ...] cache; by default a zeroed one is allocated.
+        Returns (state, spec, sampling params) for `advance`; the state has `batch_bucket(len(prompts))` rows, the
+        real ones first. `cache` (optional, donated) must be an empty [that batch, decode.max_cache_len, ...] cache;
+        by default a zeroed one is allocated.
         """
         dec = self.decode_cfg
         sp, greedy = self._sampling_params(beta, temperature, top_k, top_p)
         limit = dec.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
         if limit < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {limit}")
-        spec = DecodeSpec.create(mode, self.block_size, greedy, max(limit, dec.max_new_tokens), self.model_cfg)
-        rows = self._check_prompts(prompts, spec.num_drafts)
-        bucket = next(b for b in dec.prompt_buckets if b >= max(len(r) for r in rows))
-        padded = np.full((len(rows), bucket), self.model_cfg.pad_token_id, np.int32)
-        for i, row in enumerate(rows):
-            padded[i, :len(row)] = row
-        lengths = np.array([len(r) for r in rows], np.int32)
+        spec = DecodeSpec.create(mode, self.block_size, greedy, self.capacity(limit), self.model_cfg)
+        batch = self.pad_batch(prompts, spec.num_drafts, limit)
+        rows = len(batch.lengths)
         if cache is None:
-            cache = init_cache(self.model_cfg, len(rows), dec.max_cache_len)
-        elif (cache.batch_size, cache.max_len) != (len(rows), dec.max_cache_len):
+            cache = init_cache(self.model_cfg, rows, dec.max_cache_len)
+        elif (cache.batch_size, cache.max_len) != (rows, dec.max_cache_len):
             raise ValueError(f"cache has batch {cache.batch_size} and {cache.max_len} slots; expected batch "
-                             f"{len(rows)} and decode.max_cache_len={dec.max_cache_len}")
-        state = self._run_compiled("prefill", decode.prefill, spec, 1, self.params, cache, padded, lengths,
-                                   np.int32(limit), jax.random.key(seed), sp)
+                             f"{rows} (the batch bucket of {batch.rows} prompts) and "
+                             f"decode.max_cache_len={dec.max_cache_len}")
+        state = self._run_compiled("prefill", decode.prefill, spec, 1, self.params, self.place(cache),
+                                   self.place(batch.prompts, ("batch", None)), self.place(batch.lengths, ("batch",)),
+                                   self.place(batch.limits, ("batch",)), self.place(jax.random.key(seed)),
+                                   self.place(sp))
         return state, spec, sp
 
     def advance(self, state: DecodeState, spec: DecodeSpec, sp: SamplingParams,
@@ -174,8 +244,8 @@ class Generator:
         """Runs the compiled decode loop (donating `state`) until every row finished or `state.forwards` reaches
         max_forwards (default: no limit)."""
         bound = spec.capacity + 1 if max_forwards is None else max_forwards  # every forward emits >= 1 token/row
-        return self._run_compiled("decode_loop", decode.decode_loop, spec, 1, self.params, state, sp,
-                                  np.int32(bound))
+        return self._run_compiled("decode_loop", decode.decode_loop, spec, 1, self.params, state, self.place(sp),
+                                  self.place(np.int32(bound)))
 
     # ----- the public entry point ---------------------------------------------------------------------------------
 
@@ -198,10 +268,11 @@ class Generator:
         if on_tokens is None:
             state = self.advance(state, spec, sp)
         else:
-            seen = np.zeros(state.num_tokens.shape, np.int64)
+            seen = np.zeros(len(prompts), np.int64)
             bound = 1  # the prefill's forward; kept on the host so each chunk costs one device-to-host copy
             while True:
                 tokens, counts, finish = jax.device_get((state.tokens, state.num_tokens, state.finish))
+                counts = counts[:len(seen)]  # the real rows; inert ones finished at prefill
                 on_tokens([tokens[i, seen[i]:counts[i]].tolist() for i in range(len(seen))])
                 seen = counts
                 if np.all(finish != decode.RUNNING):
@@ -211,13 +282,21 @@ class Generator:
         host = jax.device_get(state.replace(cache=None, draft_probs=None, key=None))
         compile_time = self._compile_time - compile_before
         wall = time.perf_counter() - start - compile_time
-        counts = host.num_tokens
-        total = int(counts.sum())
-        return GenerationResult(
-            tokens=[host.tokens[i, :counts[i]].tolist() for i in range(len(counts))],
-            forwards=int(host.forwards),
-            tokens_per_forward=total / max(int(host.row_forwards.sum()), 1),
-            acceptance_histogram=host.accept_hist.tolist(),
-            wall_time_s=wall, tokens_per_second=total / wall if wall > 0 else float("inf"),
-            finish_reasons=[decode.FINISH_NAMES[int(f)] for f in host.finish],
-            mode=mode, block_size=spec.num_drafts, compile_time_s=compile_time)
+        return GenerationResult(**summary(host, len(prompts), wall), mode=mode, block_size=spec.num_drafts,
+                                compile_time_s=compile_time)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def summary(host: DecodeState, rows: int, wall: float) -> dict:
+    """The GenerationResult fields read from a finished (host) state: only its first `rows` rows are real; inert
+    padding rows were never active, so the batch counters (forwards, acceptance histogram) exclude them already."""
+    counts = host.num_tokens[:rows]
+    total = int(counts.sum())
+    return dict(tokens=[host.tokens[i, :counts[i]].tolist() for i in range(rows)], forwards=int(host.forwards),
+                tokens_per_forward=total / max(int(host.row_forwards[:rows].sum()), 1),
+                acceptance_histogram=host.accept_hist.tolist(), wall_time_s=wall,
+                tokens_per_second=total / wall if wall > 0 else float("inf"),
+                finish_reasons=[decode.FINISH_NAMES[int(f)] for f in host.finish[:rows]])

@@ -7,10 +7,16 @@ on a large mesh (e.g. 2 KV heads on tensor=4).
 
 Params are created already sharded: `init_sharded_model` traces the constructor under `jax.jit` with
 `out_shardings`, so no device ever holds the full unsharded model.
+
+Decoding arrays get their shardings from the same rules (`decode_shardings`): a KV-cache buffer
+`[batch, max_len, kv_heads, head_dim]` is split over batch and kv_heads, per-row loop state over batch, the draft
+distributions `[batch, K-1, vocab]` also over vocab; so on a (data, tensor) mesh each device holds its rows' cache
+for its KV heads, and no device repeats another's work.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any, Callable, Mapping, Sequence
@@ -21,6 +27,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from tidar_jax.config import ConfigError, MeshConfig, ModelConfig, validate_backend
+from tidar_jax.kv_cache import KVCache
 from tidar_jax.model import Transformer
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -36,6 +43,15 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("head_dim", None),
 )
 BATCH_AXES = dict(LOGICAL_AXIS_RULES)["batch"]
+# Logical names of the decoding arrays, mapped to mesh axes by the rules above. A KV-cache buffer (one per layer):
+KV_CACHE_AXES = ("batch", None, "kv_heads", "head_dim")
+# Loop-state fields (decode.DecodeState, spec_decode.SpecState) by name; fields not named here (counters, the
+# acceptance histogram, the PRNG key, sampling knobs) are replicated.
+DECODE_STATE_AXES: dict[str, tuple[str | None, ...]] = {
+    "cursor": ("batch",), "drafts": ("batch", None), "draft_probs": ("batch", None, "vocab"),
+    "tokens": ("batch", None), "num_tokens": ("batch",), "max_new_tokens": ("batch",), "finish": ("batch",),
+    "row_forwards": ("batch",), "last": ("batch",),
+}
 
 
 def mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
@@ -104,6 +120,38 @@ def param_shardings(abstract_params: nnx.State, mesh: Mesh) -> dict:
         return NamedSharding(mesh, logical_to_mesh(logical, leaf.shape, mesh))
 
     return jax.tree.map(one, specs, shapes, is_leaf=lambda x: isinstance(x, P))
+
+
+def named_sharding(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> NamedSharding:
+    """`NamedSharding` of an array of `shape` whose dims have these logical names (`logical_to_mesh`)."""
+    return NamedSharding(mesh, logical_to_mesh(logical, shape, mesh))
+
+
+def place_params(params: nnx.State, mesh: Mesh) -> nnx.State:
+    """A copy of `params` (variables carrying logical names) placed in their rule shardings on `mesh` (no copy of
+    a leaf that is already placed so)."""
+    pure = jax.device_put(nnx.to_pure_dict(params), param_shardings(params, mesh))
+    placed = jax.tree.map(lambda x: x, params)
+    nnx.replace_by_pure_dict(placed, pure)
+    return placed
+
+
+def decode_shardings(tree: Any, mesh: Mesh) -> Any:
+    """Shardings (same structure) for a decoding pytree of arrays: a KVCache (buffers by `KV_CACHE_AXES`), a loop
+    state dataclass (fields by `DECODE_STATE_AXES`, nested dataclasses and caches recursed into), or a bare array
+    (replicated). A name whose rank does not match the array is replicated too."""
+    def leaf(name: str | None, x: Any) -> Any:
+        if x is None:
+            return None
+        if isinstance(x, KVCache):
+            keys, values = ([named_sharding(KV_CACHE_AXES, b.shape, mesh) for b in xs] for xs in (x.keys, x.values))
+            return KVCache(keys=tuple(keys), values=tuple(values), cursor=leaf("cursor", x.cursor))
+        if dataclasses.is_dataclass(x):
+            return x.replace(**{f.name: leaf(f.name, getattr(x, f.name)) for f in dataclasses.fields(x)})
+        logical = DECODE_STATE_AXES.get(name, ())
+        return named_sharding(logical if len(logical) == x.ndim else (None,) * x.ndim, x.shape, mesh)
+
+    return leaf(None, tree)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -30,7 +30,7 @@ from flax import nnx, struct
 from tidar_jax import decode, masks, sampling
 from tidar_jax.config import DecodeConfig, ModelConfig
 from tidar_jax.decode import DecodeSpec, DecodeState
-from tidar_jax.generation import GenerationResult, Generator
+from tidar_jax.generation import GenerationResult, Generator, summary
 from tidar_jax.kv_cache import KVCache, init_cache
 from tidar_jax.model import forward_hidden
 from tidar_jax.sampling import SamplingParams
@@ -166,7 +166,8 @@ def spec_loop(graphdef: nnx.GraphDef, params: nnx.State, draft_params: nnx.State
 
 
 class SpecDecoder(Generator):
-    """Draft-model speculative decoding with the Generator's prompt checks, buckets and compiled-program cache.
+    """Draft-model speculative decoding with the Generator's prompt checks, buckets and compiled-program cache
+    (on one device: a mesh is not supported here).
 
     target (graphdef, params, model_cfg) verifies; draft (draft_graphdef, draft_params, draft_cfg) proposes;
     num_drafts = K >= 2 (the target verifies K tokens per forward, the draft makes K-1 guesses). The two models must
@@ -195,36 +196,22 @@ class SpecDecoder(Generator):
         if limit < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {limit}")
         k = self.block_size
-        base = DecodeSpec.create("tidar", k, greedy, max(limit, dec.max_new_tokens),
-                                 self.model_cfg)
+        base = DecodeSpec.create("tidar", k, greedy, self.capacity(limit), self.model_cfg)
         spec = SpecDecodeSpec(**{**dataclasses.asdict(base), "with_proposals": False},
                               draft_graphdef=self.draft_graphdef, vocab_size=self.model_cfg.vocab_size)
-        rows = self._check_prompts(prompts, k)
-        bucket = next(b for b in dec.prompt_buckets if b >= max(len(r) for r in rows))
-        padded = np.full((len(rows), bucket), self.model_cfg.pad_token_id, np.int32)
-        for i, row in enumerate(rows):
-            padded[i, :len(row)] = row
-        lengths = np.array([len(r) for r in rows], np.int32)
+        batch = self.pad_batch(prompts, k, limit)
 
         compile_before = self._compile_time
         start = time.perf_counter()
-        caches = (init_cache(self.model_cfg, len(rows), dec.max_cache_len),
-                  init_cache(self.draft_cfg, len(rows), dec.max_cache_len))
+        caches = (init_cache(self.model_cfg, len(batch.lengths), dec.max_cache_len),
+                  init_cache(self.draft_cfg, len(batch.lengths), dec.max_cache_len))
         state = self._run_compiled("spec_prefill", spec_prefill, spec, (2, 3), self.params, self.draft_params,
-                                   *caches, padded, lengths, np.int32(limit), jax.random.key(seed), sp)
+                                   *caches, batch.prompts, batch.lengths, batch.limits, jax.random.key(seed), sp)
         state = self._run_compiled("spec_loop", spec_loop, spec, 2, self.params, self.draft_params, state, sp,
                                    np.int32(spec.capacity + 1))
         host = jax.device_get(state.replace(draft_cache=None, base=state.base.replace(cache=None, draft_probs=None,
                                                                                          key=None)))
         compile_time = self._compile_time - compile_before
         wall = time.perf_counter() - start - compile_time
-        base_state, counts = host.base, host.base.num_tokens
-        total = int(counts.sum())
-        return SpecResult(
-            tokens=[base_state.tokens[i, :counts[i]].tolist() for i in range(len(counts))],
-            forwards=int(base_state.forwards),
-            tokens_per_forward=total / max(int(base_state.row_forwards.sum()), 1),
-            acceptance_histogram=base_state.accept_hist.tolist(), wall_time_s=wall,
-            tokens_per_second=total / wall if wall > 0 else float("inf"),
-            finish_reasons=[decode.FINISH_NAMES[int(f)] for f in base_state.finish], mode="spec", block_size=k,
-            compile_time_s=compile_time, draft_forwards=int(host.draft_forwards))
+        return SpecResult(**summary(host.base, batch.rows, wall), mode="spec", block_size=k,
+                          compile_time_s=compile_time, draft_forwards=int(host.draft_forwards))

@@ -1,7 +1,7 @@
 """Fixed-shape batched decoding for benchmarks: every batch has the same number of rows and a prompt-length bucket,
 so a whole benchmark compiles one prefill per (bucket, mode) and one decode loop per mode.
 
-- `length_buckets`: power-of-two length buckets (a prompt is padded to the smallest that holds it);
+- `length_buckets` / `bucket_for` (from buckets.py): power-of-two length buckets, the smallest that holds a length;
 - `decode_config_for`: a DecodeConfig whose buckets, cache and capacity fit the benchmark's longest prompt and
   output, so no row stops early for lack of room;
 - `BatchDecoder.run`: one batch through `Generator.prefill` / `Generator.advance` (the same compiled programs as
@@ -22,31 +22,9 @@ import jax
 import numpy as np
 
 from tidar_jax import decode
+from tidar_jax.buckets import bucket_for, length_buckets
 from tidar_jax.config import DecodeConfig
 from tidar_jax.generation import Generator
-
-
-def length_buckets(max_len: int, smallest: int = 16, extra: Sequence[int] = ()) -> tuple[int, ...]:
-    """Sorted buckets: `extra` entries up to the first power-of-two-multiple of `smallest` that holds `max_len`,
-    plus smallest * 2^i up to there."""
-    if max_len < 1:
-        raise ValueError(f"max_len must be >= 1, got {max_len}")
-    top = smallest
-    while top < max_len:
-        top *= 2
-    powers = set()
-    b = smallest
-    while b <= top:
-        powers.add(b)
-        b *= 2
-    return tuple(sorted(powers | {e for e in extra if 0 < e <= top}))
-
-
-def bucket_for(length: int, buckets: Sequence[int]) -> int:
-    for b in buckets:
-        if b >= length:
-            return b
-    raise ValueError(f"length {length} exceeds the largest bucket {buckets[-1]}")
 
 
 def decode_config_for(dec: DecodeConfig, max_prompt_len: int, max_new_tokens: int, block_size: int) -> DecodeConfig:
@@ -106,10 +84,12 @@ class BatchDecoder:
         self.warmup_time_s = 0.0
 
     def _signature(self, rows, mode, max_new_tokens, temperature):
-        dec = self.generator.decode_cfg
+        gen = self.generator
+        dec = gen.decode_cfg
         limit = dec.max_new_tokens if max_new_tokens is None else max_new_tokens
         greedy = (dec.temperature if temperature is None else temperature) == 0
-        return bucket_for(max(map(len, rows)), dec.prompt_buckets), mode, greedy, max(limit, dec.max_new_tokens)
+        return (gen.batch_bucket(len(rows)), bucket_for(max(map(len, rows)), dec.prompt_buckets), mode, greedy,
+                gen.capacity(limit))
 
     def run(self, prompts: Sequence[Sequence[int]], mode: str, max_new_tokens: int | None = None, *,
             stop: Callable[[int, list[int]], bool] | None = None, seed: int = 0, beta: float | None = None,
