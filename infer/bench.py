@@ -47,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", nargs="+",
                         help="one or more training WORKDIRs (or step directories), all with the same tokenizer "
                              "(required unless --cost-only)")
+    parser.add_argument("--step", type=int,
+                        help="load this saved step of every --checkpoint (and --latency-checkpoint) instead of the "
+                             "latest, e.g. after a corrupt save; the --draft model stays at its latest step")
     parser.add_argument("--draft", help="WORKDIR of a small AR draft model (same tokenizer) for the speculative-"
                                         "decoding baseline")
     parser.add_argument("--block-sizes", type=int, nargs="+",
@@ -118,11 +121,11 @@ def _set_name(lengths) -> str:
     return "tidar{" + ",".join(map(str, lengths)) + "}"
 
 
-def _load(path: str, mesh):
-    from tidar_jax.checkpoint import load_for_inference
+def _load(path: str, mesh, step: int | None = None):
+    from tidar_jax.checkpoint import load_for_inference, step_path
     from tidar_jax.config import ConfigError
 
-    bundle = load_for_inference(path, mesh)
+    bundle = load_for_inference(step_path(path, step), mesh)
     if bundle.tokenizer is None:
         raise ConfigError(f"{path} has no tokenizer.json next to its checkpoints")
     return bundle
@@ -206,7 +209,8 @@ def run_generation(args, bundles: dict, draft, prompts: list[list[int]], progres
                 progress(f"generation: {_label(path, bundle)}, K={k}, batch {batch}: {', '.join(methods)}")
                 cost = step_costs(m, k, dec.max_cache_len, batch, bucket, args.peak_tflops, args.bandwidth_gbs,
                                   model=(bundle.graphdef, bundle.params))
-                records.append({"step_cost": cost, "checkpoint": path, "label": _label(path, bundle), "trained_block_size": m.block_size,
+                records.append({"step_cost": cost, "checkpoint": path, "checkpoint_step": bundle.step,
+                                "label": _label(path, bundle), "trained_block_size": m.block_size,
                                 "objective": bundle.config.train.objective, "block_size": k, "batch_size": batch,
                                 "methods": _group(methods, prompts, batch, args)})
     return records
@@ -338,7 +342,7 @@ def main(argv=None) -> int:
     try:
         mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
         paths = list(dict.fromkeys(args.checkpoint + ([args.latency_checkpoint] if args.latency_checkpoint else [])))
-        bundles = {p: _load(p, mesh) for p in paths}
+        bundles = {p: _load(p, mesh, args.step) for p in paths}
         draft = _load(args.draft, mesh) if args.draft else None
         first = bundles[args.checkpoint[0]]
         fingerprint = first.tokenizer.fingerprint
@@ -357,7 +361,8 @@ def main(argv=None) -> int:
                 report["generation"] = run_generation(args, gen_bundles, draft, prompts, progress)
             if not args.skip_latency:
                 path = args.latency_checkpoint or args.checkpoint[0]
-                report["latency"] = {"checkpoint": path, "label": _label(path, bundles[path]),
+                report["latency"] = {"checkpoint": path, "checkpoint_step": bundles[path].step,
+                                     "label": _label(path, bundles[path]),
                                      **run_latency(args, bundles[path], progress)}
     except USER_ERRORS as e:
         return fail(e)

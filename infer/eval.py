@@ -56,26 +56,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--allow-block-size-mismatch", action="store_true",
                         help="decode with a block size other than the one the model was trained with")
     parser.add_argument("overrides", nargs="*", metavar="section.field=value",
-                        help="mesh.*, decode.*, data.corpus and data.paths overrides, e.g. mesh.tensor=2 "
-                             "decode.max_cache_len=1024 data.corpus=bbc-news (held-out text of another corpus)")
+                        help="mesh.*, decode.*, data.corpus, data.paths, model.attention_impl and "
+                             "model.compute_dtype overrides, e.g. mesh.tensor=2 decode.max_cache_len=1024 "
+                             "data.corpus=bbc-news (held-out text of another corpus), model.attention_impl=xla "
+                             "model.compute_dtype=float32 (a checkpoint trained with cudnn, run on a CPU)")
     args = parser.parse_args(argv)
     from infer.common import require_at_least
 
     if args.max_token_loss < 0:
         parser.error(f"--max-token-loss must be >= 0, got {args.max_token_loss}")
-    require_at_least(parser, args, eval_batches=0, batch_size=1, num_prompts=0, prompt_len=1, max_new_tokens=1,
+    require_at_least(parser, args, eval_batches=1, batch_size=1, num_prompts=0, prompt_len=1, max_new_tokens=1,
                      samples=0, block_size=1)
     return args
 
 
 def _check_overrides(args: argparse.Namespace) -> None:
+    from infer.common import MODEL_OVERRIDES
     from tidar_jax.config import ConfigError
 
     for item in args.overrides:
         key = item.split("=", 1)[0] if "=" in item else ""
-        if not (key.startswith(("mesh.", "decode.")) or key in ("data.corpus", "data.paths")):
+        if not (key.startswith(("mesh.", "decode.")) or key in ("data.corpus", "data.paths", *MODEL_OVERRIDES)):
             raise ConfigError(f"override {item!r} must look like mesh.field=value, decode.field=value, "
-                              "data.corpus=NAME or data.paths=[...]")
+                              f"data.corpus=NAME, data.paths=[...] or one of {', '.join(MODEL_OVERRIDES)}")
 
 
 def _mesh_config(args: argparse.Namespace):
@@ -94,7 +97,7 @@ def _effective_config(config, args: argparse.Namespace, mesh_cfg):
     from tidar_jax.config import apply_overrides
 
     flags = {"data.global_batch_size": args.batch_size, "decode.block_size": args.block_size}
-    overrides = [o for o in args.overrides if o.startswith(("decode.", "data."))]
+    overrides = [o for o in args.overrides if o.startswith(("decode.", "data.", "model."))]
     overrides += [f"{key}={value}" for key, value in flags.items() if value is not None]
     return apply_overrides(dataclasses.replace(config, mesh=mesh_cfg), overrides)
 
@@ -108,7 +111,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     from infer.common import decode_room, prompt_set
     from tidar_jax import data, evaluation, proposals
     from tidar_jax.benchmark import device_info
-    from tidar_jax.checkpoint import load_for_inference, step_path
+    from tidar_jax.checkpoint import load_for_inference, step_path, with_model
     from tidar_jax.config import ConfigError
     from tidar_jax.generation import Generator
     from tidar_jax.model import count_params
@@ -118,6 +121,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     mesh = make_mesh(mesh_cfg)
     bundle = load_for_inference(step_path(args.checkpoint, args.step), mesh)
     cfg = _effective_config(bundle.config, args, mesh_cfg)
+    bundle = with_model(bundle, cfg.model)
     if bundle.tokenizer is None:
         raise ConfigError(f"{args.checkpoint} has no tokenizer.json next to its checkpoints; held-out data needs it")
     tok, m = bundle.tokenizer, cfg.model

@@ -3,6 +3,7 @@ AR draft model), the latency curve's contract, and the interleaving order of tim
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -57,6 +58,21 @@ def test_block_size_other_than_trained_needs_the_flag(runs, capsys):
             "--prompt-len", "8"]
     assert bench.main(argv) == 2
     assert "--allow-block-size-mismatch" in capsys.readouterr().err
+
+
+def test_step_loads_an_earlier_step_after_a_corrupt_save(runs, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(runs["tidar"][0], run)
+    shutil.copytree(run / "checkpoints" / "0", run / "checkpoints" / "1")
+    shutil.rmtree(run / "checkpoints" / "1" / "state")  # the newest save lost its arrays
+    argv = ["--checkpoint", str(run), "--skip-generation", "--latency-prefixes", "8", "--latency-queries", "1",
+            "--latency-repeats", "1", "--no-progress"]
+    assert bench.main(argv) == 2
+    assert "checkpoints/1 is incomplete" in capsys.readouterr().err
+    assert bench.main(argv + ["--step", "5"]) == 2
+    assert "--step 5 is not saved" in capsys.readouterr().err
+    assert bench.main(argv + ["--step", "0", "--json", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["latency"]["checkpoint_step"] == 0
 
 
 def test_latency_curve_gives_one_timing_per_query_count(tiny_config):

@@ -38,9 +38,17 @@ from tidar_jax.decode import DecodeSpec, DecodeState
 from tidar_jax.kv_cache import KVCache, init_cache
 from tidar_jax.program_cache import ProgramCache
 from tidar_jax.sampling import SamplingParams
-from tidar_jax.sharding import batch_shards, decode_shardings, named_sharding, place_params
+from tidar_jax.sharding import batch_shards, check_runtime, decode_shardings, named_sharding, place_params
 
 TokenCallback = Callable[[list[list[int]]], None]
+
+
+def _tensor_axis_size(params) -> int:
+    """The tensor-axis size of the mesh the params live on (1 when they are not on a named mesh)."""
+    sharding = getattr(jax.tree.leaves(params)[0], "sharding", None) if jax.tree.leaves(params) else None
+    mesh = getattr(sharding, "mesh", None)
+    return dict(mesh.shape).get("tensor", 1) if mesh is not None else 1
+
 
 TRACE_COUNTS: collections.Counter[str] = collections.Counter()
 PROGRAMS = ProgramCache()  # the module-wide program cache; resize with `PROGRAMS.max_programs = n`
@@ -96,6 +104,7 @@ class Generator:
         self.model_cfg, self.decode_cfg = model_cfg, decode_cfg
         self.block_size = decode.resolve_block_size(model_cfg, decode_cfg, allow_block_size_mismatch)
         self.programs = PROGRAMS if programs is None else programs
+        check_runtime(model_cfg, mesh.shape["tensor"] if mesh is not None else _tensor_axis_size(params))
         self._compile_time = 0.0
 
     # ----- input checks -------------------------------------------------------------------------------------------

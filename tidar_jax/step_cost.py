@@ -21,6 +21,7 @@ from tidar_jax.config import ModelConfig
 from tidar_jax.kv_cache import init_cache
 from tidar_jax.model import create_model
 from tidar_jax.sampling import SamplingParams
+from tidar_jax.sharding import check_runtime
 
 
 def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
@@ -62,6 +63,7 @@ def step_costs(cfg: ModelConfig, block_size: int, cache_len: int, batch_size: in
     ratios, "params": parameter count}. `model`: (graphdef, params) to cost instead of `abstract_model(cfg)`
     (params may be concrete: only their shapes and dtypes are used).
     """
+    check_runtime(cfg, 1)  # the programs are compiled for this backend (one device)
     if prompt_bucket + block_size > cache_len:
         raise ValueError(f"prompt bucket {prompt_bucket} + K {block_size} exceeds the cache length {cache_len}")
     graphdef, params = model or abstract_model(cfg)
