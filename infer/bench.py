@@ -4,6 +4,7 @@
         --json docs/results/bench.json --plot-dir docs
     python -m infer.bench --checkpoint runs/tidar-k4 --block-sizes 2 4 8 --allow-block-size-mismatch
     python -m infer.bench --checkpoint runs/tidar-k4 --skip-generation --latency-prefixes 512 2048
+    python -m infer.bench --checkpoint runs/tidar-k4 --proposal-sets 1 1,2 --batch-sizes 1 --skip-latency
 
 Generation: for every checkpoint, decode block size K and batch size, greedy decoding of the same held-out prompts
 (batch 1 cycles through them, one per repeat) runs in each method: `ar` (one token per forward), `tidar` (for
@@ -11,7 +12,9 @@ tidar-objective checkpoints) and `spec` (with --draft: the draft model proposes 
 verifies K per forward). Every method is compiled and run once first; then --repeats rounds alternate the methods'
 order, and medians are reported. The speed-up of a method is the median over rounds of its tokens/s divided by AR's
 tokens/s in the same round. A fair K sweep uses checkpoints trained with each K; decoding with another K than the
-trained one needs --allow-block-size-mismatch.
+trained one needs --allow-block-size-mismatch. --proposal-sets adds TiDAR with sparse proposal sets (proposals.py),
+e.g. `tidar{1,2}`: each step computes proposal blocks only for those acceptance lengths (K + |A|*K query tokens);
+`infer.eval` suggests a set from the full set's acceptance histogram.
 
 Latency curve: one cached forward of q causal query tokens (q = 1 .. 512) over a KV cache holding a prefix of 512
 and 2048 tokens, timed the same way: it shows how many tokens a forward can carry almost for free (TiDAR's step
@@ -44,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", nargs="+",
                         help="one or more training WORKDIRs (or step directories), all with the same tokenizer "
                              "(required unless --cost-only)")
+    parser.add_argument("--step", type=int,
+                        help="load this saved step of every --checkpoint (and --latency-checkpoint) instead of the "
+                             "latest, e.g. after a corrupt save; the --draft model stays at its latest step")
     parser.add_argument("--draft", help="WORKDIR of a small AR draft model (same tokenizer) for the speculative-"
                                         "decoding baseline")
     parser.add_argument("--block-sizes", type=int, nargs="+",
@@ -57,6 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="held-out document windows (corpus) or held-out-topic chat requests in the first "
                              "checkpoint's chat template (chat)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt")
+    parser.add_argument("--proposal-sets", nargs="+", metavar="J,J,..",
+                        help="also decode TiDAR with these sparse proposal sets (comma-separated acceptance lengths "
+                             "that include 1, e.g. 1 1,2 1,2,4); with --cost-only, also cost their steps")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per measurement (after one warm-up)")
     parser.add_argument("--skip-generation", action="store_true", help="only the latency curve")
     parser.add_argument("--skip-latency", action="store_true", help="only the generation benchmark")
@@ -94,6 +103,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     require_at_least(parser, args, repeats=1, latency_repeats=1, prompt_len=1, max_new_tokens=1, batch_sizes=1,
                      block_sizes=1, latency_prefixes=1, latency_queries=1, cache_len=1, batch_size=1,
                      prompt_bucket=1, block_size=1)
+    args.proposal_sets = [_parse_set(parser, text) for text in args.proposal_sets or []]
     if args.cost_only and not args.config:
         parser.error("--cost-only needs --config")
     if not args.cost_only and not args.checkpoint:
@@ -101,11 +111,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _load(path: str, mesh):
-    from tidar_jax.checkpoint import load_for_inference
+def _parse_set(parser, text: str) -> tuple[int, ...]:
+    """'1,2,4' -> (1, 2, 4); argparse's one-line error otherwise (checked against K when the K is known)."""
+    try:
+        return tuple(int(j) for j in text.split(","))
+    except ValueError:
+        parser.error(f"--proposal-sets entries must be comma-separated integers like 1,2,4, got {text!r}")
+
+
+def _set_name(lengths) -> str:
+    return "tidar{" + ",".join(map(str, lengths)) + "}"
+
+
+def _load(path: str, mesh, step: int | None = None):
+    from tidar_jax.checkpoint import load_for_inference, step_path
     from tidar_jax.config import ConfigError
 
-    bundle = load_for_inference(path, mesh)
+    bundle = load_for_inference(step_path(path, step), mesh)
     if bundle.tokenizer is None:
         raise ConfigError(f"{path} has no tokenizer.json next to its checkpoints")
     return bundle
@@ -157,6 +179,7 @@ def run_generation(args, bundles: dict, draft, prompts: list[list[int]], progres
     import dataclasses
 
     from infer.common import decode_room
+    from tidar_jax import proposals
     from tidar_jax.buckets import bucket_for
     from tidar_jax.generation import Generator
     from tidar_jax.spec_decode import SpecDecoder
@@ -176,6 +199,10 @@ def run_generation(args, bundles: dict, draft, prompts: list[list[int]], progres
             methods = {"ar": (generator, "ar")}
             if bundle.config.train.objective == "tidar":
                 methods["tidar"] = (generator, "tidar")
+                for lengths in args.proposal_sets:
+                    lengths = proposals.resolve_proposal_lengths(lengths, k, "--proposal-sets")
+                    methods[_set_name(lengths)] = (Generator(bundle.graphdef, bundle.params, m, dataclasses.replace(
+                        dec, proposal_lengths=lengths), allow_block_size_mismatch=True), "tidar")
             if draft is not None and k >= 2:
                 methods["spec"] = (SpecDecoder(bundle.graphdef, bundle.params, m, dec, draft.graphdef, draft.params,
                                                draft.config.model, k), "spec")
@@ -184,7 +211,8 @@ def run_generation(args, bundles: dict, draft, prompts: list[list[int]], progres
                 progress(f"generation: {_label(path, bundle)}, K={k}, batch {batch}: {', '.join(methods)}")
                 cost = step_costs(m, k, dec.max_cache_len, batch, bucket, args.peak_tflops, args.bandwidth_gbs,
                                   model=(bundle.graphdef, bundle.params))
-                records.append({"step_cost": cost, "checkpoint": path, "label": _label(path, bundle), "trained_block_size": m.block_size,
+                records.append({"step_cost": cost, "checkpoint": path, "checkpoint_step": bundle.step,
+                                "label": _label(path, bundle), "trained_block_size": m.block_size,
                                 "objective": bundle.config.train.objective, "block_size": k, "batch_size": batch,
                                 "methods": _group(methods, prompts, batch, args)})
     return records
@@ -210,13 +238,14 @@ def format_tables(report: dict) -> str:
     lines = []
     for g in report.get("generation", []):
         ms = g["methods"]
+        w = max(8, *(len(name) + 1 for name in ms))
         r = g["step_cost"]["tidar_over_ar"]
         lines += ["", f"{g['label']}  decode K={g['block_size']}  batch {g['batch_size']}  (TiDAR step / AR step: "
                       f"FLOPs {r['flops']:.2f}x, bytes {r['bytes']:.2f}x)",
-                  f"  {'method':<8}{'tokens/s':>10}{'speed-up vs AR':>16}{'tokens/forward':>16}{'forwards':>10}"
+                  f"  {'method':<{w}}{'tokens/s':>10}{'speed-up vs AR':>16}{'tokens/forward':>16}{'forwards':>10}"
                   f"{'draft fwd':>10}  same tokens as AR"]
         for name, s in ms.items():
-            lines.append(f"  {name:<8}{s['tokens_per_second']:>10.1f}{s['speedup_vs_ar']:>15.2f}x"
+            lines.append(f"  {name:<{w}}{s['tokens_per_second']:>10.1f}{s['speedup_vs_ar']:>15.2f}x"
                          f"{s['tokens_per_forward']:>16.2f}{s['forwards']:>10}{s.get('draft_forwards', '-'):>10}"
                          f"  {s['same_tokens_as_ar']}")
     lat = report.get("latency")
@@ -260,26 +289,39 @@ def _plots(report: dict, plot_dir: str) -> list[str]:
 
 
 def run_cost_only(args) -> int:
-    """--cost-only: the step-cost table (and --json) for --config's model shape; no checkpoint."""
+    """--cost-only: the step-cost table (and --json) for --config's model shape; no checkpoint. With
+    --proposal-sets, one more table per set (its TiDAR step has K + |A|*K rows)."""
     from infer.common import USER_ERRORS, fail, write_json
+    from tidar_jax import proposals
     from tidar_jax.benchmark import device_info
     from tidar_jax.config import load_config
     from tidar_jax.step_cost import format_costs, step_costs, time_steps
 
+    tables, report = [], {}
     try:
         cfg = load_config(args.config, args.override).model
         k = args.block_size or cfg.block_size
-        costs = step_costs(cfg, k, args.cache_len, args.batch_size, args.prompt_bucket, args.peak_tflops,
-                           args.bandwidth_gbs)
-        if args.time_steps:
-            costs["measured"] = time_steps(cfg, k, args.cache_len, args.batch_size, args.prompt_bucket, args.repeats)
+        for lengths in [None] + args.proposal_sets:
+            if lengths is not None:
+                lengths = proposals.resolve_proposal_lengths(lengths, k, "--proposal-sets")
+            costs = step_costs(cfg, k, args.cache_len, args.batch_size, args.prompt_bucket, args.peak_tflops,
+                               args.bandwidth_gbs, proposal_lengths=lengths)
+            if args.time_steps:
+                costs["measured"] = time_steps(cfg, k, args.cache_len, args.batch_size, args.prompt_bucket,
+                                               args.repeats, proposal_lengths=lengths)
+            name = "full proposal set" if lengths is None else f"proposal set {list(lengths)}"
+            tables.append(format_costs(costs, f"{args.config}: K={k}, {name}, cache {args.cache_len}, batch "
+                                              f"{args.batch_size}, prefill bucket {args.prompt_bucket}, "
+                                              f"{costs['params'] / 1e6:.1f}M params"))
+            if lengths is None:
+                report["step_cost"] = costs
+            else:
+                report.setdefault("sparse_step_costs", {})[_set_name(lengths)] = costs
     except USER_ERRORS as e:
         return fail(e)
-    print(format_costs(costs, f"{args.config}: K={k}, cache {args.cache_len}, batch {args.batch_size}, "
-                              f"prefill bucket {args.prompt_bucket}, {costs['params'] / 1e6:.1f}M params"))
+    print("\n\n".join(tables))
     if args.json:
-        write_json(args.json, {"device": device_info(), "settings": dict(vars(args)), "block_size": k,
-                               "step_cost": costs})
+        write_json(args.json, {"device": device_info(), "settings": dict(vars(args)), "block_size": k, **report})
     return 0
 
 
@@ -302,7 +344,7 @@ def main(argv=None) -> int:
     try:
         mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
         paths = list(dict.fromkeys(args.checkpoint + ([args.latency_checkpoint] if args.latency_checkpoint else [])))
-        bundles = {p: _load(p, mesh) for p in paths}
+        bundles = {p: _load(p, mesh, args.step) for p in paths}
         draft = _load(args.draft, mesh) if args.draft else None
         first = bundles[args.checkpoint[0]]
         fingerprint = first.tokenizer.fingerprint
@@ -321,7 +363,8 @@ def main(argv=None) -> int:
                 report["generation"] = run_generation(args, gen_bundles, draft, prompts, progress)
             if not args.skip_latency:
                 path = args.latency_checkpoint or args.checkpoint[0]
-                report["latency"] = {"checkpoint": path, "label": _label(path, bundles[path]),
+                report["latency"] = {"checkpoint": path, "checkpoint_step": bundles[path].step,
+                                     "label": _label(path, bundles[path]),
                                      **run_latency(args, bundles[path], progress)}
     except USER_ERRORS as e:
         return fail(e)

@@ -12,6 +12,9 @@ from tidar_jax.checkpoint import CheckpointError
 
 # ConfigError, DataError, TokenizerError and ChatTemplateError are ValueErrors.
 USER_ERRORS = (ValueError, CheckpointError)
+# Model fields an inference CLI may override (execution only; e.g. a checkpoint trained with cudnn attention in
+# bfloat16 runs on a CPU with model.attention_impl=xla model.compute_dtype=float32): checkpoint.with_model applies them.
+MODEL_OVERRIDES = ("model.attention_impl", "model.compute_dtype")
 
 
 def write_json(path: str | Path, report: dict) -> None:

@@ -11,6 +11,10 @@ The held-out split is the checkpoint's own (its data config and WORKDIR/tokenize
   an `ar`-objective checkpoint reports the AR part only;
 - greedy decoding of held-out prompts: TiDAR tokens per forward and acceptance histogram, the same prompts decoded
   AR, and whether the two outputs are identical (they must be at beta = 1);
+- from that histogram (full proposal set), the best sparse proposal set of each size (proposals.best_sets: the
+  fewest tokens per step lost to shorter draft blocks, modelling steps as independent) and a suggested
+  `decode.proposal_lengths`: the smallest set losing at most --max-token-loss of the tokens per step (a model:
+  measure the set with `infer.bench --proposal-sets`);
 - a few generations as text.
 The params are restored onto a mesh of all visible devices (`mesh.*` overrides shape it), and decoding runs sharded
 on it: prompt rows over data, heads / MLP / vocabulary and the KV cache's heads over tensor.
@@ -44,29 +48,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, help="tokens generated per prompt (default: "
                                                            "decode.max_new_tokens of the checkpoint)")
     parser.add_argument("--samples", type=int, default=3, help="generations printed (and stored) as text")
+    parser.add_argument("--max-token-loss", type=float, default=0.02,
+                        help="the suggested sparse proposal set is the smallest whose modelled loss of tokens per "
+                             "step, on the measured acceptance histogram, is at most this fraction")
     parser.add_argument("--block-size", type=int,
                         help="TiDAR decode block size K (default: the trained one; another K needs the next flag)")
     parser.add_argument("--allow-block-size-mismatch", action="store_true",
                         help="decode with a block size other than the one the model was trained with")
     parser.add_argument("overrides", nargs="*", metavar="section.field=value",
-                        help="mesh.*, decode.*, data.corpus and data.paths overrides, e.g. mesh.tensor=2 "
-                             "decode.max_cache_len=1024 data.corpus=bbc-news (held-out text of another corpus)")
+                        help="mesh.*, decode.*, data.corpus, data.paths, model.attention_impl and "
+                             "model.compute_dtype overrides, e.g. mesh.tensor=2 decode.max_cache_len=1024 "
+                             "data.corpus=bbc-news (held-out text of another corpus), model.attention_impl=xla "
+                             "model.compute_dtype=float32 (a checkpoint trained with cudnn, run on a CPU)")
     args = parser.parse_args(argv)
     from infer.common import require_at_least
 
-    require_at_least(parser, args, eval_batches=0, batch_size=1, num_prompts=0, prompt_len=1, max_new_tokens=1,
+    if args.max_token_loss < 0:
+        parser.error(f"--max-token-loss must be >= 0, got {args.max_token_loss}")
+    require_at_least(parser, args, eval_batches=1, batch_size=1, num_prompts=0, prompt_len=1, max_new_tokens=1,
                      samples=0, block_size=1)
     return args
 
 
 def _check_overrides(args: argparse.Namespace) -> None:
+    from infer.common import MODEL_OVERRIDES
     from tidar_jax.config import ConfigError
 
     for item in args.overrides:
         key = item.split("=", 1)[0] if "=" in item else ""
-        if not (key.startswith(("mesh.", "decode.")) or key in ("data.corpus", "data.paths")):
+        if not (key.startswith(("mesh.", "decode.")) or key in ("data.corpus", "data.paths", *MODEL_OVERRIDES)):
             raise ConfigError(f"override {item!r} must look like mesh.field=value, decode.field=value, "
-                              "data.corpus=NAME or data.paths=[...]")
+                              f"data.corpus=NAME, data.paths=[...] or one of {', '.join(MODEL_OVERRIDES)}")
 
 
 def _mesh_config(args: argparse.Namespace):
@@ -85,7 +97,7 @@ def _effective_config(config, args: argparse.Namespace, mesh_cfg):
     from tidar_jax.config import apply_overrides
 
     flags = {"data.global_batch_size": args.batch_size, "decode.block_size": args.block_size}
-    overrides = [o for o in args.overrides if o.startswith(("decode.", "data."))]
+    overrides = [o for o in args.overrides if o.startswith(("decode.", "data.", "model."))]
     overrides += [f"{key}={value}" for key, value in flags.items() if value is not None]
     return apply_overrides(dataclasses.replace(config, mesh=mesh_cfg), overrides)
 
@@ -97,9 +109,9 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     import jax
 
     from infer.common import decode_room, prompt_set
-    from tidar_jax import data, evaluation
+    from tidar_jax import data, evaluation, proposals
     from tidar_jax.benchmark import device_info
-    from tidar_jax.checkpoint import load_for_inference, step_path
+    from tidar_jax.checkpoint import load_for_inference, step_path, with_model
     from tidar_jax.config import ConfigError
     from tidar_jax.generation import Generator
     from tidar_jax.model import count_params
@@ -109,6 +121,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     mesh = make_mesh(mesh_cfg)
     bundle = load_for_inference(step_path(args.checkpoint, args.step), mesh)
     cfg = _effective_config(bundle.config, args, mesh_cfg)
+    bundle = with_model(bundle, cfg.model)
     if bundle.tokenizer is None:
         raise ConfigError(f"{args.checkpoint} has no tokenizer.json next to its checkpoints; held-out data needs it")
     tok, m = bundle.tokenizer, cfg.model
@@ -135,6 +148,13 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
         report["decoding"] = {"prompts": args.prompts, "num_prompts": len(prompts),
                               "prompt_len": max(map(len, prompts)),
                               "max_new_tokens": max_new, "decode_block_size": generator.block_size, **stats}
+        k = generator.block_size
+        if "tidar" in stats and not proposals.is_sparse(proposals.resolve_proposal_lengths(dec.proposal_lengths, k),
+                                                        k):
+            hist = stats["tidar"]["acceptance_histogram"]
+            report["decoding"]["proposal_sets"] = proposals.best_sets(hist)
+            report["decoding"]["suggested_proposal_lengths"] = proposals.suggest_set(
+                hist, args.max_token_loss)["proposal_lengths"]
         report["samples"] = [{"prompt": tok.decode(p), "continuation": tok.decode(outputs[modes[0]][i]),
                               "mode": modes[0]} for i, p in enumerate(prompts[:args.samples])]
     return report
@@ -170,6 +190,13 @@ def format_report(report: dict) -> str:
                              f"{s['tokens_per_second']:>10.1f}  {s['acceptance_histogram'][1:]}")
         if "tidar_equals_ar" in d:
             lines.append(f"  TiDAR greedy output identical to AR greedy output: {d['tidar_equals_ar']}")
+        if "proposal_sets" in d:
+            lines += ["", "  sparse proposal sets on this histogram: query tokens per step, modelled tokens per "
+                          "step lost (fraction), guesses replaced by fillers per step"]
+            lines += [f"    {str(s['proposal_lengths']):<24}Q={s['query_tokens']:<6}{s['lost_tokens_per_step']:.4f} "
+                      f"({s['lost_token_fraction']:.2%})  {s['lost_drafts_per_step']:.3f}" for s in d["proposal_sets"]]
+            best = ",".join(map(str, d["suggested_proposal_lengths"]))
+            lines.append(f"  suggested: decode.proposal_lengths=[{best}]")
     for i, s in enumerate(report.get("samples", [])):
         lines += ["", f"sample {i} ({s['mode']}): {s['prompt']!r}", f"  -> {s['continuation']!r}"]
     return "\n".join(lines)

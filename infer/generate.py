@@ -51,11 +51,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="print one JSON object with tokens and statistics")
     parser.add_argument("overrides", nargs="*", metavar="decode.field=value",
                         help="decode config overrides, e.g. decode.max_cache_len=1024 decode.prompt_buckets=[32,256]; "
-                             "mesh.* overrides decode on a mesh, e.g. mesh.data=1 mesh.tensor=4")
+                             "mesh.* overrides decode on a mesh, e.g. mesh.data=1 mesh.tensor=4; "
+                             "model.attention_impl / model.compute_dtype (e.g. =xla / =float32) run a checkpoint "
+                             "trained with cudnn on a CPU")
     args = parser.parse_args(argv)
     from infer.common import require_at_least
 
     require_at_least(parser, args, max_new_tokens=1, block_size=1, top_k=0)
+    if args.beta is not None and not 0 <= args.beta <= 1:
+        parser.error(f"--beta must be in [0, 1], got {args.beta}")
     if args.temperature is not None and args.temperature < 0:
         parser.error(f"--temperature must be >= 0, got {args.temperature}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
@@ -72,12 +76,13 @@ def _parse_ids(text: str) -> list[int]:
 
 def _decode_config(config, args: argparse.Namespace):
     """The checkpoint's config with decode.* overrides, then flags, applied (typed and validated)."""
+    from infer.common import MODEL_OVERRIDES
     from tidar_jax.config import ConfigError, apply_overrides
 
     for item in args.overrides:
-        if "=" not in item or not item.startswith(("decode.", "mesh.")):
+        if "=" not in item or not (item.startswith(("decode.", "mesh.")) or item.split("=", 1)[0] in MODEL_OVERRIDES):
             raise ConfigError(f"override {item!r} must look like decode.field=value or mesh.field=value (only "
-                              "decode.* and mesh.* can change)")
+                              f"decode.*, mesh.* and {', '.join(MODEL_OVERRIDES)} can change)")
     flags = {"max_new_tokens": args.max_new_tokens, "block_size": args.block_size, "beta": args.beta,
              "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
     flag_overrides = [f"decode.{name}={value}" for name, value in flags.items() if value is not None]
@@ -138,12 +143,13 @@ class _TextStream:
 
 def run(args: argparse.Namespace) -> dict:
     """Loads the checkpoint, generates, streams unless --json; returns the JSON summary."""
-    from tidar_jax.checkpoint import load_for_inference, step_path
+    from tidar_jax.checkpoint import load_for_inference, step_path, with_model
     from tidar_jax.generation import Generator
 
     mesh = _mesh(args)
     bundle = load_for_inference(step_path(args.checkpoint, args.step), mesh)  # restored straight onto the mesh
     cfg = _decode_config(bundle.config, args)
+    bundle = with_model(bundle, cfg.model)
     tokenizer = bundle.tokenizer
     prompt_ids = _prompt_ids(args, bundle)
     generator = Generator(bundle.graphdef, bundle.params, cfg.model, cfg.decode,

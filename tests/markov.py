@@ -4,6 +4,8 @@ The chain (states 3..10, each going to its main successor with probability 0.9, 
 predictable enough that a briefly trained model's drafts are often right, so multi-token decode steps happen.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,9 +39,11 @@ def scaled_random_model(model_cfg, seed: int, scale: float = 15.0):
     return graphdef, jax.tree.map(lambda x: x * scale if x.ndim >= 2 else x, params)
 
 
+@functools.lru_cache(maxsize=None)
 def trained_model(model_cfg, objective: str, seed: int, steps: int):
     """(graphdef, params) after `steps` Adam steps on the chain, with the joint TiDAR loss (`objective="tidar"`,
-    block size model_cfg.block_size) or the next-token loss (`"ar"`)."""
+    block size model_cfg.block_size) or the next-token loss (`"ar"`). Cached: several test modules train the same
+    model (the arrays are immutable)."""
     graphdef, params = nnx.split(create_model(model_cfg, seed=seed))
     tx, rng, seq = optax.adam(1e-2), np.random.default_rng(seed), TRAIN_SEQ_LEN
 

@@ -3,6 +3,7 @@ AR draft model), the latency curve's contract, and the interleaving order of tim
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -28,14 +29,14 @@ def test_bench_cli_smoke(runs, tmp_path):
     argv = ["--checkpoint", str(runs["tidar"][0]), str(runs["ar"][0]), "--draft", str(runs["draft"][0]),
             "--batch-sizes", "1", "2", "--repeats", "2", "--prompt-len", "8", "--max-new-tokens", "6",
             "--latency-prefixes", "16", "--latency-queries", "1", "3", "--latency-repeats", "2", "--no-progress",
-            "--json", str(out), "--plot-dir", str(plots)]
+            "--proposal-sets", "1", "--json", str(out), "--plot-dir", str(plots)]
     assert bench.main(argv) == 0
     report = json.loads(out.read_text())
     groups = report["generation"]
     assert [(g["objective"], g["batch_size"]) for g in groups] == [("tidar", 1), ("tidar", 2), ("ar", 1), ("ar", 2)]
     for g in groups:
         methods = g["methods"]
-        assert set(methods) == ({"ar", "tidar", "spec"} if g["objective"] == "tidar" else {"ar", "spec"})
+        assert set(methods) == ({"ar", "tidar", "tidar{1}", "spec"} if g["objective"] == "tidar" else {"ar", "spec"})
         assert methods["ar"]["speedup_vs_ar"] == 1.0 and methods["ar"]["tokens_per_forward"] == 1.0
         for name, s in methods.items():
             assert s["same_tokens_as_ar"] is True, name  # greedy TiDAR and speculative decoding are lossless
@@ -57,6 +58,21 @@ def test_block_size_other_than_trained_needs_the_flag(runs, capsys):
             "--prompt-len", "8"]
     assert bench.main(argv) == 2
     assert "--allow-block-size-mismatch" in capsys.readouterr().err
+
+
+def test_step_loads_an_earlier_step_after_a_corrupt_save(runs, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(runs["tidar"][0], run)
+    shutil.copytree(run / "checkpoints" / "0", run / "checkpoints" / "1")
+    shutil.rmtree(run / "checkpoints" / "1" / "state")  # the newest save lost its arrays
+    argv = ["--checkpoint", str(run), "--skip-generation", "--latency-prefixes", "8", "--latency-queries", "1",
+            "--latency-repeats", "1", "--no-progress"]
+    assert bench.main(argv) == 2
+    assert "checkpoints/1 is incomplete" in capsys.readouterr().err
+    assert bench.main(argv + ["--step", "5"]) == 2
+    assert "--step 5 is not saved" in capsys.readouterr().err
+    assert bench.main(argv + ["--step", "0", "--json", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["latency"]["checkpoint_step"] == 0
 
 
 def test_latency_curve_gives_one_timing_per_query_count(tiny_config):
@@ -87,7 +103,7 @@ def test_cost_only_needs_no_checkpoint(tmp_path, capsys):
     2 * params * query rows (loose: attention over the cache and elementwise work add to it)."""
     out = tmp_path / "cost.json"
     argv = ["--cost-only", "--config", "configs/tiny.yaml", "--cache-len", "64", "--prompt-bucket", "16",
-            "--peak-tflops", "1", "--bandwidth-gbs", "100", "--json", str(out)]
+            "--peak-tflops", "1", "--bandwidth-gbs", "100", "--proposal-sets", "1,2", "--json", str(out)]
     assert bench.main(argv) == 0
     assert "TiDAR step / AR step" in capsys.readouterr().out
     report = json.loads(out.read_text())
@@ -99,6 +115,8 @@ def test_cost_only_needs_no_checkpoint(tmp_path, capsys):
         assert 0.3 * estimate < f["gflop"] < 4 * estimate, (name, f["gflop"], estimate)
     assert cost["tidar_step"]["query_rows"] == k + k * k and cost["ar_step"]["query_rows"] == 1
     assert cost["tidar_over_ar"]["flops"] > 0.3 * (k + k * k)
+    sparse = report["sparse_step_costs"]["tidar{1,2}"]  # a sparse proposal set: K + 2K rows, fewer FLOPs
+    assert sparse["tidar_step"]["query_rows"] == 3 * k and sparse["tidar_step"]["gflop"] < cost["tidar_step"]["gflop"]
 
 
 def test_cost_only_arguments():

@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from tidar_jax.config import ConfigError, config_from_dict, load_config, replace, to_dict
+from tidar_jax.config import (ConfigError, config_from_dict, load_config, replace, to_dict, validate_backend,
+                              validate_training)
 
 
 def test_every_preset_loads(repo_root):
@@ -57,9 +58,87 @@ def test_missing_and_broken_files(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
     broken = tmp_path / "broken.yaml"
-    broken.write_text("model: [unclosed\n")
-    with pytest.raises(ConfigError, match="cannot parse"):
+    broken.write_text("model: {d_model: 64\n  n_layers: [\n")
+    with pytest.raises(ConfigError, match="cannot parse") as e:
         load_config(broken)
+    assert "\n" not in str(e.value)  # YAML's multi-line report folded into one line
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "is empty"),  # used to train the defaults silently
+    ("# only a comment\n", "is empty"),
+    ("model: 3\n", "section model must be a mapping"),
+    ("data: [1, 2]\n", "section data must be a mapping"),
+    ("model:\n  d_modl: 64\n", "model.d_modl: Key 'd_modl' not in 'ModelConfig'"),
+    ("modle:\n  d_model: 64\n", "modle: Key 'modle' not in 'Config'"),
+    ("model:\n  d_model: sixty\n", "model.d_model: Value 'sixty'"),
+])
+def test_yaml_shape_errors_are_one_line_naming_the_section(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config(path)
+    assert "\n" not in str(e.value)
+
+
+def test_override_errors_are_one_line():
+    for overrides, message in ((["decode.nonsense=1"], "decode.nonsense: Key 'nonsense'"),
+                               (["model=3"], "overrides: section model must be a mapping")):
+        with pytest.raises(ConfigError, match=message) as e:
+            load_config(None, overrides)
+        assert "\n" not in str(e.value)
+
+
+CUDNN_OK = ["model.attention_impl=cudnn", "model.compute_dtype=bfloat16"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.attention_impl=cudnn"], "needs model.compute_dtype in"),  # float32 used to fail while tracing
+    (CUDNN_OK + ["model.head_dim=12", "model.d_model=48"], "multiple of 8"),
+    (CUDNN_OK + ["model.head_dim=264"], "at most 256"),
+    # 12 query / 2 KV heads on tensor=4: q split, k/v replicated, which cuDNN's partitioner refuses.
+    (CUDNN_OK + ["model.n_heads=12", "model.n_kv_heads=2", "mesh.tensor=4"], "sharded alike"),
+])
+def test_cudnn_configs_that_cannot_work_are_refused_at_load(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_cudnn_configs_that_can_work_load_anywhere():
+    for extra in ([], ["model.compute_dtype=float16", "model.head_dim=256"],
+                  ["model.n_heads=12", "model.n_kv_heads=4", "mesh.tensor=4"],  # both split over tensor
+                  ["model.n_heads=12", "model.n_kv_heads=2", "mesh.tensor=8"],  # neither: both replicated
+                  ["model.n_heads=12", "model.n_kv_heads=2", "mesh.data=1", "mesh.tensor=-1"]):  # resolved later
+        assert load_config(None, CUDNN_OK + extra).model.attention_impl == "cudnn"
+    assert load_config(None, ["model.n_heads=12", "model.n_kv_heads=2", "mesh.tensor=4"])  # xla: any split works
+
+
+def test_backend_checks_where_the_model_is_compiled():
+    cudnn = load_config(None, CUDNN_OK + ["model.n_heads=12", "model.n_kv_heads=2", "model.head_dim=192",
+                                          "model.d_model=96"]).model
+    with pytest.raises(ConfigError, match="needs a GPU backend.*'cpu'"):
+        validate_backend(cudnn, "cpu", 1)
+    with pytest.raises(ConfigError, match="needs a GPU backend.*'tpu'"):
+        validate_backend(cudnn, "tpu", 1)
+    validate_backend(cudnn, "gpu", 1, "9.0")  # Hopper: head dim up to 256
+    for capability in ("8.0", None):  # Ampere, and ROCm (no CUDA capability): up to 128
+        with pytest.raises(ConfigError, match="head_dim <= 128"):
+            validate_backend(cudnn, "gpu", 1, capability)
+    with pytest.raises(ConfigError, match="sharded alike"):  # mesh.tensor=-1 came out as 4 on this machine
+        validate_backend(cudnn, "gpu", 4, "9.0")
+    validate_backend(load_config(None, ["model.n_heads=12", "model.n_kv_heads=2"]).model, "cpu", 4)  # xla
+
+
+def test_low_precision_params_need_an_explicit_opt_in_for_training():
+    bf16 = load_config(None, ["model.param_dtype=bfloat16"])  # loads: inference of bf16 checkpoints is fine
+    assert config_from_dict(to_dict(bf16)).model.param_dtype == "bfloat16"
+    with pytest.raises(ConfigError, match="train.allow_low_precision_params=true"):
+        validate_training(bf16)
+    with pytest.raises(ConfigError, match="float16"):
+        validate_training(load_config(None, ["model.param_dtype=float16"]))
+    allowed = load_config(None, ["model.param_dtype=bfloat16", "train.allow_low_precision_params=true"])
+    assert validate_training(allowed) is allowed
+    assert validate_training(load_config(None, ["model.compute_dtype=bfloat16"]))  # float32 params, bf16 compute
 
 
 def test_replace_validates(tiny_config):

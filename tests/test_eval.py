@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from infer import eval as eval_cli
-from tidar_jax import data, losses, masks
+from tidar_jax import data, losses, masks, proposals
 from tidar_jax.checkpoint import save_inference_checkpoint
 from tidar_jax.config import replace
 from tidar_jax.evaluation import token_byte_lengths
@@ -108,10 +108,13 @@ def test_eval_matches_direct_loss_computation(tidar_run, tmp_path):
     assert h["loss"] == pytest.approx((h["ar_loss"] + h["diff_loss"]) / 2, rel=1e-9)
     slots = h["diff_slot_accuracy"]
     assert len(slots) == cfg.model.block_size and all(0.0 <= a <= 1.0 for a in slots)
-    d = report["decoding"]
+    d, k = report["decoding"], cfg.model.block_size
     assert d["tidar_equals_ar"] is True  # beta = 1 greedy TiDAR is lossless
     assert d["ar"]["tokens_per_forward"] == 1.0 and 1.0 <= d["tidar"]["tokens_per_forward"] <= cfg.model.block_size
     assert d["tidar"]["new_tokens"] == d["ar"]["new_tokens"] == 2 * 8
+    hist = d["tidar"]["acceptance_histogram"]  # the suggested sparse proposal set comes from it
+    assert [s["query_tokens"] for s in d["proposal_sets"]] == [k + m * k for m in range(1, k + 1)]
+    assert d["suggested_proposal_lengths"] == proposals.suggest_set(hist, 0.02)["proposal_lengths"]
     assert len(report["samples"]) == 1 and report["samples"][0]["prompt"]
     assert all(math.isfinite(v) for v in (h["ar_loss"], h["diff_loss"], h["bits_per_byte"], h["ar_accuracy"]))
 

@@ -2,6 +2,7 @@
 the CLI must print what `Generator` produces. The reference Generator runs on the same restored params (on one
 device, as the CLI's), so both share compiled programs; the save / load round trip is checkpoint.py's test."""
 
+import dataclasses
 import json
 import os
 
@@ -9,7 +10,7 @@ import pytest
 from flax import nnx
 
 from infer.generate import main
-from tidar_jax.checkpoint import load_for_inference, save_inference_checkpoint
+from tidar_jax.checkpoint import CheckpointError, load_for_inference, save_inference_checkpoint, with_model
 from tidar_jax.config import replace
 from tidar_jax.generation import Generator
 from tidar_jax.model import create_model
@@ -112,3 +113,20 @@ def test_chat_wraps_the_prompt_in_the_checkpoint_template(checkpoint, capsys, tm
     expected_prompt = encode_chat(chat_dir, [{"role": "user", "content": "hi"}])
     assert summary["prompt_ids"] == expected_prompt and len(expected_prompt) > 3
     assert summary["token_ids"] == generator.generate([expected_prompt], "ar", NEW).tokens[0]
+
+
+def test_a_cudnn_checkpoint_on_cpu_is_refused_unless_attention_is_overridden(checkpoint, tmp_path, capsys):
+    """A checkpoint trained with cudnn attention stops with the reason on this CPU backend; the execution-only
+    overrides model.attention_impl=xla model.compute_dtype=float32 run it here, as the original float32 model."""
+    workdir, cfg, generator, _ = checkpoint
+    cudnn = replace(cfg, model={"attention_impl": "cudnn", "compute_dtype": "bfloat16"})
+    save_inference_checkpoint(tmp_path / "run", cudnn, generator.params, tokenizer_file=workdir / "tokenizer.json")
+    argv = ["--checkpoint", str(tmp_path / "run"), "--prompt-ids", "5,6,7,8", "--mode", "ar", "--json"]  # compiled already
+    code, out, err = _run(argv, capsys)
+    assert code == 2 and "cudnn needs a GPU backend" in err and out == ""
+    code, out, err = _run(argv + ["model.attention_impl=xla", "model.compute_dtype=float32"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["token_ids"] == generator.generate([[5, 6, 7, 8]], "ar", NEW).tokens[0]
+    bundle = load_for_inference(tmp_path / "run")
+    with pytest.raises(CheckpointError, match="model.d_ff cannot change for a saved model"):
+        with_model(bundle, dataclasses.replace(bundle.config.model, d_ff=64))

@@ -45,10 +45,11 @@ def reference_training_mask(seq_len, block):
     return out
 
 
-def reference_step(block, cursor):
-    """(mask among current tokens, positions) of a TiDAR step, from design.md section 3's prose."""
-    tokens = [("draft", i) for i in range(block)] + [("prop", j, r) for j in range(1, block + 1)
-                                                       for r in range(1, block + 1)]
+def reference_step(block, cursor, lengths=None):
+    """(mask among current tokens, positions) of a TiDAR step, from design.md section 3's prose; `lengths` = the
+    proposal set (the j whose blocks are present, in order; default all of 1..K)."""
+    lengths = range(1, block + 1) if lengths is None else lengths
+    tokens = [("draft", i) for i in range(block)] + [("prop", j, r) for j in lengths for r in range(1, block + 1)]
     n = len(tokens)
     mask = np.zeros((n, n), bool)
     pos = []
@@ -116,6 +117,22 @@ def test_step_mask_and_positions_match_reference(block):
     for row, c in enumerate([7, 11]):
         np.testing.assert_array_equal(pos[row], reference_step(block, c)[1])
     assert masks.step_query_count(block, True) == block + block * block
+
+
+@pytest.mark.parametrize("block,lengths", [(2, (1,)), (3, (1,)), (3, (1, 3)), (4, (1,)), (4, (1, 4)), (4, (1, 2)),
+                                          (4, (1, 3, 4)), (4, (1, 2, 3, 4))])
+def test_sparse_step_mask_and_positions_match_reference(block, lengths):
+    """A step with proposal set A: Q = K + |A|*K query tokens, the mask and positions of design.md's rules for
+    the blocks present (the full set equals the default)."""
+    cursor = jnp.array([7, 11])
+    ref_mask, _ = reference_step(block, 0, lengths)
+    queries = block + len(lengths) * block
+    assert masks.step_query_count(block, True, lengths) == queries == ref_mask.shape[0]
+    np.testing.assert_array_equal(np.asarray(masks.step_mask(block, True, lengths)), ref_mask)
+    pos = np.asarray(masks.step_positions(cursor, block, True, lengths))
+    assert pos.shape == (2, queries)
+    for row, c in enumerate([7, 11]):
+        np.testing.assert_array_equal(pos[row], reference_step(block, c, lengths)[1])
 
 
 def test_verify_only_step_is_causal():

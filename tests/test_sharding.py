@@ -1,5 +1,7 @@
 """Mesh construction, the logical-axis rules, sharded init and global batches (8 fake CPU devices)."""
 
+import types
+
 import jax
 import numpy as np
 import pytest
@@ -8,8 +10,8 @@ from jax.sharding import AxisType, PartitionSpec as P
 
 from tidar_jax.config import ConfigError, MeshConfig
 from tidar_jax.model import create_model
-from tidar_jax.sharding import (abstract_model, batch_sharding, init_sharded_model, logical_to_mesh,
-                                make_global_batch, make_mesh, mesh_shape, param_shardings)
+from tidar_jax.sharding import (MESH_AXES, abstract_model, batch_sharding, check_batch_blocks, init_sharded_model,
+                                logical_to_mesh, make_global_batch, make_mesh, mesh_shape, param_shardings)
 
 
 def test_mesh_shape_resolves_the_free_axis_and_rejects_bad_sizes():
@@ -77,3 +79,40 @@ def test_make_global_batch_shards_the_batch_dim():
     np.testing.assert_array_equal(np.asarray(batch["valid"]), valid)
     # data x fsdp = 4 batch shards of 2 rows, replicated over tensor.
     assert {s.data.shape for s in batch["tokens"].addressable_shards} == {(2, 5)}
+
+
+def fake_grid(process_of: list[int], shape: tuple[int, int, int]) -> np.ndarray:
+    """A [data, fsdp, tensor] grid of stand-in devices: device i (row-major) belongs to process process_of[i]."""
+    devices = [types.SimpleNamespace(id=i, process_index=p) for i, p in enumerate(process_of)]
+    return np.array(devices, dtype=object).reshape(shape)
+
+
+@pytest.mark.parametrize("process_of, shape", [
+    ([0] * 4 + [1] * 4, (8, 1, 1)),         # data over both hosts
+    ([0] * 4 + [1] * 4, (2, 1, 4)),         # data across hosts, tensor within each host
+    ([0] * 4 + [1] * 4, (2, 2, 2)),
+    ([0, 0, 1, 1, 2, 2, 3, 3], (1, 4, 2)),  # fsdp across four hosts
+])
+def test_batch_blocks_that_each_process_can_feed(process_of, shape):
+    check_batch_blocks(fake_grid(process_of, shape), MESH_AXES)
+
+
+@pytest.mark.parametrize("process_of, shape, message", [
+    # tensor spans both hosts: the single batch shard would get two hosts' different rows.
+    ([0] * 4 + [1] * 4, (1, 1, 8), r"batch shard 0 .* processes \[0, 1\]"),
+    ([0, 1] * 4, (4, 1, 2), r"batch shard 0 .* processes \[0, 1\]"),
+    # each host holds scattered shards (0 and 2 / 1 and 3): no contiguous block to place its rows in.
+    ([0, 0, 1, 1, 0, 0, 1, 1], (4, 1, 2), r"process 0 holds batch shards \[0, 2\]"),
+    # uneven blocks: process 0 would have to feed 3 of the 4 shards' rows.
+    ([0] * 6 + [1] * 2, (4, 1, 2), r"process 0 holds batch shards \[0, 1, 2\].*block of 2"),
+])
+def test_batch_blocks_that_would_mix_data_are_refused(process_of, shape, message):
+    with pytest.raises(ConfigError, match=message):
+        check_batch_blocks(fake_grid(process_of, shape), MESH_AXES)
+
+
+def test_real_single_process_meshes_pass_the_batch_block_check():
+    for cfg in (MeshConfig(data=-1), MeshConfig(data=2, fsdp=2, tensor=2), MeshConfig(data=1, tensor=-1)):
+        mesh = make_mesh(cfg)
+        check_batch_blocks(mesh.devices, mesh.axis_names)
+        assert {d.process_index for d in mesh.devices.flat} == {0}

@@ -120,6 +120,15 @@ def test_cli_end_to_end_writes_loadable_checkpoint_and_metrics(repo_root, tokeni
     assert "seq_len: 16" in capsys.readouterr().out
     assert main(["--workdir", str(workdir), "data.seq_len=32"]) == 2
     assert "data.seq_len" in capsys.readouterr().err
+    # Resuming says from which step, also without a progress bar (here with nothing left to train).
+    assert main(["--workdir", str(workdir), "--no-progress"]) == 0
+    assert f"resuming {workdir} from step 3; training to step 3 of 3" in capsys.readouterr().err
+    # An end before the step the run reached trains nothing: refused (it used to exit 0), metrics.jsonl untouched.
+    for extra, named in ((["train.steps=2"], "train.steps=2"), (["--stop-at-step", "1"], "--stop-at-step 1")):
+        assert main(["--workdir", str(workdir), "--no-progress", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "already at step 3" in err and named in err
+    assert [r["step"] for r in read_metrics(workdir)] == [1, 2, 3]
 
 
 def test_stopped_and_resumed_run_equals_uninterrupted(cfg, uninterrupted, tmp_path):
@@ -139,25 +148,44 @@ def test_stopped_and_resumed_run_equals_uninterrupted(cfg, uninterrupted, tmp_pa
     assert trainer_for(cfg, one_device_mesh()).train_step._cache_size() == 1
 
 
-def test_run_killed_during_async_save_resumes_exactly(cfg, uninterrupted, repo_root, tmp_path):
-    reference, _ = uninterrupted
-    kill_step = 3
-    config_file = tmp_path / "config.json"  # checkpoint every step (does not change the numbers)
-    config_file.write_text(json.dumps(to_dict(replace(cfg, train={"checkpoint_every": 1}))))
+# (kill point, step): what the workdir holds after the kill. checkpoint_every=2, so steps 2 and 4 are saved.
+KILLS = [
+    pytest.param("save_in_flight", 4, [2], id="during-async-save-of-the-final-step"),
+    pytest.param("batch_drawn", 3, [2], id="mid-step-batch-drawn", marks=pytest.mark.slow),
+    pytest.param("logged", 3, [2], id="mid-step-between-saves-after-logging", marks=pytest.mark.slow),
+    pytest.param("save_in_flight", 2, [], id="during-the-first-save", marks=pytest.mark.slow),
+    pytest.param("save_uncommitted", 4, [2], id="save-written-not-renamed", marks=pytest.mark.slow),
+    pytest.param("save_committed", 2, [2], id="right-after-a-save-completed", marks=pytest.mark.slow),
+]
+
+
+def without_throughput(records: list[dict]) -> list[dict]:
+    """Records minus tokens/s (a timing, and absent on a resumed run's compiling first step)."""
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+
+
+@pytest.mark.parametrize("point, step, saved", KILLS)
+def test_run_killed_with_sigkill_resumes_exactly(cfg, uninterrupted, repo_root, tmp_path, point, step, saved):
+    """SIGKILL at a named point (tests/_killed_run.py), then resume: the final state is bitwise the uninterrupted
+    run's and metrics.jsonl holds every step once with the same numbers."""
+    reference, reference_records = uninterrupted
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps(to_dict(cfg)))
     workdir = tmp_path / "run"
     # The same XLA flags and matmul precision as this process: the same compiled program, so the same bits.
     env = dict(os.environ, PYTHONPATH=repo_root, JAX_DEFAULT_MATMUL_PRECISION="highest")
     proc = subprocess.run(
         [sys.executable, os.path.join(repo_root, "tests", "_killed_run.py"), str(config_file), str(workdir),
-         str(kill_step)], env=env, cwd=repo_root, capture_output=True, text=True, timeout=300)
+         point, str(step)], env=env, cwd=repo_root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-3000:]
-    leftovers = [p.name for p in (workdir / "checkpoints").iterdir()]
-    assert any("tmp" in name for name in leftovers), leftovers  # the kill did interrupt the save of step 3
+    if point == "save_in_flight":  # the kill did interrupt the save
+        assert any(p.name.startswith(f"{step}.") for p in (workdir / "checkpoints").iterdir())
     with Checkpointer(workdir) as checkpointer:  # opening it as a writer also clears the unfinished save
-        assert checkpointer.all_steps() == [1, 2]
+        assert checkpointer.all_steps() == saved
     resumed = train(plan_run(workdir, config=cfg), progress=False, mesh=one_device_mesh())
-    assert resumed.records[0]["step"] == kill_step
+    assert resumed.records[0]["step"] == (saved[-1] if saved else 0) + 1
     assert_same_state(jax.device_get(resumed.state), reference)
+    assert without_throughput(read_metrics(workdir)) == without_throughput(reference_records)
 
 
 def test_missing_data_is_a_clear_error(repo_root, tmp_path, capsys):
@@ -167,6 +195,14 @@ def test_missing_data_is_a_clear_error(repo_root, tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "no_such_corpus" in err
+    assert not (tmp_path / "run").exists()  # a run refused for its data leaves no workdir behind
+
+
+def test_multi_process_flags_without_distributed_are_refused(repo_root, tmp_path, capsys):
+    args = ["--config", f"{repo_root}/configs/tiny.yaml", "--workdir", str(tmp_path / "run"), "--num-processes", "2"]
+    assert main(args) == 2  # used to be ignored: a single-process run started
+    assert "--num-processes: these flags set up a multi-process run" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_init_from_loads_params_only(cfg, uninterrupted, tokenizer_path, tmp_path):

@@ -168,3 +168,21 @@ def test_microbatch_must_divide_over_the_batch_axes(cfg):
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     with pytest.raises(ConfigError, match="microbatch"):
         Trainer(replace(cfg, train={"grad_accum_steps": 4}), mesh)
+
+
+def test_configs_the_run_cannot_execute_are_refused_before_compiling(tiny_config):
+    """cudnn attention on this CPU backend, and bfloat16 params for training without the opt-in, stop in the
+    Trainer / Generator constructors with the reason instead of deep inside a trace."""
+    from tidar_jax.generation import Generator
+
+    mesh = make_mesh(MeshConfig(data=-1))
+    cudnn = replace(tiny_config, model={"attention_impl": "cudnn", "compute_dtype": "bfloat16"})
+    with pytest.raises(ConfigError, match="cudnn needs a GPU backend"):
+        Trainer(cudnn, mesh)
+    graphdef, params = init_sharded_model(tiny_config.model, mesh)
+    with pytest.raises(ConfigError, match="cudnn needs a GPU backend"):
+        Generator(graphdef, params, cudnn.model, cudnn.decode)
+    with pytest.raises(ConfigError, match="allow_low_precision_params"):
+        Trainer(replace(tiny_config, model={"param_dtype": "bfloat16"}), mesh)
+    allowed = replace(tiny_config, model={"param_dtype": "bfloat16"}, train={"allow_low_precision_params": True})
+    assert Trainer(allowed, mesh).abstract_state["params"]["embed"].dtype == jnp.bfloat16

@@ -17,9 +17,11 @@ written on one mesh loads on any other.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import filecmp
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,7 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from tidar_jax.config import Config, ConfigError, config_from_dict, to_dict
+from tidar_jax.config import Config, ConfigError, ModelConfig, config_from_dict, to_dict
 from tidar_jax.layer_stacking import is_stacked, to_layout
 from tidar_jax.sharding import abstract_model, param_shardings
 
@@ -72,6 +74,11 @@ def _steps(root: Path) -> list[int]:
         return []
     with _reader(root) as manager:
         return sorted(manager.all_steps())
+
+
+def saved_steps(workdir: str | Path) -> list[int]:
+    """The finished steps of WORKDIR/checkpoints, ascending (empty when there are none)."""
+    return _steps(Path(workdir).absolute() / CHECKPOINT_DIR)
 
 
 def _keystr(path: tuple) -> str:
@@ -155,15 +162,29 @@ def _damaged(step_dir: Path, message: str) -> CheckpointError:
 
 
 def _corrupt(step_dir: Path, error: Exception | str) -> CheckpointError:
-    if isinstance(error, Exception):
-        error = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    if isinstance(error, Exception):  # its first line, without TensorStore's pointer to a repr of its spec
+        first = str(error).splitlines()[0].split(" See full TensorStore details")[0] if str(error) else ""
+        error = f"{type(error).__name__}: {first}"
     return _damaged(step_dir, f"checkpoint {step_dir} is corrupt or partially written and cannot be read ({error})")
+
+
+@contextlib.contextmanager
+def _quiet_storage_warnings():
+    """Orbax's warnings (logger "absl") are errors to hide while reading: the caller raises its own message."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _state_metadata(manager: ocp.CheckpointManager, step: int, step_dir: Path) -> Any:
     """The saved state's metadata tree (shapes and dtypes, no array data)."""
     try:
-        saved = manager.item_metadata(step)[_STATE]
+        with _quiet_storage_warnings():  # a damaged item is reported below, in one line, not as Orbax warnings
+            saved = manager.item_metadata(step)[_STATE]
     except Exception as e:  # any failure to read metadata means the files are damaged
         raise _corrupt(step_dir, e) from e
     if saved is None or not _shapes(saved):
@@ -308,6 +329,20 @@ class InferenceBundle:
     params: nnx.State
     tokenizer: Tokenizer | None
     step: int
+
+
+def with_model(bundle: InferenceBundle, model: ModelConfig) -> InferenceBundle:
+    """`bundle` running `model`, which may differ from the saved model section only in execution-only fields
+    (attention_impl, compute_dtype, remat): the same params, a graphdef built for `model`. Raises CheckpointError
+    for any other difference (the params would not fit)."""
+    if model == bundle.config.model:
+        return bundle
+    changed = sorted(f"model.{k}" for k, v in to_dict(model).items() if v != to_dict(bundle.config.model)[k])
+    if not set(changed) <= _RUNTIME_FIELDS:
+        raise CheckpointError(f"{', '.join(changed)} cannot change for a saved model: only "
+                              f"{sorted(f for f in _RUNTIME_FIELDS if f.startswith('model.'))} can")
+    return dataclasses.replace(bundle, config=dataclasses.replace(bundle.config, model=model),
+                               graphdef=abstract_model(model)[0])
 
 
 def locate_checkpoint(path: str | Path) -> tuple[Path, int, Path]:

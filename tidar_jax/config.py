@@ -15,6 +15,8 @@ from typing import Any, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from tidar_jax import proposals
+
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("xla", "cudnn", "xla_reference", "blockwise", "splash")
 OBJECTIVES = ("tidar", "ar")
@@ -123,6 +125,7 @@ class TrainConfig:
     init_from: str = ""
     adaptation: str = "full"
     loss_chunk_rows: int = 0  # > 0: CE from hidden states in chunks of this many rows (ops.row_ce); 0: dense
+    allow_low_precision_params: bool = False  # train with model.param_dtype other than float32 (see validate_training)
 
 
 @dataclass(frozen=True)
@@ -140,7 +143,9 @@ class DecodeConfig:
     """Generation settings. `block_size` 0 means the model's trained block size. Shapes come from buckets, so that a
     new prompt length, batch size or max_new_tokens within a bucket reuses the compiled programs: prompts are padded
     to `prompt_buckets`, batches to `batch_buckets` (with inert rows; past the largest, to its next multiple), and
-    the output buffer holds the smallest `max_new_tokens * 2^i` tokens that hold the requested max_new_tokens."""
+    the output buffer holds the smallest `max_new_tokens * 2^i` tokens that hold the requested max_new_tokens.
+    `proposal_lengths`: the acceptance lengths whose proposal blocks a TiDAR step computes (a sparse set, e.g.
+    [1, 2]: Q = K + |A|*K query tokens; must include 1; needs beta = 1); empty = all of 1..K (proposals.py)."""
 
     block_size: int = 0
     beta: float = 1.0
@@ -151,6 +156,7 @@ class DecodeConfig:
     max_cache_len: int = 512
     prompt_buckets: tuple[int, ...] = (16, 64, 256)
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    proposal_lengths: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -160,6 +166,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
 
 
 def _require(condition: bool, message: str) -> None:
@@ -187,10 +196,72 @@ def validate_model(m: ModelConfig) -> None:
              f"model.remat_policy must be one of {REMAT_POLICIES}, got {m.remat_policy!r}")
     _require(m.remat or m.remat_policy == "full",
              f"model.remat_policy={m.remat_policy} has no effect without model.remat=true")
+    if m.attention_impl == "cudnn":
+        validate_cudnn(m)
     _require(m.rope_theta > 0, f"model.rope_theta must be positive, got {m.rope_theta}")
     _require(m.rms_norm_eps > 0, f"model.rms_norm_eps must be positive, got {m.rms_norm_eps}")
     _require(m.adapter_rank >= 0, f"model.adapter_rank must be >= 0 (0 = no adapters), got {m.adapter_rank}")
     _require(m.adapter_alpha > 0, f"model.adapter_alpha must be positive, got {m.adapter_alpha}")
+
+
+# cuDNN flash attention (jax/_src/cudnn/fused_attention_stablehlo.py, jax 0.10.2): query/key/value in float16 or
+# bfloat16 (fp8 is not a compute dtype here); head dim a multiple of 8 and at most 256 on CUDA compute capability
+# >= 9.0 (Hopper and later), at most 128 before (and on ROCm); q, k and v sharded alike (batch and heads only).
+CUDNN_DTYPES = ("bfloat16", "float16")
+CUDNN_HEAD_DIM_MULTIPLE = 8
+CUDNN_MAX_HEAD_DIM = {True: 256, False: 128}  # keyed by "compute capability >= 9.0"
+
+
+def validate_cudnn(m: ModelConfig, tensor: int | None = None) -> None:
+    """What `model.attention_impl=cudnn` needs of the config alone, on any machine (checked at load time, e.g. by
+    train.plan on a CPU): a 16-bit compute dtype, a head dim cuDNN supports on some GPU, and, when the mesh's
+    tensor-axis size is known (`tensor`), query and KV heads sharded alike: the rules table splits `heads` and
+    `kv_heads` over `tensor` only when it divides them, and cuDNN's partitioner refuses q sharded while k/v are
+    replicated (e.g. 12 query / 2 KV heads on tensor=4)."""
+    _require(m.compute_dtype in CUDNN_DTYPES,
+             f"model.attention_impl=cudnn needs model.compute_dtype in {CUDNN_DTYPES} (cuDNN flash attention has no "
+             f"float32 kernel), got {m.compute_dtype!r}; use attention_impl=xla for float32")
+    widest = CUDNN_MAX_HEAD_DIM[True]
+    _require(m.head_dim % CUDNN_HEAD_DIM_MULTIPLE == 0 and m.head_dim <= widest,
+             f"model.attention_impl=cudnn needs model.head_dim to be a multiple of {CUDNN_HEAD_DIM_MULTIPLE} and at "
+             f"most {widest} (at most {CUDNN_MAX_HEAD_DIM[False]} before Hopper), got {m.head_dim}")
+    if tensor is not None and tensor > 1:
+        _require((m.n_heads % tensor == 0) == (m.n_kv_heads % tensor == 0),
+                 f"model.attention_impl=cudnn needs query and KV heads sharded alike over the mesh's tensor axis "
+                 f"({tensor}): model.n_heads ({m.n_heads}) and model.n_kv_heads ({m.n_kv_heads}) must both be "
+                 "multiples of it (or both not, which replicates attention); change mesh.tensor or use "
+                 "attention_impl=xla")
+
+
+def validate_backend(m: ModelConfig, backend: str, tensor: int, compute_capability: str | None = None) -> None:
+    """Checks that the run's backend can execute `m`, where the model is about to be compiled for it (the
+    Trainer, the decoding Generator), not at config load: a config is often loaded on another machine than the
+    one it runs on. backend: `jax.default_backend()` ("cpu", "gpu", "tpu"); tensor: the mesh's tensor-axis size;
+    compute_capability: the first GPU's CUDA compute capability (e.g. "9.0"), None elsewhere (ROCm included)."""
+    if m.attention_impl != "cudnn":
+        return
+    _require(backend == "gpu", f"model.attention_impl=cudnn needs a GPU backend (cuDNN), but this run's backend is "
+                               f"{backend!r}; use attention_impl=xla")
+    validate_cudnn(m, tensor)
+    hopper = compute_capability is not None and tuple(map(int, compute_capability.split("."))) >= (9, 0)
+    limit = CUDNN_MAX_HEAD_DIM[hopper]
+    _require(m.head_dim <= limit,
+             f"model.attention_impl=cudnn on this GPU (compute capability {compute_capability}) supports "
+             f"model.head_dim <= {limit}, got {m.head_dim}")
+
+
+def validate_training(cfg: Config) -> Config:
+    """Rules that hold for training only (an inference checkpoint may well hold bfloat16 params): params other
+    than float32 need `train.allow_low_precision_params=true`, since the AdamW moments and updates take the
+    params' dtype. bfloat16 keeps 8 significant bits, so an update below ~1/256 of a weight (lr 1e-5 on O(1e-2)
+    weights) rounds to nothing and training silently stalls; float32 params with compute_dtype=bfloat16 avoid
+    that. Returns `cfg`."""
+    m = cfg.model
+    _require(m.param_dtype == "float32" or cfg.train.allow_low_precision_params,
+             f"model.param_dtype={m.param_dtype} for training keeps the AdamW moments and updates in {m.param_dtype}, "
+             "where an update below ~1/256 of a weight (e.g. lr 1e-5) rounds away; train float32 params with "
+             "model.compute_dtype=bfloat16, or set train.allow_low_precision_params=true to accept it")
+    return cfg
 
 
 def validate(cfg: Config) -> Config:
@@ -231,6 +302,8 @@ def validate(cfg: Config) -> Config:
     _require(sum(v == -1 for v in sizes.values()) <= 1, f"at most one mesh axis may be -1, got {sizes}")
     for name, value in sizes.items():
         _require(value == -1 or value > 0, f"mesh.{name} must be positive or -1, got {value}")
+    if m.attention_impl == "cudnn" and mesh.tensor != -1:  # -1 is resolved with the devices (validate_backend)
+        validate_cudnn(m, mesh.tensor)
     _require(dec.block_size >= 0, f"decode.block_size must be >= 0 (0 = trained size), got {dec.block_size}")
     _require(0.0 <= dec.beta <= 1.0, f"decode.beta must be in [0, 1], got {dec.beta}")
     _require(dec.temperature >= 0, f"decode.temperature must be >= 0, got {dec.temperature}")
@@ -245,6 +318,12 @@ def validate(cfg: Config) -> Config:
     _require(dec.max_cache_len > dec.prompt_buckets[-1],
              f"decode.max_cache_len ({dec.max_cache_len}) must exceed the largest prompt bucket "
              f"({dec.prompt_buckets[-1]})")
+    try:
+        k = dec.block_size or m.block_size
+        proposals.check_beta(dec.beta, proposals.resolve_proposal_lengths(dec.proposal_lengths, k), k,
+                             "decode.beta")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return cfg
 
 
@@ -253,8 +332,9 @@ def _merge(base: Any, *layers: Any) -> Config:
         merged = OmegaConf.merge(OmegaConf.structured(base), *layers)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
-        # OmegaConf's message already names the key (full_key: ...); keep it, drop the internals.
-        raise ConfigError(str(e).split("\n    reference_type")[0]) from None
+        # One line: the key OmegaConf names (full_key), then its message without the internals after it.
+        message = str(e).splitlines()[0]
+        raise ConfigError(f"{e.full_key}: {message}" if getattr(e, "full_key", None) else message) from None
 
 
 def config_layers(path: str | Path | None = None, overrides: Sequence[str] = ()) -> list:
@@ -266,14 +346,27 @@ def config_layers(path: str | Path | None = None, overrides: Sequence[str] = ())
             raise ConfigError(f"config file not found: {path}")
         try:
             layer = OmegaConf.load(path)
-        except Exception as e:  # YAML syntax errors come from several libraries
-            raise ConfigError(f"cannot parse config file {path}: {e}") from None
+        except Exception as e:  # YAML syntax errors come from several libraries; their messages span lines
+            raise ConfigError(f"cannot parse config file {path}: {' '.join(str(e).split())}") from None
         if not isinstance(layer, DictConfig):
             raise ConfigError(f"config file {path} must hold a mapping of sections (model:, data:, ...), "
                               f"not a {type(layer).__name__}")
+        if not layer:  # an empty file would silently train the defaults
+            raise ConfigError(f"config file {path} is empty: it must hold sections (model:, data:, ...)")
+        _check_sections(layer, f"config file {path}")
         layers.append(layer)
-    layers.extend(_override_layers(overrides))
+    for layer in _override_layers(overrides):
+        _check_sections(layer, "overrides")
+        layers.append(layer)
     return layers
+
+
+def _check_sections(layer: DictConfig, where: str) -> None:
+    """Each top-level entry of `layer` must be a mapping (a section such as model:), not a scalar or a list."""
+    for name, value in layer.items_ex(resolve=False):
+        if not isinstance(value, DictConfig) and name in SECTIONS:
+            raise ConfigError(f"{where}: section {name} must be a mapping of fields (e.g. {name}: {{...}}), got "
+                              f"{OmegaConf.to_container(value) if OmegaConf.is_config(value) else value!r}")
 
 
 def merge_layers(base: Config | None, layers: Sequence) -> Config:

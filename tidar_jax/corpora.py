@@ -140,7 +140,7 @@ def load_corpus_documents(data_cfg) -> list[Document]:
     loaders = {"bbc-news": _bbc_news, "shakespeare": _shakespeare, "python-stdlib": _python_stdlib,
                "files": lambda: _file_documents(data_cfg.paths)}
     if data_cfg.corpus not in loaders:
-        raise DataError(f"unknown corpus {data_cfg.corpus!r}; expected one of {CORPORA}")
+        raise DataError(f"data.corpus: unknown corpus {data_cfg.corpus!r}; expected one of {CORPORA}")
     docs = [d for d in loaders[data_cfg.corpus]() if (d.strip() if isinstance(d, str) else d)]
     if not docs:
         where = f" in {list(data_cfg.paths)}" if data_cfg.corpus == "files" else ""
@@ -158,7 +158,8 @@ def split_documents(docs: Sequence[Document], holdout_fraction: float,
         raise DataError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
     n = len(docs)
     if n < 2:
-        raise DataError(f"need at least 2 documents to hold one out for evaluation, got {n}")
+        raise DataError(f"the corpus holds {n} document(s): at least 2 documents are needed to hold one out for "
+                        "evaluation (add data.paths or pick another data.corpus)")
     n_held = min(max(1, round(holdout_fraction * n)), n - 1)
     held = np.zeros(n, dtype=bool)
     held[np.random.default_rng(seed).permutation(n)[:n_held]] = True

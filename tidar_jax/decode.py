@@ -5,7 +5,8 @@ design.md section 3. State between steps: the cache holds committed tokens at sl
 drafts plus K proposal blocks of K mask tokens in ONE forward, writes the drafts' K/V at the cursor (mask tokens'
 K/V is never written), verifies (`sampling.greedy_verify` / `speculative_verify`), commits v_1..v_a by moving the
 cursor, and takes the next drafts `[t_a, proposal a's slots 2..K]`. The AR step is the same code with K = 1 and no
-proposals.
+proposals. A sparse proposal set A (`DecodeSpec.proposal_lengths`, proposals.py) computes only the blocks of the
+acceptance lengths in A (Q = K + |A|*K) and drafts from the longest computed proposal the accepted prefix covers.
 
 Output convention: a token is emitted as soon as it is decided, i.e. v_1 after prefill, then `v_2..v_a, t_a` (a
 tokens) per step; committing to the cache lags one token behind. So AR emits one token per forward (prefill
@@ -16,10 +17,11 @@ with max_new_tokens 0 is inert: it finishes at prefill having emitted nothing (p
 
 The LM head ([d, V], the largest matmul of a decode step at real vocabularies) runs only on rows that are read:
 prefill reads the last real prompt row and the K mask rows. A TiDAR step reads the K draft rows and the K proposal
-slot-1 rows (the beta mix; always computed, they are only K rows) before verification, then only the K-1 rows
-(slots 2..K) of the proposal the accepted length selects: 3K-1 of K + K*K rows, but two passes over the head
-weight, which pays only once the step has enough rows (`SPLIT_HEAD_MIN_ROWS`); smaller steps run one pass on every
-row. Prefill attends only to its own P + K tokens, not to the empty cache (`forward_into_empty_cache`).
+slot-1 rows (the beta mix; always computed for the full set, they are only K rows; a sparse set has no mix) before
+verification, then only the K-1 rows of the proposal the accepted length selects: 3K-1 of K + K*K rows, but two
+passes over the head weight, which pays only once the step has enough rows (`SPLIT_HEAD_MIN_ROWS`); smaller steps
+run one pass on every row. Prefill attends only to its own P + K tokens, not to the empty cache
+(`forward_into_empty_cache`).
 
 All functions are pure and meant for `jax.jit` with `spec` (and `graphdef`) static; see generation.py.
 """
@@ -27,12 +29,13 @@ All functions are pure and meant for `jax.jit` with `spec` (and `graphdef`) stat
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from tidar_jax import masks, sampling
+from tidar_jax import masks, proposals, sampling
 from tidar_jax.config import DecodeConfig, ModelConfig
 from tidar_jax.kv_cache import KVCache
 from tidar_jax.model import forward_hidden, head_logits
@@ -54,10 +57,12 @@ SPLIT_HEAD_MIN_ROWS = 64
 class DecodeSpec:
     """Static (hashable) description of a compiled decode loop.
 
-    num_drafts: K for TiDAR, 1 for AR; with_proposals: TiDAR (K proposal blocks) vs AR; greedy: argmax vs
+    num_drafts: K for TiDAR, 1 for AR; with_proposals: TiDAR (proposal blocks) vs AR; greedy: argmax vs
     speculative sampling; capacity: output buffer length (the largest max_new_tokens it can serve);
-    split_head_min_rows: a TiDAR step with at least this many query rows (batch * (K + K*K), static) runs the LM
-    head in two passes on the 3K-1 rows it reads (see `decode_step`); below it, one pass on every row.
+    split_head_min_rows: a TiDAR step with at least this many query rows (batch * Q, static) runs the LM head in
+    two passes on the rows it reads (see `decode_step`); below it, one pass on every row; proposal_lengths: the
+    proposal set A of a TiDAR step (proposals.py; `create` fills in all of 1..K by default, so the full set has
+    one spelling and one compiled program), () for AR.
     """
 
     num_drafts: int
@@ -67,17 +72,45 @@ class DecodeSpec:
     mask_token_id: int
     eos_token_id: int
     split_head_min_rows: int = SPLIT_HEAD_MIN_ROWS
+    proposal_lengths: tuple[int, ...] = ()
 
     @classmethod
     def create(cls, mode: str, block_size: int, greedy: bool, capacity: int, model_cfg: ModelConfig,
-               split_head_min_rows: int | None = None) -> "DecodeSpec":
+               split_head_min_rows: int | None = None,
+               proposal_lengths: Sequence[int] | None = None) -> "DecodeSpec":
+        """proposal_lengths: the TiDAR proposal set (None / empty = all of 1..K), validated against K; ignored
+        for AR."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         tidar = mode == "tidar"
         split = cls.split_head_min_rows if split_head_min_rows is None else split_head_min_rows
+        lengths = proposals.resolve_proposal_lengths(proposal_lengths, block_size) if tidar else ()
         return cls(num_drafts=block_size if tidar else 1, with_proposals=tidar, greedy=greedy, capacity=capacity,
                    mask_token_id=model_cfg.mask_token_id, eos_token_id=model_cfg.eos_token_id,
-                   split_head_min_rows=split)
+                   split_head_min_rows=split, proposal_lengths=lengths)
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        """A, the acceptance lengths whose proposal blocks a step computes (all of 1..K when the field is empty, as
+        in a spec built without `create`); () for AR."""
+        if not self.with_proposals:
+            return ()
+        return masks.proposal_set(self.num_drafts, self.proposal_lengths or None)
+
+    @property
+    def sparse(self) -> bool:
+        """A TiDAR step that computes fewer than K proposal blocks (it verifies with beta = 1)."""
+        return self.with_proposals and proposals.is_sparse(self.lengths, self.num_drafts)
+
+    def for_prefill(self) -> "DecodeSpec":
+        """The spec the prefill compiles with: it never reads the proposal set, so every set shares one program."""
+        return dataclasses.replace(self, proposal_lengths=masks.proposal_set(self.num_drafts)
+                                   if self.with_proposals else ())
+
+    def check_beta(self, beta: float) -> None:
+        """Raises ValueError unless beta = 1 for a sparse set (its step has no slot-1 rows to mix)."""
+        if self.sparse:
+            proposals.check_beta(beta, self.lengths, self.num_drafts)
 
 
 def resolve_block_size(model_cfg: ModelConfig, decode_cfg: DecodeConfig, allow_mismatch: bool = False) -> int:
@@ -95,13 +128,14 @@ def resolve_block_size(model_cfg: ModelConfig, decode_cfg: DecodeConfig, allow_m
 class DecodeState:
     """Everything the loop carries (fixed shapes; b = batch, K = spec.num_drafts, V = vocab).
 
-    cache: KVCache with per-row cursor [b]; drafts: [b, K] int32 (v_1..v_K); draft_probs: [b, K-1, V] float32, the
-    distributions v_2..v_K were sampled from ([b, 0, 0] when greedy); tokens: [b, capacity + K] int32 output buffer
-    (the K slack lets a step write a whole block); num_tokens: [b] int32 valid prefix of `tokens`; max_new_tokens:
-    [b] int32 per-row limit <= capacity (0 = inert row); finish: [b] int32 (RUNNING or a FINISH_* reason);
-    row_forwards: [b] int32 forwards each row was active for (prefill included); forwards: [] int32 batch forwards
-    so far (prefill included); accept_hist: [K+1] int32, accept_hist[a] = row-steps that accepted a tokens; key:
-    PRNG key.
+    cache: KVCache with per-row cursor [b]; drafts: [b, K] int32 (v_1..v_K; a sparse proposal set may fill trailing
+    guesses with the mask token, `fill_stale_guesses`); draft_probs: [b, K-1, V] float32, the distributions
+    v_2..v_K were sampled from (a filler's: a point mass on the mask token; [b, 0, 0] when greedy); tokens:
+    [b, capacity + K] int32 output buffer (the K slack lets a step write a whole block); num_tokens: [b] int32
+    valid prefix of `tokens`; max_new_tokens: [b] int32 per-row limit <= capacity (0 = inert row); finish: [b]
+    int32 (RUNNING or a FINISH_* reason); row_forwards: [b] int32 forwards each row was active for (prefill
+    included); forwards: [] int32 batch forwards so far (prefill included); accept_hist: [K+1] int32,
+    accept_hist[a] = row-steps that accepted a tokens; key: PRNG key.
     """
 
     cache: KVCache
@@ -254,38 +288,78 @@ def prefill(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, prompts: 
     return mark_cache_full(state, spec)
 
 
+def covering_proposal(accepted: Array, lengths: Sequence[int]) -> tuple[Array, Array]:
+    """accepted: [b] int32 (1 <= a <= K); lengths: the proposal set A (static, ascending, A[0] = 1) ->
+    (index [b] int32 of j* = max{j in A : j <= a} among the step's blocks, shift [b] int32 = a - j*)."""
+    table = jnp.asarray(lengths, jnp.int32)
+    index = jnp.sum(table[None, :] <= accepted[:, None], axis=1).astype(jnp.int32) - 1
+    return index, accepted - table[index]
+
+
+def shifted_slots(block: Array, shift: Array) -> tuple[Array, Array]:
+    """The next block's guesses from proposal j*. block: [b, K, ...] (its K slots; slot r predicts L+j*+r-1);
+    shift: [b] int32 = a - j*. The next block sits at L+a.., so guess i = 2..K is slot i + shift.
+
+    Returns (slots [b, K-1, ...], clamped to slot K where i + shift > K; fresh [b, K-1] bool, i + shift <= K: the
+    guesses that have a slot. The full set always has shift 0: slots 2..K, all fresh).
+    """
+    k = block.shape[1]
+    wanted = 1 + shift[:, None] + jnp.arange(k - 1, dtype=jnp.int32)[None, :]  # 0-based slot of guess i = 2..K
+    index = jnp.minimum(wanted, k - 1).reshape(wanted.shape + (1,) * (block.ndim - 2))
+    return jnp.take_along_axis(block, index, axis=1), wanted < k
+
+
+def fill_stale_guesses(guesses: Array, probs: Array, fresh: Array, spec: DecodeSpec) -> tuple[Array, Array]:
+    """Guesses without a slot (~fresh, [b, K-1]) become the mask token, drawn from a point mass on it: the
+    verifier's distribution gives the mask token probability 0 (`suppress_mask_token`), so such a guess is always
+    rejected, greedy or sampled, and the speculative residual at it is p itself. probs: [b, K-1, V] or [b, 0, 0]
+    (greedy)."""
+    guesses = jnp.where(fresh, guesses, spec.mask_token_id)
+    if probs.shape[1]:
+        point = jax.nn.one_hot(spec.mask_token_id, probs.shape[-1], dtype=probs.dtype)
+        probs = jnp.where(fresh[..., None], probs, point)
+    return guesses, probs
+
+
 def decode_step(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, sp: sampling.SamplingParams, *,
                 spec: DecodeSpec) -> DecodeState:
     """One forward: verify the draft block, commit v_1..v_a, emit v_2..v_a and t_a, draft the next block.
 
-    Query tokens [b, K + K*K] for TiDAR ([b, 1] for AR); the K drafts' K/V is written at the cursor.
+    Query tokens [b, K + |A|*K] for TiDAR with proposal set A (K + K*K for the full set; [b, 1] for AR); the K
+    drafts' K/V is written at the cursor. With a sparse A (proposals.py) the verifier is the AR logits alone (beta
+    is not read: callers require beta = 1) and the next guesses come from proposal j* = max{j in A : j <= a},
+    shifted by a - j*, the slot-less ones filled (`shifted_slots`, `fill_stale_guesses`).
     """
-    k = spec.num_drafts
+    k, lengths = spec.num_drafts, spec.lengths
     cache, drafts = state.cache, state.drafts
     batch = drafts.shape[0]
     active = state.finish == RUNNING
     tokens = drafts
     if spec.with_proposals:
-        tokens = jnp.concatenate([drafts, jnp.full((batch, k * k), spec.mask_token_id, drafts.dtype)], axis=1)
-    positions = masks.step_positions(cache.cursor, k, spec.with_proposals)
-    mask = masks.with_cache(cache.valid_slots(), masks.step_mask(k, spec.with_proposals))
+        tokens = jnp.concatenate([drafts, jnp.full((batch, len(lengths) * k), spec.mask_token_id, drafts.dtype)],
+                                 axis=1)
+    positions = masks.step_positions(cache.cursor, k, spec.with_proposals, lengths)
+    mask = masks.with_cache(cache.valid_slots(), masks.step_mask(k, spec.with_proposals, lengths))
     # Finished rows still ride along; clamp their write into the buffer (it lands past their cursor or, for a row
     # stopped by a full cache, over slots it will never read again).
     write_start = jnp.minimum(cache.cursor, cache.max_len - k)
     hidden, cache = forward_hidden(graphdef, params, tokens, positions, mask, cache, write_start, n_write=k)
     split_head = spec.with_proposals and batch * tokens.shape[1] >= spec.split_head_min_rows
+    mixed = spec.with_proposals and not spec.sparse  # the beta mix reads every proposal's slot-1 row
     if split_head:
-        # [b, proposal j, slot r, d]: position L+j+r-1. Before verification the head runs on the K drafts (draft j
-        # predicts position L+j) and the K slot-1 rows (the beta mix): 2K rows of K + K*K.
-        blocks = hidden[:, k:].reshape(batch, k, k, hidden.shape[-1])
-        logits = head(graphdef, params, jnp.concatenate([hidden[:, :k], blocks[:, :, 0]], axis=1), spec)
-        target = sampling.mix_logits(logits[:, :k], logits[:, k:], sp.beta)
+        # [b, proposal i, slot r, d]: position L+A[i]+r-1. Before verification the head runs on the K drafts (draft
+        # j predicts position L+j) and, for the full set, the K slot-1 rows (the beta mix): 2K rows of K + K*K.
+        blocks = hidden[:, k:].reshape(batch, len(lengths), k, hidden.shape[-1])
+        rows = jnp.concatenate([hidden[:, :k], blocks[:, :, 0]], axis=1) if mixed else hidden[:, :k]
+        logits = head(graphdef, params, rows, spec)
+        target = sampling.mix_logits(logits[:, :k], logits[:, k:], sp.beta) if mixed else logits
     else:
         logits = head(graphdef, params, hidden, spec)  # every row, one pass over the head weight
         target = logits[:, :k]
         if spec.with_proposals:
-            blocks = logits[:, k:].reshape(batch, k, k, -1)  # [b, proposal j, slot r, V]
-            target = sampling.mix_logits(target, blocks[:, :, 0], sp.beta)
+            blocks = logits[:, k:].reshape(batch, len(lengths), k, -1)  # [b, proposal i, slot r, V]
+            if mixed:
+                target = sampling.mix_logits(target, blocks[:, :, 0], sp.beta)
     key, u = next_uniforms(state.key, (batch, 2 * k - 1, sampling.DRAW_UNIFORMS), spec)  # K to verify, K-1 to draft
     if spec.greedy:
         accepted, decided = sampling.greedy_verify(target, drafts)
@@ -294,12 +368,15 @@ def decode_step(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, s
                                                         drafts, u[:, :k])
     next_drafts, next_probs = decided[:, None], state.draft_probs
     if spec.with_proposals:
-        # Proposal a saw exactly v_1..v_a; its slot 1 is t_a's position, slots 2..K draft the rest (split head: the
-        # head's second pass runs on those K-1 rows only).
-        chosen_slots = sampling.take_rows(blocks, accepted - 1)[:, 1:]
+        # Proposal j* saw exactly v_1..v_j* (all committed); its slots from position L+a+1 on draft the rest (split
+        # head: the head's second pass runs on those K-1 rows only). The full set has j* = a: slots 2..K.
+        index, shift = covering_proposal(accepted, lengths)
+        chosen_slots, fresh = shifted_slots(sampling.take_rows(blocks, index), shift)
         if split_head:
             chosen_slots = head(graphdef, params, chosen_slots, spec)
         guesses, next_probs = draft_from_slots(chosen_slots, None if u is None else u[:, k:], sp, spec)
+        if spec.sparse:
+            guesses, next_probs = fill_stale_guesses(guesses, next_probs, fresh, spec)
         next_drafts = jnp.concatenate([decided[:, None], guesses], axis=1)
     # Tokens for positions L+1 .. L+a: v_2 .. v_a, then t_a.
     following = jnp.concatenate([drafts[:, 1:], decided[:, None]], axis=1)

@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from tidar_jax.config import Config
 from tidar_jax.generation import Generator
-from tidar_jax.sharding import batch_sharding, batch_shards
+from tidar_jax.sharding import batch_sharding, batch_shards, check_runtime
 from tidar_jax.tokenizer import Tokenizer
 from tidar_jax.trainer import objective_metrics
 
@@ -71,6 +71,7 @@ def heldout_likelihood(graphdef: nnx.GraphDef, params: nnx.State, cfg: Config, b
     """
     if not batches:
         raise ValueError("no held-out batches to evaluate: the held-out split is empty")
+    check_runtime(cfg.model, mesh.shape["tensor"])
     objective, k = cfg.train.objective, cfg.model.block_size
     step = jax.jit(lambda p, tok, val: objective_metrics(graphdef, p, tok, val, cfg, objective))
     placement = _batch_placement(mesh, batches[0]["tokens"].shape[0])

@@ -38,9 +38,17 @@ from tidar_jax.decode import DecodeSpec, DecodeState
 from tidar_jax.kv_cache import KVCache, init_cache
 from tidar_jax.program_cache import ProgramCache
 from tidar_jax.sampling import SamplingParams
-from tidar_jax.sharding import batch_shards, decode_shardings, named_sharding, place_params
+from tidar_jax.sharding import batch_shards, check_runtime, decode_shardings, named_sharding, place_params
 
 TokenCallback = Callable[[list[list[int]]], None]
+
+
+def _tensor_axis_size(params) -> int:
+    """The tensor-axis size of the mesh the params live on (1 when they are not on a named mesh)."""
+    sharding = getattr(jax.tree.leaves(params)[0], "sharding", None) if jax.tree.leaves(params) else None
+    mesh = getattr(sharding, "mesh", None)
+    return dict(mesh.shape).get("tensor", 1) if mesh is not None else 1
+
 
 TRACE_COUNTS: collections.Counter[str] = collections.Counter()
 PROGRAMS = ProgramCache()  # the module-wide program cache; resize with `PROGRAMS.max_programs = n`
@@ -96,6 +104,7 @@ class Generator:
         self.model_cfg, self.decode_cfg = model_cfg, decode_cfg
         self.block_size = decode.resolve_block_size(model_cfg, decode_cfg, allow_block_size_mismatch)
         self.programs = PROGRAMS if programs is None else programs
+        check_runtime(model_cfg, mesh.shape["tensor"] if mesh is not None else _tensor_axis_size(params))
         self._compile_time = 0.0
 
     # ----- input checks -------------------------------------------------------------------------------------------
@@ -215,7 +224,9 @@ class Generator:
         limit = dec.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
         if limit < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {limit}")
-        spec = DecodeSpec.create(mode, self.block_size, greedy, self.capacity(limit), self.model_cfg)
+        spec = DecodeSpec.create(mode, self.block_size, greedy, self.capacity(limit), self.model_cfg,
+                                 proposal_lengths=dec.proposal_lengths)
+        spec.check_beta(float(sp.beta))
         batch = self.pad_batch(prompts, spec.num_drafts, limit)
         rows = len(batch.lengths)
         if cache is None:
@@ -224,7 +235,7 @@ class Generator:
             raise ValueError(f"cache has batch {cache.batch_size} and {cache.max_len} slots; expected batch "
                              f"{rows} (the batch bucket of {batch.rows} prompts) and "
                              f"decode.max_cache_len={dec.max_cache_len}")
-        state = self._run_compiled("prefill", decode.prefill, spec, 1, self.params, self.place(cache),
+        state = self._run_compiled("prefill", decode.prefill, spec.for_prefill(), 1, self.params, self.place(cache),
                                    self.place(batch.prompts, ("batch", None)), self.place(batch.lengths, ("batch",)),
                                    self.place(batch.limits, ("batch",)), self.place(jax.random.key(seed)),
                                    self.place(sp))

@@ -6,8 +6,9 @@ cursor value never recompiles. A mask is boolean, `True` = the query (row) may a
 Query layouts:
 - training: `[x_0 .. x_{S-1} | M x S]`, positions `[0..S-1, 0..S-1]`.
 - prefill: `[prompt (padded to a bucket P) | M x K]`, mask tokens at positions `len .. len+K-1`.
-- decode step: `[v_1 .. v_K | P_1 | .. | P_K]` (proposal blocks of K mask tokens, or none for the AR / draft-model
-  verify step), drafts at `L .. L+K-1`, proposal j's slot r at `L+j+r-1` (j, r from 1).
+- decode step: `[v_1 .. v_K | P_j for j in A]` (proposal blocks of K mask tokens for the acceptance lengths in the
+  proposal set A, by default all of 1..K; none for the AR / draft-model verify step), drafts at `L .. L+K-1`,
+  proposal j's slot r at `L+j+r-1` (j, r from 1).
 With a KV cache the key axis is `[cache slots (max_len) | current tokens]`; `with_cache` prepends the cache part.
 A no-cache training forward may take its mask in structured form (`LayoutMask`: a static `TrainingLayout` plus
 key padding), which `ops.blockwise_attention` uses without ever forming the dense mask.
@@ -16,6 +17,7 @@ key padding), which `ops.blockwise_attention` uses without ever forming the dens
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -170,33 +172,46 @@ def prefill_positions(prompt_len: int, lengths: Array, block_size: int) -> Array
     return jnp.concatenate([prompt, masks], axis=1)
 
 
-def step_query_count(num_drafts: int, with_proposals: bool) -> int:
-    """Q = K + K*K for a TiDAR step, K for a verify-only step (K = 1: the AR step)."""
-    return num_drafts + (num_drafts * num_drafts if with_proposals else 0)
+def proposal_set(num_drafts: int, proposal_lengths: Sequence[int] | None = None) -> tuple[int, ...]:
+    """A: the acceptance lengths j (1 <= j <= K, ascending) whose proposal blocks a TiDAR step computes; None = all
+    of 1..K (design.md section 3). Validation lives in `proposals.resolve_proposal_lengths`."""
+    return tuple(range(1, num_drafts + 1)) if proposal_lengths is None else tuple(proposal_lengths)
 
 
-def step_mask(num_drafts: int, with_proposals: bool) -> Array:
+def step_query_count(num_drafts: int, with_proposals: bool, proposal_lengths: Sequence[int] | None = None) -> int:
+    """Q = K + |A|*K for a TiDAR step (K + K*K with every proposal), K for a verify-only step (K = 1: the AR step)."""
+    blocks = len(proposal_set(num_drafts, proposal_lengths)) if with_proposals else 0
+    return num_drafts + num_drafts * blocks
+
+
+def step_mask(num_drafts: int, with_proposals: bool, proposal_lengths: Sequence[int] | None = None) -> Array:
     """[Q, Q] bool among the current tokens of a decode step (design.md section 3).
 
-    Drafts are causal among themselves; proposal block j (1..K) sees drafts v_1..v_j and its own block.
+    Drafts are causal among themselves; the proposal block for acceptance length j (the i-th block, j = A[i]) sees
+    drafts v_1..v_j and its own block.
     """
-    total = step_query_count(num_drafts, with_proposals)
+    total = step_query_count(num_drafts, with_proposals, proposal_lengths)
     idx = jnp.arange(total, dtype=jnp.int32)
     q, k = idx[:, None], idx[None, :]
     q_draft, k_draft = q < num_drafts, k < num_drafts
-    q_block = (q - num_drafts) // num_drafts  # j - 1 for proposal queries
+    q_block = (q - num_drafts) // num_drafts  # block index i for proposal queries
     k_block = (k - num_drafts) // num_drafts
     draft_causal = q_draft & k_draft & (k <= q)
-    proposal_to_drafts = ~q_draft & k_draft & (k <= q_block)
+    if not with_proposals:
+        return draft_causal
+    lengths = jnp.asarray(proposal_set(num_drafts, proposal_lengths), jnp.int32)
+    q_length = lengths[jnp.clip(q_block, 0, lengths.shape[0] - 1)]  # j of the query's block
+    proposal_to_drafts = ~q_draft & k_draft & (k < q_length)
     proposal_own_block = ~q_draft & ~k_draft & (q_block == k_block)
     return draft_causal | proposal_to_drafts | proposal_own_block
 
 
-def step_positions(cursor: Array, num_drafts: int, with_proposals: bool) -> Array:
-    """[batch, Q] int32: drafts at L..L+K-1, proposal j slot r at L+j+r-1 (j, r from 1), L = cursor[b]."""
+def step_positions(cursor: Array, num_drafts: int, with_proposals: bool,
+                   proposal_lengths: Sequence[int] | None = None) -> Array:
+    """[batch, Q] int32: drafts at L..L+K-1, slot r (from 1) of the proposal for length j at L+j+r-1, L = cursor[b]."""
     offsets = [jnp.arange(num_drafts, dtype=jnp.int32)]
     if with_proposals:
-        j = jnp.arange(1, num_drafts + 1, dtype=jnp.int32)[:, None]
+        j = jnp.asarray(proposal_set(num_drafts, proposal_lengths), jnp.int32)[:, None]
         r = jnp.arange(1, num_drafts + 1, dtype=jnp.int32)[None, :]
         offsets.append((j + r - 1).reshape(-1))
     return cursor[:, None].astype(jnp.int32) + jnp.concatenate(offsets)[None, :]

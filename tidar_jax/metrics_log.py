@@ -1,12 +1,15 @@
 """Training metrics sinks: WORKDIR/metrics.jsonl (always) and TensorBoard (only when tensorboardX is installed).
 
 Only process 0 writes. One JSON object per line; keys are metric names, values floats (lists for per-slot
-accuracies), plus `step`.
+accuracies), plus `step`. A process killed while appending leaves at most an unterminated last line: readers skip
+it and the resumed run's `truncate_after` drops it; that rewrite goes through a temporary file and an atomic
+rename, so a kill during it leaves the old file whole.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -40,7 +43,9 @@ class MetricsLog:
         if not self.enabled or not self.path.exists():
             return
         kept = [r for r in read_metrics(self.path.parent) if r.get("step", 0) <= step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        partial = self.path.with_name(self.path.name + ".tmp")
+        partial.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(partial, self.path)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> dict:
         """Records `metrics` at `step`; returns the JSON-ready record."""
@@ -67,8 +72,10 @@ class MetricsLog:
 
 
 def read_metrics(workdir: str | Path) -> list[dict]:
-    """All records of `workdir/metrics.jsonl` in file order (empty list when absent)."""
+    """All records of `workdir/metrics.jsonl` in file order (empty list when absent), without an unterminated
+    last line (a write cut short by a kill)."""
     path = Path(workdir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    complete = path.read_text().rpartition("\n")[0]
+    return [json.loads(line) for line in complete.splitlines() if line.strip()]

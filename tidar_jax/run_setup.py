@@ -13,7 +13,8 @@ Precedence, lowest first:
   run's choice. data.tokenizer defaults to the checkpoint's tokenizer; its chat template travels with the run.
 - a new run from scratch: the dataclass defaults, then the preset and overrides.
 Then `data.separator_token_id` (-1) and `data.tokenizer_sha256` are filled in from the tokenizer, and the result
-is validated. A resumed run's tokenizer.json must hash to the recorded `data.tokenizer_sha256`.
+is validated (the config's own rules, training-only ones included, are checked before the tokenizer is
+resolved). A resumed run's tokenizer.json must hash to the recorded `data.tokenizer_sha256`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from tidar_jax.checkpoint import CHECKPOINT_DIR, TOKENIZER_FILE, locate_checkpoint, read_checkpoint_config, read_step_config, run_fields
-from tidar_jax.config import Config, ConfigError, config_layers, merge_layers, to_dict, validate
+from tidar_jax.config import (Config, ConfigError, config_layers, merge_layers, to_dict, validate,
+                              validate_training)
 from tidar_jax.data import check_tokenizer_matches, load_or_train_tokenizer, separator_id
 from tidar_jax.tokenizer import Tokenizer
 
@@ -133,6 +135,7 @@ def plan_run(workdir: str | Path, *, preset: str | Path | None = None, overrides
             if not wanted.data.tokenizer and (init_dir / TOKENIZER_FILE).is_file():
                 wanted = dataclasses.replace(
                     wanted, data=dataclasses.replace(wanted.data, tokenizer=str(init_dir / TOKENIZER_FILE)))
+    validate_training(validate(wanted))  # the config's own rules first: no tokenizer is trained for a broken one
     tokenizer = _resolve_tokenizer(wanted, workdir, saved, init_dir)
     wanted = dataclasses.replace(wanted, data=dataclasses.replace(
         wanted.data, separator_token_id=separator_id(wanted, tokenizer), tokenizer_sha256=tokenizer.fingerprint))

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from tidar_jax.config import ConfigError, MeshConfig, ModelConfig
+from tidar_jax.config import ConfigError, MeshConfig, ModelConfig, validate_backend
 from tidar_jax.kv_cache import KVCache
 from tidar_jax.model import Transformer
 
@@ -173,12 +173,59 @@ def batch_shards(mesh: Mesh) -> int:
     return _axis_size(mesh, BATCH_AXES)
 
 
+def check_batch_blocks(devices: np.ndarray, axis_names: Sequence[str]) -> None:
+    """Checks that every process holds one contiguous block of the batch dim, disjoint from the other processes'
+    blocks and of the same size, as `make_global_batch` needs: each process feeds its own rows, so a batch shard
+    whose devices span two processes would get two processes' different rows for the same global rows (and a
+    process holding scattered shards cannot place its rows as one block).
+
+    devices: the mesh's device grid (anything with a `process_index`), one array dim per name of `axis_names`.
+    The batch dim is split over BATCH_AXES in that order (row-major), like `batch_sharding`. Raises ConfigError.
+    """
+    grid = np.asarray(devices)
+    batch_dims = [list(axis_names).index(a) for a in BATCH_AXES]
+    others = [i for i in range(grid.ndim) if i not in batch_dims]
+    shards = np.transpose(grid, batch_dims + others).reshape(math.prod(grid.shape[i] for i in batch_dims), -1)
+    owners = [sorted({d.process_index for d in row}) for row in shards]
+    processes = sorted({p for o in owners for p in o})
+    if len(processes) == 1:
+        return
+    axes = " x ".join(BATCH_AXES)
+    for i, o in enumerate(owners):
+        if len(o) > 1:
+            raise ConfigError(f"batch shard {i} of the mesh's {axes} axes lies on devices of processes {o}: each "
+                              "process feeds different rows, so they would disagree on the same global rows; give "
+                              "the axes that span processes to data / fsdp (e.g. mesh.tensor within one host)")
+    per_process = len(shards) // len(processes)
+    for p in processes:
+        mine = [i for i, o in enumerate(owners) if o == [p]]
+        if len(mine) != per_process or mine != list(range(mine[0], mine[0] + len(mine))):
+            raise ConfigError(f"process {p} holds batch shards {mine} of the mesh's {axes} axes; every process must "
+                              f"hold one contiguous block of {per_process} (order the mesh devices by process)")
+
+
+@functools.lru_cache(maxsize=16)
+def _checked_batch_blocks(mesh: Mesh) -> None:
+    check_batch_blocks(mesh.devices, mesh.axis_names)
+
+
 def make_global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Assembles this process's `[local_batch, ...]` arrays into global `[global_batch, ...]` jax arrays sharded
-    along the batch dim (global batch = concatenation of the processes' local batches in process order).
+    along the batch dim (global batch = concatenation of the processes' local batches, each process's rows landing
+    on its own devices' block; `check_batch_blocks` refuses a mesh where that block is not contiguous).
     """
+    _checked_batch_blocks(mesh)
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+
+
+def check_runtime(model_cfg: ModelConfig, tensor: int) -> None:
+    """`config.validate_backend` for this process's backend, a mesh tensor axis of size `tensor` and the first
+    device's CUDA compute capability (call it where the model is about to be compiled)."""
+    backend = jax.default_backend()
+    capability = getattr(jax.devices()[0], "compute_capability", None) if backend == "gpu" else None
+    cuda = isinstance(capability, str) and capability.replace(".", "").isdigit()  # ROCm names gfx targets instead
+    validate_backend(model_cfg, backend, tensor, capability if cuda else None)
 
 
 def abstract_model(model_cfg: ModelConfig, seed: int = 0) -> tuple[nnx.GraphDef, nnx.State]:

@@ -4,24 +4,25 @@ The programs are the real ones decoding runs (`decode.decode_step`, `decode.pref
 (`jax.ShapeDtypeStruct`: params from `nnx.eval_shape` of the model init, the KV cache and decode state from
 `jax.eval_shape`), so nothing is allocated and no checkpoint is needed. Per step: GFLOP, GB accessed, arithmetic
 intensity (FLOP/byte) and, given a chip's peak FLOP/s and memory bandwidth, the roofline time
-max(FLOPs / peak, bytes / bandwidth). The TiDAR / AR ratio compares one TiDAR step (K + K*K query rows) with one
-1-token AR step at the same cache length.
+max(FLOPs / peak, bytes / bandwidth). The TiDAR / AR ratio compares one TiDAR step (K + K*K query rows, or
+K + |A|*K with a sparse proposal set A) with one 1-token AR step at the same cache length.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tidar_jax import decode
+from tidar_jax import decode, masks
 from tidar_jax.config import ModelConfig
 from tidar_jax.kv_cache import init_cache
 from tidar_jax.model import create_model
 from tidar_jax.sampling import SamplingParams
+from tidar_jax.sharding import check_runtime
 
 
 def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
@@ -52,15 +53,18 @@ def _figures(compiled: Any, rows: int, peak_tflops: float | None, bandwidth_gbs:
 
 def step_costs(cfg: ModelConfig, block_size: int, cache_len: int, batch_size: int = 1, prompt_bucket: int = 128,
                peak_tflops: float | None = None, bandwidth_gbs: float | None = None,
-               model: tuple[nnx.GraphDef, nnx.State] | None = None) -> dict[str, Any]:
-    """Cost figures of the TiDAR step ([b, K + K*K] query tokens), the AR step ([b, 1]) and the TiDAR prefill of a
-    prompt bucket ([b, P + K]), all over a KV cache of `cache_len` slots, greedy, as `Generator` compiles them.
+               model: tuple[nnx.GraphDef, nnx.State] | None = None,
+               proposal_lengths: Sequence[int] | None = None) -> dict[str, Any]:
+    """Cost figures of the TiDAR step ([b, K + K*K] query tokens; [b, K + |A|*K] with the proposal set
+    `proposal_lengths` = A), the AR step ([b, 1]) and the TiDAR prefill of a prompt bucket ([b, P + K]), all over a
+    KV cache of `cache_len` slots, greedy, as `Generator` compiles them.
 
     Returns {"tidar_step", "ar_step", "prefill": figures (query_rows, gflop, gb_accessed, intensity_flop_per_byte,
     and roofline_ms / bound when both chip figures are given), "tidar_over_ar": {"flops", "bytes", "roofline"}
     ratios, "params": parameter count}. `model`: (graphdef, params) to cost instead of `abstract_model(cfg)`
     (params may be concrete: only their shapes and dtypes are used).
     """
+    check_runtime(cfg, 1)  # the programs are compiled for this backend (one device)
     if prompt_bucket + block_size > cache_len:
         raise ValueError(f"prompt bucket {prompt_bucket} + K {block_size} exceeds the cache length {cache_len}")
     if cfg.scan_layers:  # XLA's cost analysis counts a loop body once: cost the unrolled layers (same function)
@@ -75,7 +79,7 @@ def step_costs(cfg: ModelConfig, block_size: int, cache_len: int, batch_size: in
     cache = jax.eval_shape(lambda: init_cache(cfg, batch_size, cache_len))
     out: dict[str, Any] = {"params": int(sum(x.size for x in jax.tree.leaves(params)))}
     for mode in ("tidar", "ar"):
-        spec = decode.DecodeSpec.create(mode, block_size, True, 1, cfg)
+        spec = decode.DecodeSpec.create(mode, block_size, True, 1, cfg, proposal_lengths=proposal_lengths)
         pre = jax.jit(lambda p, c, *a, spec=spec: decode.prefill(graphdef, p, c, *a, spec=spec))
         lowered = pre.lower(params, cache, prompts, lengths, scalar, key, sp)
         if mode == "tidar":
@@ -84,7 +88,7 @@ def step_costs(cfg: ModelConfig, block_size: int, cache_len: int, batch_size: in
         state = jax.eval_shape(lambda p, c, *a, spec=spec: decode.prefill(graphdef, p, c, *a, spec=spec),
                                params, cache, prompts, lengths, scalar, key, sp)
         step = jax.jit(lambda p, s, q, spec=spec: decode.decode_step(graphdef, p, s, q, spec=spec))
-        rows = batch_size * (block_size + block_size * block_size if mode == "tidar" else 1)
+        rows = batch_size * masks.step_query_count(spec.num_drafts, spec.with_proposals, spec.lengths)
         out[f"{mode}_step"] = _figures(step.lower(params, state, sp).compile(), rows, peak_tflops, bandwidth_gbs)
     t, a = out["tidar_step"], out["ar_step"]
     out["tidar_over_ar"] = {"flops": t["gflop"] / a["gflop"], "bytes": t["gb_accessed"] / a["gb_accessed"]}
@@ -94,7 +98,7 @@ def step_costs(cfg: ModelConfig, block_size: int, cache_len: int, batch_size: in
 
 
 def time_steps(cfg: ModelConfig, block_size: int, cache_len: int, batch_size: int = 1, prompt_bucket: int = 128,
-               repeats: int = 5, seed: int = 0) -> dict[str, Any]:
+               repeats: int = 5, seed: int = 0, proposal_lengths: Sequence[int] | None = None) -> dict[str, Any]:
     """Measured milliseconds (median of `repeats`, interleaved, after a compile run) of the same jitted TiDAR and
     AR `decode_step` programs as `step_costs`, on RANDOM-init weights (the cost does not depend on their values):
     {"tidar_step_ms", "ar_step_ms", "tidar_over_ar"}. Allocates the model and a [b, cache_len] KV cache."""
@@ -106,7 +110,7 @@ def time_steps(cfg: ModelConfig, block_size: int, cache_len: int, batch_size: in
     lengths = jnp.full((batch_size,), prompt_bucket, jnp.int32)
     runners = {}
     for mode in ("tidar", "ar"):
-        spec = decode.DecodeSpec.create(mode, block_size, True, 1, cfg)
+        spec = decode.DecodeSpec.create(mode, block_size, True, 1, cfg, proposal_lengths=proposal_lengths)
         state = jax.jit(lambda p, c, *a, spec=spec: decode.prefill(graphdef, p, c, *a, spec=spec))(
             params, init_cache(cfg, batch_size, cache_len), prompts, lengths, jnp.int32(1), jax.random.key(0), sp)
         step = jax.jit(lambda p, s, q, spec=spec: decode.decode_step(graphdef, p, s, q, spec=spec))

@@ -34,16 +34,16 @@ from tqdm.auto import tqdm
 
 from tidar_jax import losses, masks
 from tidar_jax.adapters import attach_to_base, merge_trainable, split_trainable
-from tidar_jax.checkpoint import TOKENIZER_FILE, Checkpointer, load_for_inference
-from tidar_jax.config import Config, ConfigError
+from tidar_jax.checkpoint import TOKENIZER_FILE, Checkpointer, load_for_inference, saved_steps
+from tidar_jax.config import Config, ConfigError, validate_training
 from tidar_jax.data import make_eval_batches, make_train_iterator
 from tidar_jax.layer_stacking import to_layout
 from tidar_jax.draft_loss import diffusion_metrics
 from tidar_jax.metrics_log import MetricsLog
 from tidar_jax.model import forward, forward_hidden, head_weight
 from tidar_jax.optim import learning_rate_schedule, make_optimizer, opt_state_shardings
-from tidar_jax.sharding import (BATCH_AXES, abstract_model, batch_sharding, batch_shards, init_sharded_model,
-                                make_global_batch, make_mesh, param_shardings, replicated)
+from tidar_jax.sharding import (BATCH_AXES, abstract_model, batch_sharding, batch_shards, check_runtime,
+                                init_sharded_model, make_global_batch, make_mesh, param_shardings, replicated)
 from tidar_jax.run_setup import RunPlan, describe
 
 Array = jax.Array
@@ -118,6 +118,8 @@ class Trainer:
 
     def __init__(self, cfg: Config, mesh: Mesh):
         t = cfg.train
+        validate_training(cfg)
+        check_runtime(cfg.model, mesh.shape["tensor"])
         micro = cfg.data.global_batch_size // t.grad_accum_steps
         if micro % batch_shards(mesh):
             raise ConfigError(
@@ -312,6 +314,11 @@ def train(plan: RunPlan, *, stop_at_step: int | None = None, progress: bool = Tr
     cfg, workdir = plan.config, plan.workdir
     t = cfg.train
     end_step = t.steps if stop_at_step is None else min(stop_at_step, t.steps)
+    start = plan.step if plan.step is not None else (saved_steps(workdir) or [None])[-1]
+    if start is not None and end_step < start:
+        until = f"--stop-at-step {stop_at_step}" if end_step < t.steps else f"train.steps={t.steps}"
+        raise ConfigError(f"{workdir} is already at step {start}, past {until}: nothing to train (raise "
+                          "train.steps to continue the run)")
     mesh = make_mesh(cfg.mesh) if mesh is None else mesh
     trainer = trainer_for(cfg, mesh)
     init_params = None if plan.resume or plan.init_dir is None else load_for_inference(
@@ -324,7 +331,6 @@ def train(plan: RunPlan, *, stop_at_step: int | None = None, progress: bool = Tr
     checkpointer = Checkpointer(workdir, keep=t.keep_checkpoints)
     log = MetricsLog(workdir, enabled=pid == 0)
     try:
-        start = checkpointer.latest_step() if plan.step is None else plan.step
         if start is None:
             start, state = 0, trainer.init_state(init_params)
         else:
@@ -334,7 +340,9 @@ def train(plan: RunPlan, *, stop_at_step: int | None = None, progress: bool = Tr
                                   "cannot resume its data order (was it written by save_inference_checkpoint? "
                                   "use it as train.init_from instead)")
             train_iter.set_state(data_state)
-            log.truncate_after(start)
+        # Records past the start step come from an attempt that died before saving them (every record of a
+        # run killed before its first save): they are recomputed, so drop them rather than log them twice.
+        log.truncate_after(start)
         if pid == 0:
             print(f"{describe(plan, start)}; training to step {end_step} of {t.steps}", file=sys.stderr)
         return _loop(cfg, trainer, state, start, end_step, train_iter, eval_batches, checkpointer, log, progress)

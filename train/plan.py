@@ -65,7 +65,7 @@ def memory_plan(cfg, devices=None) -> dict:
     return out
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.plan", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML preset, e.g. configs/small.yaml")
@@ -73,23 +73,27 @@ def main(argv=None) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("overrides", nargs="*", metavar="section.field=value")
     args = parser.parse_args(argv)
-    from tidar_jax.config import load_config
+    from tidar_jax.config import ConfigError, load_config
 
-    cfg = load_config(args.config, args.overrides)
     devices = jax.devices()
     if len(devices) < args.devices:
         sys.exit(f"{args.devices} devices asked for but jax sees {len(devices)} (was jax imported before "
                  "train.plan could set XLA_FLAGS?)")
-    plan = memory_plan(cfg, devices[:args.devices])
+    try:
+        plan = memory_plan(load_config(args.config, args.overrides), devices[:args.devices])
+    except ConfigError as e:  # bad config, or one this backend cannot compile (e.g. cudnn attention on a CPU)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     plan.update(config=args.config, overrides=args.overrides)
     if args.json:
         print(json.dumps(plan))
-        return
+        return 0
     print(f"{args.config} {' '.join(args.overrides)}: {plan['devices']} devices, mesh {plan['mesh']}")
     for key in ("arguments", "outputs", "temp", "alias", "total"):
         print(f"  {key:<10} {plan[key] / 2**20:12.2f} MiB per device")
     print(f"  compile    {plan['compile_s']:12.2f} s")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -88,6 +88,11 @@ def main(argv=None) -> int:
 
     try:
         distributed = _wants_distributed(args)
+        given = [f"--{n.replace('_', '-')}" for n in ("coordinator", "num_processes", "process_id")
+                 if getattr(args, n) is not None]
+        if given and not distributed:
+            raise ConfigError(f"{', '.join(given)}: these flags set up a multi-process run, which needs "
+                              "--distributed (or mesh.distributed=true)")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
