@@ -110,10 +110,11 @@ def test_greedy_tidar_is_lossless(cfg, named_model, prompts, block_size):
         assert tidar.forwards < MAX_NEW and tidar.tokens_per_forward > 1.2
 
 
-def test_greedy_tidar_is_lossless_with_blockwise_attention(cfg, trained_params):
-    """attention_impl=blockwise (cached forwards, prefill included, take the "xla" cached path): TiDAR greedy still
-    equals AR greedy, and both equal the "xla" model's AR tokens."""
-    block_cfg = config_lib.replace(cfg, model={"attention_impl": "blockwise"})
+@pytest.mark.parametrize("impl", ["blockwise", "splash"])
+def test_greedy_tidar_is_lossless_with_training_attention_impls(cfg, trained_params, impl):
+    """attention_impl=blockwise / splash (cached forwards, prefill included, take the "xla" cached path): TiDAR
+    greedy still equals AR greedy, and both equal the "xla" model's AR tokens."""
+    block_cfg = config_lib.replace(cfg, model={"attention_impl": impl})
     model = (nnx.graphdef(create_model(block_cfg.model)), trained_params[1])
     tidar = _generator(block_cfg, model, 4).generate(RAGGED, "tidar", MAX_NEW)
     ar = _generator(block_cfg, model).generate(RAGGED, "ar", MAX_NEW)
