@@ -26,7 +26,8 @@ def layout_inputs(seed, batch, seq_len, block_size):
     return q, k, v, key_valid, masks.with_key_padding(base, key_valid)
 
 
-@pytest.mark.parametrize("seq_len, block_size, block", [(128, 4, 128), (256, None, 128), (192, 16, 128), (96, 4, 128), (128, 4, 64)])
+@pytest.mark.parametrize("seq_len, block_size, block",
+                         [(128, 4, 128), (256, None, 128), (192, 16, 128), (96, 4, 128), (128, 4, 64)])
 def test_equals_dense_on_valid_rows_with_gradients(seq_len, block_size, block):
     q, k, v, key_valid, dense_mask = layout_inputs(seq_len + (block_size or 0), 2, seq_len, block_size)
     length = 2 * seq_len if block_size else seq_len

@@ -119,8 +119,8 @@ def resolve_block_size(model_cfg: ModelConfig, decode_cfg: DecodeConfig, allow_m
     k = decode_cfg.block_size or model_cfg.block_size
     if k != model_cfg.block_size and not allow_mismatch:
         raise ValueError(f"decode block size {k} differs from the model's trained block size "
-                         f"{model_cfg.block_size}; pass --allow-block-size-mismatch (Python: allow_block_size_mismatch=True) "
-                         "to decode anyway")
+                         f"{model_cfg.block_size}; pass --allow-block-size-mismatch (Python: "
+                         "allow_block_size_mismatch=True) to decode anyway")
     return k
 
 

@@ -1,7 +1,7 @@
 """TPU Pallas Splash attention for the training layouts, with the TiDAR hybrid mask as a computable mask.
 
-Splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`, `model.attention_impl = "splash"`) evaluates a mask function inside the kernel and
-skips every `[block_q, block_kv]` tile whose mask is all False, so neither the `[2S, 2S]` mask nor the scores exist
+Splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`, `model.attention_impl = "splash"`) evaluates
+a mask function inside the kernel and skips every `[block_q, block_kv]` tile whose mask is all False, so neither the `[2S, 2S]` mask nor the scores exist
 in memory and the fully masked ~3/4 of the TiDAR layout is never computed. The mask here is `LayoutSplashMask`, a
 `masks.TrainingLayout` (the TiDAR layout of design.md section 2, or plain causal) through the same predicate that
 builds the dense mask.
