@@ -38,6 +38,23 @@ Array = jax.Array
 _JAX_ATTENTION_IMPL = {"xla": "xla", "xla_reference": "xla", "cudnn": "cudnn", "blockwise": "xla", "splash": "xla"}
 
 
+def _matmul(equation: str, x: Array, weight: Array, out_dtype=None) -> Array:
+    """`einsum(equation, x, weight)` for x [batch, seq, ...] and a weight cast to x's dtype, accumulated and
+    returned by the dot in float32, then cast to `out_dtype` (default: x's dtype).
+
+    Asking the dot for a float32 result is what accelerators do internally anyway. On CPUs (AVX-512 bf16 / AMX) it
+    selects XLA's fast low-precision kernels, which a bf16-result dot does not use (2-4x slower); and a low-precision
+    dot of a single row (batch 1, one query token) is there upcast weight by weight to float32, so on the CPU
+    backend such a dot is computed on that row twice (2 rows take the fast kernel; measured in docs/RESULTS.md)."""
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    w = weight.astype(x.dtype)
+    single_row = x.shape[0] * x.shape[1] == 1 and x.dtype != jnp.float32 and jax.default_backend() == "cpu"
+    if single_row:
+        x = jnp.concatenate([x, x], axis=1)
+    out = jnp.einsum(equation, x, w, preferred_element_type=jnp.float32)
+    return (out[:, :1] if single_row else out).astype(out_dtype)
+
+
 def _param(rngs: nnx.Rngs, init: Callable, shape: tuple[int, ...], axes: tuple[str | None, ...],
            dtype: jnp.dtype) -> nnx.Param:
     # eager_sharding=False: logical names are not mesh axes; sharding.py places params under jit instead.
@@ -122,7 +139,7 @@ class Attention(nnx.Module):
     def _project(self, x: Array, kernel: nnx.Param, bias_name: str, adapter: LowRankAdapter | None,
                  gate: Array | None) -> Array:
         dt = x.dtype
-        out = jnp.einsum("bsd,dhk->bshk", x, kernel[...].astype(dt))
+        out = _matmul("bsd,dhk->bshk", x, kernel[...])
         if self.cfg.qkv_bias:
             out = out + getattr(self, bias_name)[...].astype(dt)
         return gated(out, x, adapter, gate)
@@ -149,7 +166,7 @@ class Attention(nnx.Module):
         q = rotary_embedding(q, positions, cfg.rope_theta)
         k = rotary_embedding(k, positions, cfg.rope_theta)
         out, new_cache = self._attend(q, k, v, mask, cache_kv, write_start, n_write)
-        projected = jnp.einsum("bshk,hkd->bsd", out, self.o_proj[...].astype(out.dtype))
+        projected = _matmul("bshk,hkd->bsd", out, self.o_proj[...])
         return gated(projected, out, self.o_adapter, gate), new_cache
 
     def _attend(self, q: Array, k: Array, v: Array, mask: Array | LayoutMask, cache_kv: tuple[Array, Array] | None,
@@ -239,12 +256,12 @@ class MLP(nnx.Module):
 
     def __call__(self, x: Array, rows: Array | None = None) -> Array:
         """x: [batch, seq, d_model]; rows: [batch, seq] bool adapter gate (None: no adapters)."""
-        dt = x.dtype
         x = _batch_sharded(x)
-        gate = gated(x @ self.gate_proj[...].astype(dt), x, self.gate_adapter, rows)
-        up = gated(x @ self.up_proj[...].astype(dt), x, self.up_adapter, rows)
+        gate = gated(_matmul("bsd,df->bsf", x, self.gate_proj[...]), x, self.gate_adapter, rows)
+        up = gated(_matmul("bsd,df->bsf", x, self.up_proj[...]), x, self.up_adapter, rows)
         hidden = jax.nn.silu(gate) * up
-        return _batch_sharded(gated(hidden @ self.down_proj[...].astype(dt), hidden, self.down_adapter, rows))
+        return _batch_sharded(gated(_matmul("bsf,fd->bsd", hidden, self.down_proj[...]), hidden, self.down_adapter,
+                                    rows))
 
 
 class DecoderLayer(nnx.Module):
@@ -359,9 +376,9 @@ class Transformer(nnx.Module):
         Applied to any subset of rows it gives exactly those rows of the full-sequence logits, so callers may run
         it only on the rows they read."""
         cd = jnp.dtype(self.cfg.compute_dtype)
-        head = self.head_weight()
-        logits = jnp.einsum("...d,dv->...v", hidden.astype(cd), head.astype(cd), preferred_element_type=jnp.float32)
-        return logits.astype(jnp.float32)
+        rows = hidden.reshape(1, -1, hidden.shape[-1]).astype(cd)
+        logits = _matmul("bsd,dv->bsv", rows, self.head_weight(), out_dtype=jnp.float32)
+        return logits.reshape(hidden.shape[:-1] + logits.shape[-1:])
 
     def __call__(self, tokens: Array, positions: Array, mask: Array, cache: KVCache | None = None,
                  write_start: Array | None = None, n_write: int = 0) -> tuple[Array, KVCache | None]:
