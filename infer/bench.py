@@ -85,7 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                            "allocated (the decode programs are lowered on jax.ShapeDtypeStruct params)")
     cost.add_argument("--config", help="YAML config whose model section gives the shape (with --cost-only)")
     cost.add_argument("--override", nargs="+", default=[], metavar="section.field=value",
-                      help="dotted overrides of --config, e.g. model.scan_layers=true")
+                      help="with --cost-only: dotted overrides of --config, e.g. model.scan_layers=true; with "
+                           "--checkpoint: model.compute_dtype / model.attention_impl for every loaded model, e.g. "
+                           "model.compute_dtype=bfloat16 (AR and TiDAR alike)")
     cost.add_argument("--block-size", type=int, help="K of the TiDAR step (default: the config's model.block_size)")
     cost.add_argument("--cache-len", type=int, default=4096, help="KV-cache slots the steps attend over")
     cost.add_argument("--batch-size", type=int, default=1, help="batch rows of the costed programs")
@@ -123,14 +125,19 @@ def _set_name(lengths) -> str:
     return "tidar{" + ",".join(map(str, lengths)) + "}"
 
 
-def _load(path: str, mesh, step: int | None = None):
-    from tidar_jax.checkpoint import load_for_inference, step_path
-    from tidar_jax.config import ConfigError
+def _load(path: str, mesh, step: int | None = None, overrides: list[str] = ()):
+    """The checkpoint at `path` (its `step`, default the latest) running with the execution-only `overrides`."""
+    from infer.common import MODEL_OVERRIDES
+    from tidar_jax.checkpoint import load_for_inference, step_path, with_model
+    from tidar_jax.config import ConfigError, apply_overrides
 
+    for item in overrides:
+        if item.split("=", 1)[0] not in MODEL_OVERRIDES:
+            raise ConfigError(f"--override {item!r}: with --checkpoint only {', '.join(MODEL_OVERRIDES)} can change")
     bundle = load_for_inference(step_path(path, step), mesh)
     if bundle.tokenizer is None:
         raise ConfigError(f"{path} has no tokenizer.json next to its checkpoints")
-    return bundle
+    return with_model(bundle, apply_overrides(bundle.config, list(overrides)).model)
 
 
 def _label(path: str, bundle) -> str:
@@ -344,8 +351,8 @@ def main(argv=None) -> int:
     try:
         mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
         paths = list(dict.fromkeys(args.checkpoint + ([args.latency_checkpoint] if args.latency_checkpoint else [])))
-        bundles = {p: _load(p, mesh, args.step) for p in paths}
-        draft = _load(args.draft, mesh) if args.draft else None
+        bundles = {p: _load(p, mesh, args.step, args.override) for p in paths}
+        draft = _load(args.draft, mesh, overrides=args.override) if args.draft else None
         first = bundles[args.checkpoint[0]]
         fingerprint = first.tokenizer.fingerprint
         for path, b in list(bundles.items()) + ([(args.draft, draft)] if draft else []):

@@ -4,11 +4,13 @@ Each case is (batch, query tokens, cache slots): the query tokens are a decode s
 TiDAR step at block size K, with its mask and positions from `masks.py`) at cursor `--prefix` over a cache of
 `--slots` slots holding random K/V; the forward is `forward_hidden` plus the LM head on the rows a decode step reads
 (1 row for AR, 2K for TiDAR), jitted with the cache donated, as `decode.decode_step` runs it. Every case and
-attention implementation is compiled and run once, then `--repeats` rounds time all of them in alternating order
-(load on a shared machine moves every variant alike); the table shows medians and the ratio to the 1-token
-forward of the same batch and implementation.
+attention implementation / compute dtype is compiled and run once, then `--repeats` rounds time all of them in
+alternating order (load on a shared machine moves every variant alike); the table shows medians and the ratio to
+the 1-token forward of the same batch, implementation and dtype. Params are cast once to the compute dtype, as a
+`Generator` does (`model.inference_params`).
 
-    python scripts/forward_latency.py --checkpoint runs/smollm2 --impls xla cached_xla --cases 1x1 1x20 16x1
+    python scripts/forward_latency.py --checkpoint runs/smollm2 --impls xla blockwise --cases 1x1 1x20 16x1
+    python scripts/forward_latency.py --checkpoint runs/smollm2 --dtypes float32 bfloat16 --cases 1x1 1x20
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from flax import nnx
 from tidar_jax import masks
 from tidar_jax.checkpoint import load_for_inference
 from tidar_jax.kv_cache import init_cache
-from tidar_jax.model import create_model, forward_hidden, head_logits
+from tidar_jax.model import create_model, forward_hidden, head_logits, inference_params
 
 
 def _block_size(query_tokens: int) -> tuple[int, bool]:
@@ -57,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", default="runs/smollm2")
     p.add_argument("--impls", nargs="+", default=["xla"], help="model.attention_impl values to compare")
+    p.add_argument("--dtypes", nargs="+", default=["float32"], help="model.compute_dtype values to compare")
     p.add_argument("--cases", nargs="+", default=["1x1", "1x20", "16x1"], help="BATCHxQUERY_TOKENS")
     p.add_argument("--slots", type=int, default=392, help="cache slots (max_len)")
     p.add_argument("--prefix", type=int, default=300, help="committed tokens (cursor)")
@@ -66,27 +69,29 @@ def main(argv: list[str] | None = None) -> None:
     bundle = load_for_inference(args.checkpoint)
     cfg = bundle.config.model
     params = bundle.params
-    graphdefs = {}
+    variants = {}  # (impl, dtype) -> (graphdef, params cast for it, model config)
     for impl in args.impls:
-        icfg = dataclasses.replace(cfg, attention_impl=impl)
-        graphdefs[impl] = nnx.split(nnx.eval_shape(lambda c=icfg: create_model(c)))[0]
+        for dtype in args.dtypes:
+            vcfg = dataclasses.replace(cfg, attention_impl=impl, compute_dtype=dtype)
+            graphdef = nnx.split(nnx.eval_shape(lambda c=vcfg: create_model(c)))[0]
+            variants[(impl, dtype)] = (graphdef, inference_params(params, vcfg), vcfg)
     rng = np.random.default_rng(0)
     runners = {}
     for case in args.cases:
         batch, q = (int(x) for x in case.split("x"))
         tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, (batch, q)), jnp.int32)
-        for impl, graphdef in graphdefs.items():
-            cache = init_cache(cfg, batch, args.slots)
+        for (impl, dtype), (graphdef, vparams, vcfg) in variants.items():
+            cache = init_cache(vcfg, batch, args.slots)
             cache = cache.replace(
                 keys=tuple(jnp.asarray(rng.standard_normal(x.shape), x.dtype) for x in cache.keys),
                 values=tuple(jnp.asarray(rng.standard_normal(x.shape), x.dtype) for x in cache.values),
                 cursor=jnp.full((batch,), args.prefix, jnp.int32))
-            holder = {"cache": cache, "step": make_step(graphdef, q), "tokens": tokens}
+            holder = {"cache": cache, "step": make_step(graphdef, q), "tokens": tokens, "params": vparams}
 
             def run(h=holder):
-                logits, h["cache"] = h["step"](params, h["cache"], h["tokens"])
+                logits, h["cache"] = h["step"](h["params"], h["cache"], h["tokens"])
                 return logits
-            runners[(batch, q, impl)] = run
+            runners[(batch, q, f"{impl}/{dtype}")] = run
     names = list(runners)
     for name in names:  # compile; the second call compiles again for the placement of the returned cache
         for _ in range(2):
@@ -99,11 +104,11 @@ def main(argv: list[str] | None = None) -> None:
             times[name].append(1e3 * (time.perf_counter() - t0))
     med = {name: statistics.median(ts) for name, ts in times.items()}
     print(f"{args.checkpoint}: {args.slots} cache slots, cursor {args.prefix}, median of {args.repeats} (ms)")
-    print(f"{'batch':>5} {'query':>5} {'impl':>12} {'median':>9} {'min':>9} {'vs 1 token':>10}")
+    print(f"{'batch':>5} {'query':>5} {'impl/dtype':>18} {'median':>9} {'min':>9} {'vs 1 token':>10}")
     for (batch, q, impl) in names:
         base = med.get((batch, 1, impl))
         ratio = f"{med[(batch, q, impl)] / base:.2f}x" if base else ""
-        print(f"{batch:>5} {q:>5} {impl:>12} {med[(batch, q, impl)]:>9.1f} {min(times[(batch, q, impl)]):>9.1f} "
+        print(f"{batch:>5} {q:>5} {impl:>18} {med[(batch, q, impl)]:>9.1f} {min(times[(batch, q, impl)]):>9.1f} "
               f"{ratio:>10}")
     sys.stdout.flush()
 

@@ -174,6 +174,7 @@ ROWS = {
         (["--checkpoint", "{ckpt}", "--draft", "/no/draft"], "/no/draft"),
         (["--checkpoint", "{ckpt}", "--block-sizes", "2", "--skip-latency"], "--allow-block-size-mismatch"),
         (["--checkpoint", "{ckpt}", "--prompts", "chat", "--skip-latency"], "no chat template"),
+        (["--checkpoint", "{ckpt}", "--skip-latency", "--override", "decode.beta=0.5"], "with --checkpoint only"),
         (["--cost-only"], "--config"),
         (["--cost-only", "--config", "{in}/list.yaml"], "must hold a mapping"),
     ],

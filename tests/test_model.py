@@ -10,7 +10,7 @@ from flax import nnx
 from tidar_jax import masks
 from tidar_jax.config import replace
 from tidar_jax.kv_cache import init_cache
-from tidar_jax.model import Transformer, _matmul, count_params, create_model, forward
+from tidar_jax.model import Transformer, _matmul, count_params, create_model, forward, inference_params
 
 VARIANTS = {
     "llama": {},
@@ -107,6 +107,17 @@ def test_bf16_compute_stays_close_to_fp32(tiny_config):
     ref, low = causal_logits(graphdef, params, tokens), causal_logits(bf16_graphdef, params, tokens)
     assert low.dtype == jnp.float32
     assert float(jnp.max(jnp.abs(ref - low))) < 0.1 * float(jnp.max(jnp.abs(ref))) + 0.05
+
+
+def test_inference_params_cast_once_give_the_same_bf16_forward(tiny_config):
+    cfg, _, params = build(tiny_config, qkv_bias=True, qk_norm=True, compute_dtype="bfloat16")
+    graphdef, _ = nnx.split(create_model(cfg))
+    cast = inference_params(params, cfg)
+    kinds = {jax.tree_util.keystr(path): (leaf.ndim, leaf.dtype) for path, leaf in jax.tree.leaves_with_path(cast)}
+    assert all(dt == (jnp.bfloat16 if ndim >= 2 else jnp.float32) for ndim, dt in kinds.values()), kinds
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params))  # the input is left alone
+    tokens = jax.random.randint(jax.random.key(3), (2, 8), 3, cfg.vocab_size)
+    np.testing.assert_array_equal(causal_logits(graphdef, cast, tokens), causal_logits(graphdef, params, tokens))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

@@ -22,7 +22,7 @@ from flax import nnx
 from tidar_jax import masks
 from tidar_jax.config import ModelConfig
 from tidar_jax.kv_cache import KVCache, init_cache
-from tidar_jax.model import forward
+from tidar_jax.model import forward, inference_params
 
 DEFAULT_QUERY_COUNTS = (1, 2, 4, 8, 12, 16, 20, 24, 32, 48, 64, 72, 96, 128, 192, 256, 384, 512)
 
@@ -98,6 +98,7 @@ def forward_latency_curve(graphdef: nnx.GraphDef, params: nnx.State, model_cfg: 
         raise ValueError(f"query_counts must be positive integers, got {list(query_counts)}")
     if prefix_len < 1:
         raise ValueError(f"prefix_len must be >= 1, got {prefix_len}")
+    params = inference_params(params, model_cfg)
     cache = init_cache(model_cfg, batch_size, prefix_len + max(counts))
     # Random K/V, as a real prefix would hold (the cost does not depend on the values, but nothing degenerate).
     rng = np.random.default_rng(0)

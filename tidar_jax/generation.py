@@ -36,6 +36,7 @@ from tidar_jax.buckets import bucket_for, length_buckets
 from tidar_jax.config import DecodeConfig, ModelConfig
 from tidar_jax.decode import DecodeSpec, DecodeState
 from tidar_jax.kv_cache import KVCache, init_cache
+from tidar_jax.model import inference_params
 from tidar_jax.program_cache import ProgramCache
 from tidar_jax.sampling import SamplingParams
 from tidar_jax.sharding import batch_shards, check_runtime, decode_shardings, named_sharding, place_params
@@ -100,6 +101,7 @@ class Generator:
                  *, allow_block_size_mismatch: bool = False, mesh: Mesh | None = None,
                  programs: ProgramCache | None = None):
         self.graphdef, self.mesh = graphdef, mesh
+        params = inference_params(params, model_cfg)
         self.params = params if mesh is None else place_params(params, mesh)
         self.model_cfg, self.decode_cfg = model_cfg, decode_cfg
         self.block_size = decode.resolve_block_size(model_cfg, decode_cfg, allow_block_size_mismatch)

@@ -32,7 +32,7 @@ from tidar_jax.config import DecodeConfig, ModelConfig
 from tidar_jax.decode import DecodeSpec, DecodeState
 from tidar_jax.generation import GenerationResult, Generator, summary
 from tidar_jax.kv_cache import KVCache, init_cache
-from tidar_jax.model import forward_hidden
+from tidar_jax.model import forward_hidden, inference_params
 from tidar_jax.sampling import SamplingParams
 
 Array = jax.Array
@@ -184,7 +184,8 @@ class SpecDecoder(Generator):
             raise ValueError(f"the draft model must share the target's tokenizer; differences: {'; '.join(diffs)}")
         super().__init__(graphdef, params, model_cfg, dataclasses.replace(decode_cfg, block_size=num_drafts),
                          allow_block_size_mismatch=True)
-        self.draft_graphdef, self.draft_params, self.draft_cfg = draft_graphdef, draft_params, draft_cfg
+        self.draft_graphdef, self.draft_cfg = draft_graphdef, draft_cfg
+        self.draft_params = inference_params(draft_params, draft_cfg)
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | None = None, seed: int = 0, *,
                  temperature: float | None = None, top_k: int | None = None,
