@@ -55,6 +55,20 @@ def make_step(graphdef, query_tokens: int):
     return jax.jit(step, donate_argnums=1)
 
 
+def weight_read_ms(params, repeats: int) -> tuple[float, float]:
+    """(median ms, GB) of one jitted pass that reads every param once (a float32 sum per leaf): the time a
+    weight-bandwidth-bound forward cannot beat on this machine."""
+    leaves = jax.tree.leaves(params)
+    read = jax.jit(lambda xs: sum(jnp.sum(x, dtype=jnp.float32) for x in xs))
+    jax.block_until_ready(read(leaves))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(read(leaves))
+        times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times), sum(x.nbytes for x in leaves) / 1e9
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", default="runs/smollm2")
@@ -110,6 +124,10 @@ def main(argv: list[str] | None = None) -> None:
         ratio = f"{med[(batch, q, impl)] / base:.2f}x" if base else ""
         print(f"{batch:>5} {q:>5} {impl:>18} {med[(batch, q, impl)]:>9.1f} {min(times[(batch, q, impl)]):>9.1f} "
               f"{ratio:>10}")
+    for dtype in args.dtypes:  # the roofline's memory side: every weight read once, as a 1-token forward must
+        ms, gb = weight_read_ms(inference_params(params, dataclasses.replace(cfg, compute_dtype=dtype)),
+                                args.repeats)
+        print(f"reading every param once ({dtype}, {gb:.3f} GB, jitted sum): {ms:.1f} ms = {gb / ms * 1e3:.1f} GB/s")
     sys.stdout.flush()
 
 
