@@ -4,6 +4,8 @@ padding, alone and under a mesh. On CPU the fused call runs with implementation=
 otherwise; the cuDNN kernel itself is tested only where a GPU exists (scripts/gpu_bench.sh). The model-level train
 step equality is in tests/test_ops_blockwise.py (parametrised over the structured impls)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -147,21 +149,30 @@ def test_config_refuses_float32_and_this_cpu_backend():
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="the cuDNN kernel needs a GPU (scripts/gpu_bench.sh)")
-@pytest.mark.parametrize("block_size", [4, None])
-def test_cudnn_kernel_equals_dense_reference_on_gpu(block_size):
+def test_cudnn_kernel_equals_dense_reference_on_gpu():
     """The real cuDNN call in bfloat16 (it has no float32 kernel) against the float32 dense reference on the same
-    bfloat16-rounded inputs, suffix padding with an empty row (fused branch) and arbitrary padding (fallback)."""
-    seq_len = 256
+    bfloat16-rounded inputs: suffix padding with an empty row (the fused branch) and arbitrary padding (the
+    blockwise fallback), one compile (the padding is an argument)."""
+    seq_len, block_size = 256, 4
+    layout = masks.TrainingLayout(seq_len, block_size)
+    q, k, v, w = inputs(7, 4, layout.length, 4, 2, 64, jnp.bfloat16)
+
+    def run(attend, q, k, v, w, key_valid):
+        fn = functools.partial(attend, key_valid=key_valid)
+        return fn(q, k, v), jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * w), argnums=(0, 1, 2))(q, k, v)
+
+    def fused(q, k, v, key_valid):
+        return hybrid_attention(q, k, v, layout, key_valid, implementation="cudnn")
+
+    def reference(q, k, v, key_valid):
+        return dense_reference(masks.LayoutMask(key_valid, layout))(q, k, v)
+
+    run_fused, run_reference = jax.jit(functools.partial(run, fused)), jax.jit(functools.partial(run, reference))
+    f32 = [x.astype(jnp.float32) for x in (q, k, v, w)]
     for kind in ("suffix", "any"):
-        lm = layout_mask(padding(kind, 4, seq_len, block_size), block_size)
-        q, k, v, w = inputs(7, 4, lm.layout.length, 4, 2, 64, jnp.bfloat16)
-
-        def fn(q, k, v):
-            return hybrid_attention(q, k, v, lm.layout, lm.key_valid, implementation="cudnn")
-
-        out, grads = outputs_and_grads(fn, q, k, v, w)
-        f32 = [x.astype(jnp.float32) for x in (q, k, v, w)]
-        ref, ref_grads = outputs_and_grads(dense_reference(lm), *f32)
+        key_valid = layout_mask(padding(kind, 4, seq_len, block_size), block_size).key_valid
+        out, grads = run_fused(q, k, v, w.astype(jnp.float32), key_valid)
+        ref, ref_grads = run_reference(*f32, key_valid)
         assert out.dtype == jnp.bfloat16
         np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=3e-2, rtol=3e-2, err_msg=kind)
         for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
