@@ -109,13 +109,15 @@ def test_fused_kernel_alone_equals_dense_clean_rows():
         np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-5, err_msg=name)
 
 
-def test_sharded_over_batch_and_heads_equals_unsharded(monkeypatch):
-    """Under a mesh the body runs in shard_map (batch on data, heads on tensor); each device checks its own rows'
-    padding (rows 0-1 suffix, rows 2-3 not), and the default implementation is read from FUSED_IMPLEMENTATION."""
+@pytest.mark.parametrize("batch", [4, 3])
+def test_sharded_over_batch_and_heads_equals_unsharded(monkeypatch, batch):
+    """Under a mesh the body runs in shard_map (batch on data, heads on tensor; a batch of 3 that data = 2 does not
+    divide stays replicated); each device checks its own rows' padding (row 2 is not a suffix), and the default
+    implementation is read from FUSED_IMPLEMENTATION."""
     monkeypatch.setattr(hybrid, "FUSED_IMPLEMENTATION", "xla")
     seq_len, block_size = 12, 3
-    lm = layout_mask(padding("any", 4, seq_len, block_size), block_size)
-    q, k, v, w = inputs(5, 4, 2 * seq_len, 4, 2, 8)
+    lm = layout_mask(padding("any", 4, seq_len, block_size)[:batch], block_size)
+    q, k, v, w = inputs(5, batch, 2 * seq_len, 4, 2, 8)
 
     def fn(q, k, v):
         return hybrid_attention(q, k, v, lm.layout, lm.key_valid, block_q=8, block_k=8)
@@ -128,6 +130,38 @@ def test_sharded_over_batch_and_heads_equals_unsharded(monkeypatch):
     np.testing.assert_allclose(out, ref, atol=2e-6, rtol=1e-5)
     for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
         np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-5, err_msg=name)
+
+
+def test_sharded_scanned_remat_train_step_equals_xla(tiny_config, monkeypatch):
+    """The real Trainer on a data x fsdp x tensor = 2 x 2 x 2 mesh with scanned, rematerialised layers: two steps of
+    cudnn_hybrid (XLA in place of cuDNN, so the CPU refusals of the Trainer and of float32 are bypassed here) give the
+    losses of "xla", the second one after an update (the gradients agree). Row 2's padding is not a suffix, so its
+    device takes the blockwise fallback while the others take the fused kernel."""
+    import dataclasses
+
+    from tidar_jax import trainer as trainer_module
+    from tidar_jax.config import MeshConfig, replace
+    from tidar_jax.sharding import make_global_batch, make_mesh
+
+    monkeypatch.setattr(hybrid, "FUSED_IMPLEMENTATION", "xla")
+    monkeypatch.setattr(trainer_module, "check_runtime", lambda *args: None)
+    cfg = replace(tiny_config, data={"seq_len": 16, "global_batch_size": 4}, train={"warmup_steps": 0},
+                  model={"scan_layers": True, "remat": True})
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    valid = padding("any", 4, 16, cfg.model.block_size)
+    tokens = np.random.default_rng(0).integers(3, 500, (4, 16)).astype(np.int32)
+    batch = make_global_batch({"tokens": tokens, "valid": valid}, mesh)
+    losses = {}
+    for impl in ("xla", "cudnn_hybrid"):
+        trainer = trainer_module.Trainer(
+            dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention_impl=impl)), mesh)
+        with jax.set_mesh(mesh):
+            state = trainer.init_state()
+            state, first = trainer.train_step(state, batch)
+            state, second = trainer.train_step(state, batch)
+        losses[impl] = (float(first["loss"]), float(second["loss"]))
+    assert losses["xla"][1] < losses["xla"][0]  # the second loss is after a real update
+    np.testing.assert_allclose(losses["cudnn_hybrid"], losses["xla"], rtol=1e-5)
 
 
 def test_bad_shapes_are_refused():
