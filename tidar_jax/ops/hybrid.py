@@ -10,7 +10,9 @@ by query rows of the `[clean S | mask S]` layout (masks.TrainingLayout):
   suffix padding (per-row valid lengths n), so the key padding is checked at run time: if every row's clean
   `key_valid` is a prefix of Trues (the trainer's packed batches are all valid; held-out batches are padded at the
   end), the fused kernel runs; otherwise (`lax.cond`) the clean rows go through `ops.blockwise_attention` too. A row
-  with no valid key (n = 0) takes the mean of all T values, as in the dense reference (ops/blockwise.py).
+  with no valid key (n = 0) takes the mean of all T values, as in the dense reference (ops/blockwise.py). Both
+  branches are compiled; on a GPU an XLA conditional may read its predicate back to the host once per layer and
+  pass (the train-step timing of scripts/gpu_bench.sh shows whether that costs anything).
 - Mask rows S..2S-1 (clean keys < b*K plus their own block) go through `ops.blockwise_attention(q_offset=S)` over all
   2S keys: only the staircase tiles and the diagonal blocks are computed. A plain causal layout (block_size None) has
   no mask half: it is one fused causal call.
@@ -28,8 +30,8 @@ Why this split (jax 0.10.2, jax/_src/cudnn/fused_attention_stablehlo.py, jax/_sr
   cast to the output dtype, and the cuDNN VJP drops its cotangent (`_dot_product_attention_bwd_rule` keeps
   `grad_output[0]`), so merged gradients would be wrong.
 - `jax.experimental.pallas.ops.gpu.attention.mha` (Triton) has causal and segment-id masks only, no GQA (k/v heads
-  = q heads) and one segment-id array for q and kv; `attention_mgpu` (Mosaic GPU) needs Hopper, float16, head_dim %
-  64 and takes no key padding. Neither expresses the mask half better than ops.blockwise.
+  = q heads) and one segment-id array for q and kv; `attention_mgpu` (Mosaic GPU: Hopper, head_dim % 64) has a
+  causal flag only and takes no mask or key padding. Neither expresses the mask half better than ops.blockwise.
 So cuDNN takes the part it runs natively (the causal clean half, ~half the attention FLOPs of the layout), blockwise
 the rest. With a KV cache (decoding, the adapter loss's mask pass) model.py uses the same paths as "blockwise".
 
