@@ -37,7 +37,10 @@ the rest. With a KV cache (decoding, the adapter loss's mask pass) model.py uses
 
 Under a mesh (`jax.set_mesh`) the per-device body runs inside `jax.shard_map` like ops/splash.py: batch over the
 batch mesh axes, query and kv heads over `tensor` (each only where it divides the sizes, else replicated), so the
-fused kernel and the run-time padding check see one device's rows. Not yet run on a GPU in this project.
+fused kernel and the run-time padding check see one device's rows. In a fully manual region the cuDNN primitive's
+`custom_partitioning` lowers its per-device implementation directly (jax/_src/custom_partitioning.py), so cuDNN's
+own partitioner (whose backward mishandled sharded inputs: jax-ml/jax#25986) is not involved. Not yet run on a GPU
+in this project.
 """
 
 from __future__ import annotations
