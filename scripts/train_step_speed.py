@@ -1,9 +1,10 @@
 """Wall time of the real train step (`Trainer.train_step`) on one device, for attention implementations side by side.
 
 Each implementation gets its own Trainer from the same config (plus `model.attention_impl=IMPL`), the same initial
-params and the same random batch; every step is compiled and run once, then `--repeats` rounds time one step of
-each in alternating order (load on a shared machine moves every variant alike). Prints the medians, the ratio to
-the first implementation and, as a check that they compute the same step, each one's loss.
+params and the same random batch; every step is compiled ahead of time (`lower(...).compile()`, whose XLA memory
+plan gives the step's temp memory) and run once, then `--repeats` rounds time one step of each in alternating order
+(load on a shared machine moves every variant alike). Prints the medians, the ratio to the first implementation,
+the temp memory and, as a check that they compute the same step, each one's loss.
 
     python scripts/train_step_speed.py --config configs/small.yaml --impls xla blockwise data.seq_len=512
 """
@@ -44,23 +45,30 @@ def main(argv=None) -> None:
                                "valid": np.ones(shape, bool)}, mesh)
     trainers = {impl: Trainer(replace(base, model={"attention_impl": impl}), mesh) for impl in args.impls}
     params = jax.device_get(trainers[args.impls[0]].init_state()["params"])  # host copy: steps donate the state
-    states, losses, times = {}, {}, {impl: [] for impl in args.impls}
+    states, losses, times, steps, temps = {}, {}, {impl: [] for impl in args.impls}, {}, {}
     with jax.set_mesh(mesh):
-        for impl, trainer in trainers.items():  # compile + warm up
+        for impl, trainer in trainers.items():  # compile (the trainer's jitted step, its shardings and donation)
             states[impl] = trainer.init_state(params)
-            states[impl], metrics = trainer.train_step(states[impl], batch)
+            start = time.perf_counter()
+            steps[impl] = trainer.train_step.lower(states[impl], batch).compile()
+            memory = steps[impl].memory_analysis()
+            temps[impl] = float("nan") if memory is None else memory.temp_size_in_bytes / 2**20
+            # Printed as it goes, so a run cut short by a timeout still shows what compiled.
+            print(f"  compiled {impl}: {time.perf_counter() - start:.1f} s, temp {temps[impl]:.1f} MiB", flush=True)
+            states[impl], metrics = steps[impl](states[impl], batch)  # warm up
             losses[impl] = float(metrics["loss"])
         for _ in range(args.repeats):
-            for impl, trainer in trainers.items():
+            for impl in args.impls:
                 start = time.perf_counter()
-                states[impl], metrics = trainer.train_step(states[impl], batch)
+                states[impl], metrics = steps[impl](states[impl], batch)
                 jax.block_until_ready(metrics)
                 times[impl].append(time.perf_counter() - start)
     ref = statistics.median(times[args.impls[0]])
     print(f"{args.config} {' '.join(args.overrides)}: train step, 1 device, median of {args.repeats}")
     for impl in args.impls:
         med = statistics.median(times[impl])
-        print(f"  {impl:<14} {med * 1e3:9.1f} ms  x{med / ref:.3f}  first-step loss {losses[impl]:.6f}  "
+        print(f"  {impl:<14} {med * 1e3:9.1f} ms  x{med / ref:.3f}  temp {temps[impl]:8.1f} MiB  "
+              f"first-step loss {losses[impl]:.6f}  "
               f"(all: {' '.join(f'{t * 1e3:.0f}' for t in times[impl])})")
 
 

@@ -89,34 +89,47 @@ def test_override_errors_are_one_line():
         assert "\n" not in str(e.value)
 
 
-CUDNN_OK = ["model.attention_impl=cudnn", "model.compute_dtype=bfloat16"]
+CUDNN_IMPLS = ["cudnn", "cudnn_hybrid"]  # both run cuDNN flash attention (cudnn_hybrid on its causal clean half)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["model.attention_impl=cudnn"], "needs model.compute_dtype in"),  # float32 used to fail while tracing
-    (CUDNN_OK + ["model.head_dim=12", "model.d_model=48"], "multiple of 8"),
-    (CUDNN_OK + ["model.head_dim=264"], "at most 256"),
+def cudnn_ok(impl):
+    return [f"model.attention_impl={impl}", "model.compute_dtype=bfloat16"]
+
+
+@pytest.mark.parametrize("impl", CUDNN_IMPLS)
+@pytest.mark.parametrize("extra, message", [
+    (["model.compute_dtype=float32"], "model.compute_dtype in"),  # float32 used to fail while tracing
+    (["model.head_dim=12", "model.d_model=48"], "multiple of 8"),
+    (["model.head_dim=264"], "at most 256"),
     # 12 query / 2 KV heads on tensor=4: q split, k/v replicated, which cuDNN's partitioner refuses.
-    (CUDNN_OK + ["model.n_heads=12", "model.n_kv_heads=2", "mesh.tensor=4"], "sharded alike"),
+    (["model.n_heads=12", "model.n_kv_heads=2", "mesh.tensor=4"], "sharded alike"),
 ])
-def test_cudnn_configs_that_cannot_work_are_refused_at_load(overrides, message):
-    with pytest.raises(ConfigError, match=message):
-        load_config(None, overrides)
+def test_cudnn_configs_that_cannot_work_are_refused_at_load(impl, extra, message):
+    with pytest.raises(ConfigError, match=f"model.attention_impl={impl} needs .*{message}"):
+        load_config(None, cudnn_ok(impl) + extra)
 
 
-def test_cudnn_configs_that_can_work_load_anywhere():
+def test_float32_refusal_names_the_float32_alternative():
+    for impl, alternative in (("cudnn", "xla"), ("cudnn_hybrid", "blockwise")):
+        with pytest.raises(ConfigError, match=f"no float32 kernel.*use attention_impl={alternative} for float32"):
+            load_config(None, [f"model.attention_impl={impl}"])
+
+
+@pytest.mark.parametrize("impl", CUDNN_IMPLS)
+def test_cudnn_configs_that_can_work_load_anywhere(impl):
     for extra in ([], ["model.compute_dtype=float16", "model.head_dim=256"],
                   ["model.n_heads=12", "model.n_kv_heads=4", "mesh.tensor=4"],  # both split over tensor
                   ["model.n_heads=12", "model.n_kv_heads=2", "mesh.tensor=8"],  # neither: both replicated
                   ["model.n_heads=12", "model.n_kv_heads=2", "mesh.data=1", "mesh.tensor=-1"]):  # resolved later
-        assert load_config(None, CUDNN_OK + extra).model.attention_impl == "cudnn"
+        assert load_config(None, cudnn_ok(impl) + extra).model.attention_impl == impl
     assert load_config(None, ["model.n_heads=12", "model.n_kv_heads=2", "mesh.tensor=4"])  # xla: any split works
 
 
-def test_backend_checks_where_the_model_is_compiled():
-    cudnn = load_config(None, CUDNN_OK + ["model.n_heads=12", "model.n_kv_heads=2", "model.head_dim=192",
-                                          "model.d_model=96"]).model
-    with pytest.raises(ConfigError, match="needs a GPU backend.*'cpu'"):
+@pytest.mark.parametrize("impl", CUDNN_IMPLS)
+def test_backend_checks_where_the_model_is_compiled(impl):
+    cudnn = load_config(None, cudnn_ok(impl) + ["model.n_heads=12", "model.n_kv_heads=2", "model.head_dim=192",
+                                                "model.d_model=96"]).model
+    with pytest.raises(ConfigError, match=f"attention_impl={impl} needs a GPU backend.*'cpu'"):
         validate_backend(cudnn, "cpu", 1)
     with pytest.raises(ConfigError, match="needs a GPU backend.*'tpu'"):
         validate_backend(cudnn, "tpu", 1)

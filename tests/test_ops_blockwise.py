@@ -1,6 +1,8 @@
 """ops.blockwise_attention equals jax.nn.dot_product_attention with the dense training masks (outputs and
 gradients), its schedule skips exactly the fully masked tiles, no [T, T] array exists in its forward + backward,
-and the model / train step with attention_impl=blockwise equal the dense "xla" path."""
+and the model / train step with attention_impl=blockwise (splash, cudnn_hybrid) equal the dense "xla" path."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +14,7 @@ from flax import nnx
 from tidar_jax import masks
 from tidar_jax.config import replace
 from tidar_jax.model import create_model, forward
+from tidar_jax.ops import hybrid
 from tidar_jax.ops.blockwise import blockwise_attention, tile_schedule
 from tidar_jax.trainer import _target_counts, weighted_loss
 
@@ -171,24 +174,39 @@ def test_model_forward_xla_bit_identical_and_blockwise_close(tiny_config):
     np.testing.assert_allclose(close, ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["blockwise", "splash"])
+def _with_impl(cfg, impl):
+    """cfg with model.attention_impl=impl. cudnn_hybrid, whose fused clean half the caller forces onto the XLA
+    kernel (hybrid.FUSED_IMPLEMENTATION), skips the load-time check that refuses it float32 compute (cuDNN has no
+    float32 kernel); every other impl goes through the validated `replace`."""
+    if impl != "cudnn_hybrid":
+        return replace(cfg, model={"attention_impl": impl})
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention_impl=impl))
+
+
+@pytest.mark.parametrize("impl", ["blockwise", "splash", "cudnn_hybrid"])
 @pytest.mark.parametrize("mode", ["tidar", pytest.param("ar", marks=pytest.mark.slow), "adapters"])
-def test_train_loss_and_grads_equal_xla(tiny_config, mode, impl):
+def test_train_loss_and_grads_equal_xla(tiny_config, mode, impl, monkeypatch):
     """The trainer's loss (tidar / ar objective, and the two-pass adapter loss of draft_loss.py) and its
-    gradients with attention_impl=blockwise / splash (Pallas interpret mode on CPU) equal the dense "xla" path's
-    (float32). Splash tiles are multiples of 128 tokens, hence its longer sequences."""
-    seq = 16 if impl == "blockwise" else (128 if mode == "ar" else 64)
+    gradients with attention_impl=blockwise / splash (Pallas interpret mode on CPU) / cudnn_hybrid (its causal
+    kernel run by XLA) equal the dense "xla" path's (float32). Splash tiles are multiples of 128 tokens, hence its
+    longer sequences. cudnn_hybrid gets suffix padding only, so its fused kernel (not the blockwise fallback it
+    takes for other padding, tests/test_ops_hybrid.py) computes the clean half."""
+    monkeypatch.setattr(hybrid, "FUSED_IMPLEMENTATION", "xla")
+    seq = 16 if impl in ("blockwise", "cudnn_hybrid") else (128 if mode == "ar" else 64)
     overrides = {"tidar": {}, "ar": {"train": {"objective": "ar"}},
                  "adapters": {"train": {"adaptation": "adapters"}, "model": {"adapter_rank": 2}}}[mode]
     cfg = replace(tiny_config, data={"seq_len": seq}, **overrides)
     cfg = replace(cfg, model={"n_layers": 1})
     rng = np.random.default_rng(1)
-    valid = jnp.asarray(padding(3, seq, cfg.model.block_size))
+    valid = padding(3, seq, cfg.model.block_size)
+    if impl == "cudnn_hybrid":
+        valid[2] = True  # row 1 stays right-padded
+    valid = jnp.asarray(valid)
     tokens = jnp.where(valid, jnp.asarray(rng.integers(3, 100, (3, seq)), jnp.int32), 2)
     params = nnx.to_pure_dict(nnx.split(create_model(cfg.model, seed=0))[1])
     results = []
     for name in ("xla", impl):
-        c = replace(cfg, model={"attention_impl": name})
+        c = _with_impl(cfg, name)
         graphdef = nnx.graphdef(create_model(c.model))
         fn = jax.jit(jax.value_and_grad(
             lambda p: weighted_loss(graphdef, p, tokens, valid, _target_counts(valid), c)[0]))

@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from tidar_jax import proposals
 
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLS = ("xla", "cudnn", "xla_reference", "blockwise", "splash")
+ATTENTION_IMPLS = ("xla", "cudnn", "xla_reference", "blockwise", "splash", "cudnn_hybrid")
 OBJECTIVES = ("tidar", "ar")
 ADAPTATIONS = ("full", "adapters")
 # model.remat_policy -> what a rematerialised layer keeps from its forward pass: "full" keeps only the layer's
@@ -196,7 +196,7 @@ def validate_model(m: ModelConfig) -> None:
              f"model.remat_policy must be one of {REMAT_POLICIES}, got {m.remat_policy!r}")
     _require(m.remat or m.remat_policy == "full",
              f"model.remat_policy={m.remat_policy} has no effect without model.remat=true")
-    if m.attention_impl == "cudnn":
+    if m.attention_impl in CUDNN_IMPLS:
         validate_cudnn(m)
     _require(m.rope_theta > 0, f"model.rope_theta must be positive, got {m.rope_theta}")
     _require(m.rms_norm_eps > 0, f"model.rms_norm_eps must be positive, got {m.rms_norm_eps}")
@@ -208,29 +208,33 @@ def validate_model(m: ModelConfig) -> None:
 # bfloat16 (fp8 is not a compute dtype here); head dim a multiple of 8 and at most 256 on CUDA compute capability
 # >= 9.0 (Hopper and later), at most 128 before (and on ROCm); q, k and v sharded alike (batch and heads only).
 CUDNN_DTYPES = ("bfloat16", "float16")
+# The attention impls that run cuDNN flash attention ("cudnn_hybrid": its causal clean half, ops/hybrid.py), each
+# with the impl to name instead for float32 compute.
+CUDNN_IMPLS = {"cudnn": "xla", "cudnn_hybrid": "blockwise"}
 CUDNN_HEAD_DIM_MULTIPLE = 8
 CUDNN_MAX_HEAD_DIM = {True: 256, False: 128}  # keyed by "compute capability >= 9.0"
 
 
 def validate_cudnn(m: ModelConfig, tensor: int | None = None) -> None:
-    """What `model.attention_impl=cudnn` needs of the config alone, on any machine (checked at load time, e.g. by
-    train.plan on a CPU): a 16-bit compute dtype, a head dim cuDNN supports on some GPU, and, when the mesh's
-    tensor-axis size is known (`tensor`), query and KV heads sharded alike: the rules table splits `heads` and
-    `kv_heads` over `tensor` only when it divides them, and cuDNN's partitioner refuses q sharded while k/v are
-    replicated (e.g. 12 query / 2 KV heads on tensor=4)."""
+    """What `model.attention_impl=cudnn` (or cudnn_hybrid) needs of the config alone, on any machine (checked at
+    load time, e.g. by train.plan on a CPU): a 16-bit compute dtype, a head dim cuDNN supports on some GPU, and,
+    when the mesh's tensor-axis size is known (`tensor`), query and KV heads sharded alike: the rules table splits
+    `heads` and `kv_heads` over `tensor` only when it divides them, and cuDNN's partitioner refuses q sharded while
+    k/v are replicated (e.g. 12 query / 2 KV heads on tensor=4; ops/hybrid.py would replicate both instead)."""
+    impl = m.attention_impl
     _require(m.compute_dtype in CUDNN_DTYPES,
-             f"model.attention_impl=cudnn needs model.compute_dtype in {CUDNN_DTYPES} (cuDNN flash attention has no "
-             f"float32 kernel), got {m.compute_dtype!r}; use attention_impl=xla for float32")
+             f"model.attention_impl={impl} needs model.compute_dtype in {CUDNN_DTYPES} (cuDNN flash attention has no "
+             f"float32 kernel), got {m.compute_dtype!r}; use attention_impl={CUDNN_IMPLS[impl]} for float32")
     widest = CUDNN_MAX_HEAD_DIM[True]
     _require(m.head_dim % CUDNN_HEAD_DIM_MULTIPLE == 0 and m.head_dim <= widest,
-             f"model.attention_impl=cudnn needs model.head_dim to be a multiple of {CUDNN_HEAD_DIM_MULTIPLE} and at "
+             f"model.attention_impl={impl} needs model.head_dim to be a multiple of {CUDNN_HEAD_DIM_MULTIPLE} and at "
              f"most {widest} (at most {CUDNN_MAX_HEAD_DIM[False]} before Hopper), got {m.head_dim}")
     if tensor is not None and tensor > 1:
         _require((m.n_heads % tensor == 0) == (m.n_kv_heads % tensor == 0),
-                 f"model.attention_impl=cudnn needs query and KV heads sharded alike over the mesh's tensor axis "
+                 f"model.attention_impl={impl} needs query and KV heads sharded alike over the mesh's tensor axis "
                  f"({tensor}): model.n_heads ({m.n_heads}) and model.n_kv_heads ({m.n_kv_heads}) must both be "
                  "multiples of it (or both not, which replicates attention); change mesh.tensor or use "
-                 "attention_impl=xla")
+                 f"attention_impl={CUDNN_IMPLS[impl]}")
 
 
 def validate_backend(m: ModelConfig, backend: str, tensor: int, compute_capability: str | None = None) -> None:
@@ -238,15 +242,15 @@ def validate_backend(m: ModelConfig, backend: str, tensor: int, compute_capabili
     Trainer, the decoding Generator), not at config load: a config is often loaded on another machine than the
     one it runs on. backend: `jax.default_backend()` ("cpu", "gpu", "tpu"); tensor: the mesh's tensor-axis size;
     compute_capability: the first GPU's CUDA compute capability (e.g. "9.0"), None elsewhere (ROCm included)."""
-    if m.attention_impl != "cudnn":
+    if m.attention_impl not in CUDNN_IMPLS:
         return
-    _require(backend == "gpu", f"model.attention_impl=cudnn needs a GPU backend (cuDNN), but this run's backend is "
-                               f"{backend!r}; use attention_impl=xla")
+    _require(backend == "gpu", f"model.attention_impl={m.attention_impl} needs a GPU backend (cuDNN), but this run's "
+                               f"backend is {backend!r}; use attention_impl={CUDNN_IMPLS[m.attention_impl]}")
     validate_cudnn(m, tensor)
     hopper = compute_capability is not None and tuple(map(int, compute_capability.split("."))) >= (9, 0)
     limit = CUDNN_MAX_HEAD_DIM[hopper]
     _require(m.head_dim <= limit,
-             f"model.attention_impl=cudnn on this GPU (compute capability {compute_capability}) supports "
+             f"model.attention_impl={m.attention_impl} on this GPU (compute capability {compute_capability}) supports "
              f"model.head_dim <= {limit}, got {m.head_dim}")
 
 
@@ -302,7 +306,7 @@ def validate(cfg: Config) -> Config:
     _require(sum(v == -1 for v in sizes.values()) <= 1, f"at most one mesh axis may be -1, got {sizes}")
     for name, value in sizes.items():
         _require(value == -1 or value > 0, f"mesh.{name} must be positive or -1, got {value}")
-    if m.attention_impl == "cudnn" and mesh.tensor != -1:  # -1 is resolved with the devices (validate_backend)
+    if m.attention_impl in CUDNN_IMPLS and mesh.tensor != -1:  # -1 is resolved with the devices (validate_backend)
         validate_cudnn(m, mesh.tensor)
     _require(dec.block_size >= 0, f"decode.block_size must be >= 0 (0 = trained size), got {dec.block_size}")
     _require(0.0 <= dec.beta <= 1.0, f"decode.beta must be in [0, 1], got {dec.beta}")

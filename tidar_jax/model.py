@@ -27,15 +27,16 @@ from tidar_jax.config import ModelConfig
 from tidar_jax.kv_cache import KVCache
 from tidar_jax.layer_stacking import stack_modules
 from tidar_jax.masks import LayoutMask
-from tidar_jax.ops import blockwise_attention, cached_attention, splash_attention
+from tidar_jax.ops import blockwise_attention, cached_attention, hybrid_attention, splash_attention
 
 Array = jax.Array
 
 # model.attention_impl -> jax.nn.dot_product_attention's implementation ("xla_reference" differs from "xla" only
 # with a KV cache, where "xla" uses ops.cached_attention; "blockwise" differs from "xla" only on a structured
-# `masks.LayoutMask` without a cache, where it uses ops.blockwise_attention; "splash" uses ops.splash_attention
-# there, and ops.blockwise_attention on a LayoutMask with a cache).
-_JAX_ATTENTION_IMPL = {"xla": "xla", "xla_reference": "xla", "cudnn": "cudnn", "blockwise": "xla", "splash": "xla"}
+# `masks.LayoutMask` without a cache, where it uses ops.blockwise_attention; "splash" and "cudnn_hybrid" use
+# ops.splash_attention / ops.hybrid_attention there, and ops.blockwise_attention on a LayoutMask with a cache).
+_JAX_ATTENTION_IMPL = {"xla": "xla", "xla_reference": "xla", "cudnn": "cudnn", "blockwise": "xla", "splash": "xla",
+                       "cudnn_hybrid": "xla"}
 
 
 def _matmul(equation: str, x: Array, weight: Array, out_dtype=None) -> Array:
@@ -149,8 +150,9 @@ class Attention(nnx.Module):
                  gate: Array | None = None) -> tuple[Array, tuple[Array, Array] | None]:
         """x: [batch, q, d_model]; positions: [batch, q]; mask: [batch or 1, q, keys] bool where keys is
         `max_len + q` with a cache (cache slots first) and `q` without, or a `masks.LayoutMask` (the q tokens are
-        its layout's last q rows; with a cache its first T - q keys are cache slots 0..T-q-1): "blockwise" and
-        "splash" attend with its structure (ops.blockwise_attention / ops.splash_attention), the others with its
+        its layout's last q rows; with a cache its first T - q keys are cache slots 0..T-q-1): "blockwise",
+        "splash" and "cudnn_hybrid" attend with its structure (ops.blockwise_attention / ops.splash_attention /
+        ops.hybrid_attention without a cache, ops.blockwise_attention with one), the others with its
         `dense(max_len, q)` form; cache_kv: ([batch, max_len, kv_heads, head_dim],) * 2 or None; write_start:
         [batch] slot where the first `n_write` tokens' K/V go; gate: [batch, q] bool rows that get the adapters
         (None: no adapters).
@@ -178,14 +180,16 @@ class Attention(nnx.Module):
         if isinstance(mask, LayoutMask):
             if cfg.attention_impl == "splash" and cache_kv is None:
                 return splash_attention(q, k, v, mask.layout, mask.key_valid), None
-            if cfg.attention_impl in ("blockwise", "splash"):
+            if cfg.attention_impl == "cudnn_hybrid" and cache_kv is None:
+                return hybrid_attention(q, k, v, mask.layout, mask.key_valid), None
+            if cfg.attention_impl in ("blockwise", "splash", "cudnn_hybrid"):
                 return self._blockwise(q, k, v, mask, cache_kv, write_start, n_write)
             mask = mask.dense(None if cache_kv is None else cache_kv[0].shape[1], q.shape[1])
         if cache_kv is None:
             out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :],
                                                implementation=_JAX_ATTENTION_IMPL[cfg.attention_impl])
             return out, None
-        if cfg.attention_impl in ("xla", "blockwise", "splash"):
+        if cfg.attention_impl in ("xla", "blockwise", "splash", "cudnn_hybrid"):
             # Write first, then attend to the written cache and the current block separately (ops/attention.py).
             # The mask hides the written slots' cache columns (they lie at or past every reading row's cursor), so
             # this equals attending to the old cache; reading the old buffers before an in-place write instead makes
