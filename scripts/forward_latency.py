@@ -29,7 +29,7 @@ from flax import nnx
 from tidar_jax import masks
 from tidar_jax.checkpoint import load_for_inference
 from tidar_jax.kv_cache import init_cache
-from tidar_jax.model import create_model, forward_hidden, head_logits, inference_params
+from tidar_jax.model import create_model, forward_hidden, head_logits
 
 
 def _block_size(query_tokens: int) -> tuple[int, bool]:
@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prefix", type=int, default=300, help="committed tokens (cursor)")
     p.add_argument("--repeats", type=int, default=7)
     args = p.parse_args(argv)
+    # Imported here, not at the top, so that make_step imports from older checkouts too (forward_versions.py).
+    from tidar_jax.model import inference_params
 
     bundle = load_for_inference(args.checkpoint)
     cfg = bundle.config.model
