@@ -18,7 +18,7 @@ from tidar_jax.ops import hybrid
 from tidar_jax.ops.blockwise import blockwise_attention, tile_schedule
 from tidar_jax.trainer import _target_counts, weighted_loss
 
-HEAD_DIM = 8
+from attention_cases import assert_outputs_and_grads_close, inputs, layout_mask, outputs_and_grads
 
 
 def dense_layout_mask(seq_len, block_size):
@@ -44,18 +44,6 @@ def padding(batch, seq_len, block_size):
     return valid[:batch]
 
 
-def inputs(seed, batch, n_tokens, heads, kv):
-    rng = np.random.default_rng(seed)
-    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
-    return (normal(batch, n_tokens, heads, HEAD_DIM), normal(batch, n_tokens, kv, HEAD_DIM),
-            normal(batch, n_tokens, kv, HEAD_DIM), normal(batch, n_tokens, heads, HEAD_DIM))
-
-
-def structured(seq_len, block_size, valid):
-    valid = jnp.asarray(valid)
-    return masks.causal_layout_mask(valid) if block_size is None else masks.tidar_layout_mask(valid, block_size)
-
-
 @pytest.mark.parametrize("seq_len,block_size,block_q,block_k,heads,kv", [
     (12, 3, 16, 16, 4, 2),    # T = 24 not a multiple of the tile, GQA g = 2
     (10, 5, 8, 4, 4, 1),      # K = 5 divides neither tile, g = 4
@@ -64,7 +52,7 @@ def structured(seq_len, block_size, valid):
     (13, None, 4, 8, 4, 2),   # plain causal, S = 13
 ])
 def test_equals_dense_reference_with_gradients(seq_len, block_size, block_q, block_k, heads, kv):
-    lm = structured(seq_len, block_size, padding(4, seq_len, block_size))
+    lm = layout_mask(padding(4, seq_len, block_size), block_size)
     q, k, v, w = inputs(seq_len, 4, lm.layout.length, heads, kv)
     dense = jnp.asarray(dense_layout_mask(seq_len, block_size))[None, None] & lm.key_valid[:, None, None, :]
 
@@ -74,21 +62,13 @@ def test_equals_dense_reference_with_gradients(seq_len, block_size, block_q, blo
     def blockwise(q, k, v):
         return blockwise_attention(q, k, v, lm.layout, lm.key_valid, block_q=block_q, block_k=block_k)
 
-    def run(fn):  # output and the gradient of a random linear functional of it
-        return jax.jit(lambda *a: (fn(*a), jax.grad(lambda *b: jnp.sum(fn(*b) * w), argnums=(0, 1, 2))(*a)))(q, k, v)
-
-    (ref, ref_grads), (out, grads) = run(reference), run(blockwise)
-    assert out.shape == ref.shape and out.dtype == ref.dtype
-    np.testing.assert_allclose(out, ref, atol=2e-6, rtol=1e-5)
-    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
-        assert np.isfinite(np.asarray(g)).all(), name
-        np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-5, err_msg=name)
+    assert_outputs_and_grads_close(outputs_and_grads(blockwise, q, k, v, w), outputs_and_grads(reference, q, k, v, w))
 
 
 def test_rows_of_a_layout_over_given_keys():
     """q_offset: the S mask rows alone over all 2S keys (draft_loss.py's mask pass) equal those rows of the whole."""
     seq_len, block_size = 12, 3
-    lm = structured(seq_len, block_size, padding(3, seq_len, block_size))
+    lm = layout_mask(padding(3, seq_len, block_size), block_size)
     q, k, v, _ = inputs(1, 3, 2 * seq_len, 4, 2)
     whole = blockwise_attention(q, k, v, lm.layout, lm.key_valid, block_q=8, block_k=8)
     rows = blockwise_attention(q[:, seq_len:], k, v, lm.layout, lm.key_valid, q_offset=seq_len, block_q=8,
@@ -124,7 +104,7 @@ def _avals(jaxpr):
 
 def _grad_fns(seq_len, block_size):
     """(q, k, v, blockwise gradient fn, dense gradient fn) of a random linear functional, batch 1, 2 heads, 1 kv."""
-    lm = structured(seq_len, block_size, padding(1, seq_len, block_size))
+    lm = layout_mask(padding(1, seq_len, block_size), block_size)
     q, k, v, w = inputs(0, 1, lm.layout.length, 2, 1)
 
     def grad_of(attend):

@@ -17,6 +17,8 @@ from tidar_jax.ops import hybrid
 from tidar_jax.ops.hybrid import hybrid_attention, suffix_lengths
 from tidar_jax.sharding import check_runtime
 
+from attention_cases import assert_outputs_and_grads_close, inputs, layout_mask, outputs_and_grads
+
 
 def padding(kind, batch, seq_len, block_size):
     """[batch >= 4, S] bool per clean position. "none": all valid; "suffix": row 1 right-padded, row 3 fully padded
@@ -28,23 +30,6 @@ def padding(kind, batch, seq_len, block_size):
     if kind == "any":
         valid[2, :block_size or 2] = False
     return valid
-
-
-def layout_mask(valid, block_size):
-    valid = jnp.asarray(valid)
-    return masks.causal_layout_mask(valid) if block_size is None else masks.tidar_layout_mask(valid, block_size)
-
-
-def inputs(seed, batch, n_tokens, heads, kv, head_dim, dtype=jnp.float32):
-    rng = np.random.default_rng(seed)
-    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), dtype)  # noqa: E731
-    return (normal(batch, n_tokens, heads, head_dim), normal(batch, n_tokens, kv, head_dim),
-            normal(batch, n_tokens, kv, head_dim), normal(batch, n_tokens, heads, head_dim))
-
-
-def outputs_and_grads(fn, q, k, v, w):
-    """fn(q, k, v) and the gradient of the linear functional sum(fn * w) wrt q, k, v, jitted."""
-    return jax.jit(lambda *a: (fn(*a), jax.grad(lambda *b: jnp.sum(fn(*b) * w), argnums=(0, 1, 2))(*a)))(q, k, v)
 
 
 def dense_reference(lm):
@@ -66,13 +51,8 @@ def test_equals_dense_reference_with_gradients(seq_len, block_size, heads, kv, b
         return hybrid_attention(q, k, v, lm.layout, lm.key_valid, implementation="xla", block_q=block,
                                 block_k=block)
 
-    (ref, ref_grads), (out, grads) = outputs_and_grads(dense_reference(lm), q, k, v, w), \
-        outputs_and_grads(fn, q, k, v, w)
-    assert out.shape == ref.shape and out.dtype == ref.dtype
-    np.testing.assert_allclose(out, ref, atol=2e-6, rtol=1e-5)
-    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
-        assert np.isfinite(np.asarray(g)).all(), name
-        np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-5, err_msg=name)
+    reference = outputs_and_grads(dense_reference(lm), q, k, v, w)
+    assert_outputs_and_grads_close(outputs_and_grads(fn, q, k, v, w), reference)
 
 
 def test_suffix_lengths_accepts_exactly_suffix_padding():
@@ -103,10 +83,7 @@ def test_fused_kernel_alone_equals_dense_clean_rows():
     def reference(q, k, v):
         return dense_reference(lm)(q, k, v)[:, :seq_len]
 
-    (ref, ref_grads), (out, grads) = (outputs_and_grads(f, q, k, v, w[:, :seq_len]) for f in (reference, fused))
-    np.testing.assert_allclose(out, ref, atol=2e-6, rtol=1e-5)
-    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
-        np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-5, err_msg=name)
+    assert_outputs_and_grads_close(*(outputs_and_grads(f, q, k, v, w[:, :seq_len]) for f in (fused, reference)))
 
 
 @pytest.mark.parametrize("batch", [4, 3])
@@ -125,11 +102,8 @@ def test_sharded_over_batch_and_heads_equals_unsharded(monkeypatch, batch):
     mesh = jax.make_mesh((2, 1, 2), ("data", "fsdp", "tensor"), devices=jax.devices()[:4],
                          axis_types=(jax.sharding.AxisType.Auto,) * 3)
     with jax.set_mesh(mesh):
-        out, grads = outputs_and_grads(fn, q, k, v, w)
-    ref, ref_grads = outputs_and_grads(dense_reference(lm), q, k, v, w)
-    np.testing.assert_allclose(out, ref, atol=2e-6, rtol=1e-5)
-    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
-        np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-5, err_msg=name)
+        sharded = outputs_and_grads(fn, q, k, v, w)
+    assert_outputs_and_grads_close(sharded, outputs_and_grads(dense_reference(lm), q, k, v, w))
 
 
 def test_sharded_scanned_remat_train_step_equals_xla(tiny_config, monkeypatch):
