@@ -14,7 +14,10 @@ order, and medians are reported. The speed-up of a method is the median over rou
 tokens/s in the same round. A fair K sweep uses checkpoints trained with each K; decoding with another K than the
 trained one needs --allow-block-size-mismatch. --proposal-sets adds TiDAR with sparse proposal sets (proposals.py),
 e.g. `tidar{1,2}`: each step computes proposal blocks only for those acceptance lengths (K + |A|*K query tokens);
-`infer.eval` suggests a set from the full set's acceptance histogram.
+`infer.eval` suggests a set from the full set's acceptance histogram. "Same tokens as AR": True (every row exact),
+near-tie (each differing row first differs where AR's recomputed top-2 logit gap is below the --near-tie-epsilon
+tolerance: a low-precision argmax flip) or False (tidar_jax/agreement.py); float32 models decode at "highest"
+matmul precision (--matmul-precision), so that check stays strict on GPUs, whose float32 default is TF32.
 
 Latency curve: one cached forward of q causal query tokens (q = 1 .. 512) over a KV cache holding a prefix of 512
 and 2048 tokens, timed the same way: it shows how many tokens a forward can carry almost for free (TiDAR's step
