@@ -14,7 +14,10 @@ order, and medians are reported. The speed-up of a method is the median over rou
 tokens/s in the same round. A fair K sweep uses checkpoints trained with each K; decoding with another K than the
 trained one needs --allow-block-size-mismatch. --proposal-sets adds TiDAR with sparse proposal sets (proposals.py),
 e.g. `tidar{1,2}`: each step computes proposal blocks only for those acceptance lengths (K + |A|*K query tokens);
-`infer.eval` suggests a set from the full set's acceptance histogram.
+`infer.eval` suggests a set from the full set's acceptance histogram. "Same tokens as AR": True (every row exact),
+near-tie (each differing row first differs where AR's recomputed top-2 logit gap is below the --near-tie-epsilon
+tolerance: a low-precision argmax flip) or False (tidar_jax/agreement.py); float32 models decode at "highest"
+matmul precision (--matmul-precision), so that check stays strict on GPUs, whose float32 default is TF32.
 
 Latency curve: one cached forward of q causal query tokens (q = 1 .. 512) over a KV cache holding a prefix of 512
 and 2048 tokens, timed the same way: it shows how many tokens a forward can carry almost for free (TiDAR's step
@@ -66,6 +69,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--proposal-sets", nargs="+", metavar="J,J,..",
                         help="also decode TiDAR with these sparse proposal sets (comma-separated acceptance lengths "
                              "that include 1, e.g. 1 1,2 1,2,4); with --cost-only, also cost their steps")
+    parser.add_argument("--near-tie-epsilon", type=float, metavar="LOGITS",
+                        help="a method's first divergence from AR's tokens counts as a near-tie when AR's top-2 "
+                             "logit gap there is below this (default: 4 x the compute dtype's eps x max|logit|; "
+                             "tidar_jax/agreement.py)")
+    parser.add_argument("--matmul-precision", choices=("default", "high", "highest"),
+                        help="jax.default_matmul_precision of the generation runs (default: highest for float32 "
+                             "models, so the strict float32 check is not judged on TF32 dots; the backend's "
+                             "default otherwise)")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per measurement (after one warm-up)")
     parser.add_argument("--skip-generation", action="store_true", help="only the latency curve")
     parser.add_argument("--skip-latency", action="store_true", help="only the generation benchmark")
@@ -161,6 +172,7 @@ def _group(methods: dict, prompts: list[list[int]], batch: int, args) -> dict:
         return run
 
     runs = benchmark.interleaved({name: runner(name) for name in methods}, args.repeats)
+    round_prompts = [prompts[:batch] if batch > 1 else [prompts[r % len(prompts)]] for r in range(args.repeats)]
     out = {}
     ar_tps = [sum(len(t) for t in res.tokens) / sec for sec, res in runs["ar"]]
     for name, results in runs.items():
@@ -175,10 +187,27 @@ def _group(methods: dict, prompts: list[list[int]], batch: int, args) -> dict:
             "new_tokens": last["new_tokens"],
             "forwards": benchmark.median([summarize_generation(res)["forwards"] for _, res in results]),
             "acceptance_histogram": [sum(x) for x in zip(*(res.acceptance_histogram for _, res in results))],
-            "same_tokens_as_ar": all(res.tokens == ar.tokens for (_, res), (_, ar) in zip(results, runs["ar"]))}
+            "same_tokens_as_ar": all(res.tokens == ar.tokens for (_, res), (_, ar) in zip(results, runs["ar"])),
+            **_agreement(methods["ar"][0], round_prompts, results, runs["ar"], args.near_tie_epsilon)}
         if "draft_forwards" in last:
             out[name]["draft_forwards"] = last["draft_forwards"]
     return out
+
+
+def _agreement(ar_generator, round_prompts, results, ar_results, epsilon) -> dict:
+    """agreement.compare of a method's rows with AR's over every timed round (rows repeated across rounds judged
+    once): exact_match_rows, near_tie_rows, mismatch_rows and the summary under "agreement"."""
+    from tidar_jax import agreement
+
+    rows = {}
+    for prompts_r, (_, res), (_, ar) in zip(round_prompts, results, ar_results):
+        for p, a, t in zip(prompts_r, ar.tokens, res.tokens):
+            rows.setdefault((tuple(p), tuple(a), tuple(t)), None)
+    prompts, ar_tokens, tokens = zip(*rows) if rows else ((), (), ())
+    g = ar_generator
+    summary = agreement.compare(g.graphdef, g.params, g.model_cfg, prompts, ar_tokens, tokens, epsilon)
+    return {key: summary[key] for key in ("exact_match_rows", "near_tie_rows", "mismatch_rows")} | {
+        "agreement": summary}
 
 
 def run_generation(args, bundles: dict, draft, prompts: list[list[int]], progress) -> list[dict]:
@@ -186,7 +215,7 @@ def run_generation(args, bundles: dict, draft, prompts: list[list[int]], progres
     import dataclasses
 
     from infer.common import decode_room
-    from tidar_jax import proposals
+    from tidar_jax import agreement, proposals
     from tidar_jax.buckets import bucket_for
     from tidar_jax.generation import Generator
     from tidar_jax.spec_decode import SpecDecoder
@@ -218,10 +247,14 @@ def run_generation(args, bundles: dict, draft, prompts: list[list[int]], progres
                 progress(f"generation: {_label(path, bundle)}, K={k}, batch {batch}: {', '.join(methods)}")
                 cost = step_costs(m, k, dec.max_cache_len, batch, bucket, args.peak_tflops, args.bandwidth_gbs,
                                   model=(bundle.graphdef, bundle.params))
+                with agreement.matmul_precision(m.compute_dtype, args.matmul_precision):
+                    group = _group(methods, prompts, batch, args)
                 records.append({"step_cost": cost, "checkpoint": path, "checkpoint_step": bundle.step,
                                 "label": _label(path, bundle), "trained_block_size": m.block_size,
                                 "objective": bundle.config.train.objective, "block_size": k, "batch_size": batch,
-                                "methods": _group(methods, prompts, batch, args)})
+                                "compute_dtype": m.compute_dtype,
+                                "matmul_precision": agreement.precision_name(m.compute_dtype, args.matmul_precision),
+                                "methods": group})
     return records
 
 
@@ -242,6 +275,8 @@ def run_latency(args, bundle, progress) -> dict:
 
 
 def format_tables(report: dict) -> str:
+    from tidar_jax import agreement
+
     lines = []
     for g in report.get("generation", []):
         ms = g["methods"]
@@ -254,7 +289,7 @@ def format_tables(report: dict) -> str:
         for name, s in ms.items():
             lines.append(f"  {name:<{w}}{s['tokens_per_second']:>10.1f}{s['speedup_vs_ar']:>15.2f}x"
                          f"{s['tokens_per_forward']:>16.2f}{s['forwards']:>10}{s.get('draft_forwards', '-'):>10}"
-                         f"  {s['same_tokens_as_ar']}")
+                         f"  {agreement.describe(s['agreement'])}")
     lat = report.get("latency")
     if lat:
         prefixes = list(lat["curves"])

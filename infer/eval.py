@@ -10,7 +10,9 @@ The held-out split is the checkpoint's own (its data config and WORKDIR/tokenize
 - for a `tidar` checkpoint: diffusion loss and per-slot draft accuracy on the training layout (losses.tidar_loss);
   an `ar`-objective checkpoint reports the AR part only;
 - greedy decoding of held-out prompts: TiDAR tokens per forward and acceptance histogram, the same prompts decoded
-  AR, and whether the two outputs are identical (they must be at beta = 1);
+  AR, and whether the two outputs are identical (they must be at beta = 1; float32 decodes at "highest" matmul
+  precision for it): exactly, up to near-ties (the first divergence where AR's top-2 logit gap is below a
+  tolerance: a low-precision flip, tidar_jax/agreement.py) or not;
 - from that histogram (full proposal set), the best sparse proposal set of each size (proposals.best_sets: the
   fewest tokens per step lost to shorter draft blocks, modelling steps as independent) and a suggested
   `decode.proposal_lengths`: the smallest set losing at most --max-token-loss of the tokens per step (a model:
@@ -51,6 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-token-loss", type=float, default=0.02,
                         help="the suggested sparse proposal set is the smallest whose modelled loss of tokens per "
                              "step, on the measured acceptance histogram, is at most this fraction")
+    parser.add_argument("--near-tie-epsilon", type=float, metavar="LOGITS",
+                        help="TiDAR's first divergence from AR's output counts as a near-tie when AR's top-2 logit "
+                             "gap there is below this (default: 4 x the compute dtype's eps x max|logit|)")
     parser.add_argument("--block-size", type=int,
                         help="TiDAR decode block size K (default: the trained one; another K needs the next flag)")
     parser.add_argument("--allow-block-size-mismatch", action="store_true",
@@ -109,7 +114,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     import jax
 
     from infer.common import decode_room, prompt_set
-    from tidar_jax import data, evaluation, proposals
+    from tidar_jax import agreement, data, evaluation, proposals
     from tidar_jax.benchmark import device_info
     from tidar_jax.checkpoint import load_for_inference, step_path, with_model
     from tidar_jax.config import ConfigError
@@ -143,11 +148,13 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
         generator = Generator(bundle.graphdef, bundle.params, m, dec,
                               allow_block_size_mismatch=args.allow_block_size_mismatch, mesh=mesh)
         modes = ("tidar", "ar") if cfg.train.objective == "tidar" else ("ar",)
-        with jax.set_mesh(mesh):
-            stats, outputs = evaluation.decoding_stats(generator, prompts, max_new, modes)
+        # Float32 decodes at "highest" matmul precision: the strict check must not be judged on TF32 dots.
+        with jax.set_mesh(mesh), agreement.matmul_precision(m.compute_dtype):
+            stats, outputs = evaluation.decoding_stats(generator, prompts, max_new, modes, args.near_tie_epsilon)
         report["decoding"] = {"prompts": args.prompts, "num_prompts": len(prompts),
                               "prompt_len": max(map(len, prompts)),
-                              "max_new_tokens": max_new, "decode_block_size": generator.block_size, **stats}
+                              "max_new_tokens": max_new, "decode_block_size": generator.block_size,
+                              "matmul_precision": agreement.precision_name(m.compute_dtype), **stats}
         k = generator.block_size
         if "tidar" in stats and not proposals.is_sparse(proposals.resolve_proposal_lengths(dec.proposal_lengths, k),
                                                         k):
@@ -162,6 +169,8 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
 
 def format_report(report: dict) -> str:
     """The readable table printed to stdout."""
+    from tidar_jax import agreement
+
     h = report["heldout"]
     lines = [f"checkpoint {report['checkpoint']}  (step {report['step']}, objective {report['objective']}, "
              f"K={report['block_size']}, {report['params'] / 1e6:.2f}M params, {report['device']['backend']} "
@@ -188,7 +197,14 @@ def format_report(report: dict) -> str:
                 s = d[mode]
                 lines.append(f"  {mode:<8}{s['tokens_per_forward']:>16.3f}{s['forwards']:>10}"
                              f"{s['tokens_per_second']:>10.1f}  {s['acceptance_histogram'][1:]}")
-        if "tidar_equals_ar" in d:
+        if "tidar_vs_ar" in d:
+            a = d["tidar_vs_ar"]
+            rule = (f"strict float32 check {'passed' if a['strict_ok'] else 'FAILED'}" if a["strict"]
+                    else f"{a['compute_dtype']}: near-ties allowed")
+            lines.append(f"  TiDAR greedy output identical to AR greedy output: {agreement.describe(a)}  "
+                         f"({a['exact_match_rows']} exact, {a['near_tie_rows']} near-tie, {a['mismatch_rows']} "
+                         f"mismatching rows of {a['rows']}; {rule})")
+        elif "tidar_equals_ar" in d:
             lines.append(f"  TiDAR greedy output identical to AR greedy output: {d['tidar_equals_ar']}")
         if "proposal_sets" in d:
             lines += ["", "  sparse proposal sets on this histogram: query tokens per step, modelled tokens per "

@@ -24,13 +24,15 @@ def runs(tmp_path_factory, tiny_config, corpus):  # noqa: F811
                               seed=2)}
 
 
-def test_bench_cli_smoke(runs, tmp_path):
+def test_bench_cli_smoke(runs, tmp_path, capsys):
     out, plots = tmp_path / "bench.json", tmp_path / "plots"
     argv = ["--checkpoint", str(runs["tidar"][0]), str(runs["ar"][0]), "--draft", str(runs["draft"][0]),
             "--batch-sizes", "1", "2", "--repeats", "2", "--prompt-len", "8", "--max-new-tokens", "6",
             "--latency-prefixes", "16", "--latency-queries", "1", "3", "--latency-repeats", "2", "--no-progress",
             "--proposal-sets", "1", "--json", str(out), "--plot-dir", str(plots)]
     assert bench.main(argv) == 0
+    table = capsys.readouterr().out
+    assert table.count("same tokens as AR") == 4 and "False" not in table and "near-tie" not in table
     report = json.loads(out.read_text())
     groups = report["generation"]
     assert [(g["objective"], g["batch_size"]) for g in groups] == [("tidar", 1), ("tidar", 2), ("ar", 1), ("ar", 2)]
@@ -40,6 +42,10 @@ def test_bench_cli_smoke(runs, tmp_path):
         assert methods["ar"]["speedup_vs_ar"] == 1.0 and methods["ar"]["tokens_per_forward"] == 1.0
         for name, s in methods.items():
             assert s["same_tokens_as_ar"] is True, name  # greedy TiDAR and speculative decoding are lossless
+            a = s["agreement"]  # float32: every distinct (prompt, output) row exact, no recompute needed
+            assert (s["exact_match_rows"], s["near_tie_rows"], s["mismatch_rows"]) == (a["rows"], 0, 0), name
+            # batch 1: one prompt per round (2 rounds, 2 rows); batch 2: the same 2 prompts each round, judged once
+            assert a["rows"] == 2 and a["strict_ok"] and a["divergences"] == []
             assert len(s["tokens_per_second_all"]) == 2
             assert all(math.isfinite(t) and t > 0 for t in s["tokens_per_second_all"])
             assert s["tokens_per_second"] == pytest.approx(float(np.median(s["tokens_per_second_all"])))
@@ -47,6 +53,7 @@ def test_bench_cli_smoke(runs, tmp_path):
             assert s["new_tokens"] == 6 * g["batch_size"]
         spec = methods["spec"]
         assert spec["draft_forwards"] == 1 + (spec["forwards"] - 1) * (g["block_size"] - 1)
+        assert g["compute_dtype"] == "float32" and g["matmul_precision"] == "highest"
     curve = report["latency"]["curves"]["16"]
     assert [p["query_tokens"] for p in curve] == [1, 3] and all(p["median_ms"] > 0 for p in curve)
     for name in ("bench_speedup.png", "bench_latency.png"):

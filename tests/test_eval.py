@@ -92,10 +92,12 @@ def _reference(cfg, params, tokenizer):
     return sums
 
 
-def test_eval_matches_direct_loss_computation(tidar_run, tmp_path):
+def test_eval_matches_direct_loss_computation(tidar_run, tmp_path, capsys):
     workdir, cfg, params = tidar_run
     out = tmp_path / "eval.json"
     assert eval_cli.main(["--checkpoint", str(workdir), "--json", str(out)] + EVAL_ARGS) == 0
+    assert "identical to AR greedy output: True  (2 exact, 0 near-tie, 0 mismatching rows of 2; strict float32 " \
+           "check passed)" in capsys.readouterr().out
     report = json.loads(out.read_text())
     h = report["heldout"]
     ref = _reference(cfg, params, Tokenizer.from_file(workdir / "tokenizer.json"))
@@ -110,6 +112,9 @@ def test_eval_matches_direct_loss_computation(tidar_run, tmp_path):
     assert len(slots) == cfg.model.block_size and all(0.0 <= a <= 1.0 for a in slots)
     d, k = report["decoding"], cfg.model.block_size
     assert d["tidar_equals_ar"] is True  # beta = 1 greedy TiDAR is lossless
+    a = d["tidar_vs_ar"]
+    assert (a["rows"], a["exact_match_rows"], a["verdict"], a["strict_ok"]) == (2, 2, "exact", True)
+    assert d["matmul_precision"] == "highest"  # float32: the strict check runs on full float32 dots
     assert d["ar"]["tokens_per_forward"] == 1.0 and 1.0 <= d["tidar"]["tokens_per_forward"] <= cfg.model.block_size
     assert d["tidar"]["new_tokens"] == d["ar"]["new_tokens"] == 2 * 8
     hist = d["tidar"]["acceptance_histogram"]  # the suggested sparse proposal set comes from it

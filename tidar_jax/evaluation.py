@@ -7,7 +7,8 @@
 - Bits per byte divide the summed next-token cross-entropy (in bits) by the UTF-8 bytes of the predicted tokens
   (`token_byte_lengths`: exact for byte-level BPE, special tokens count 0 bytes), so it compares across tokenizers.
 - `decoding_stats`: TiDAR tokens per forward and acceptance histogram on held-out prompts, plus the greedy
-  lossless check against AR decoding (beta = 1, greedy: the outputs must be identical).
+  lossless check against AR decoding (beta = 1, greedy: the outputs must be identical; in low precision a flip at
+  a near-tie is told apart from a real mismatch by agreement.compare).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from tidar_jax import agreement
 from tidar_jax.config import Config
 from tidar_jax.generation import Generator
 from tidar_jax.sharding import batch_sharding, batch_shards, check_runtime
@@ -123,13 +125,18 @@ def summarize_generation(result) -> dict[str, Any]:
 
 
 def decoding_stats(generator: Generator, prompts: list[list[int]], max_new_tokens: int,
-                   modes: Sequence[str] = ("tidar", "ar")) -> tuple[dict[str, dict], dict[str, list[list[int]]]]:
+                   modes: Sequence[str] = ("tidar", "ar"),
+                   near_tie_epsilon: float | None = None) -> tuple[dict[str, dict], dict[str, list[list[int]]]]:
     """Greedy generation of `prompts` (one batch) in each mode. Returns ({mode: summarize_generation}, {mode:
-    new tokens per prompt}); with both modes the stats gain `tidar_equals_ar` (the greedy lossless check)."""
+    new tokens per prompt}); with both modes the stats gain `tidar_equals_ar` (the greedy lossless check: exact
+    equality) and `tidar_vs_ar` (agreement.compare: exact / near-tie / mismatch rows, first divergences with AR's
+    top-2 logit gaps; `near_tie_epsilon` None = the compute dtype's rule there)."""
     stats, tokens = {}, {}
     for mode in modes:
         result = generator.generate(prompts, mode, max_new_tokens, temperature=0.0)
         stats[mode], tokens[mode] = summarize_generation(result), result.tokens
     if "tidar" in tokens and "ar" in tokens:
         stats["tidar_equals_ar"] = tokens["tidar"] == tokens["ar"]
+        stats["tidar_vs_ar"] = agreement.compare(generator.graphdef, generator.params, generator.model_cfg, prompts,
+                                                 tokens["ar"], tokens["tidar"], near_tie_epsilon)
     return stats, tokens
