@@ -426,18 +426,19 @@ def head_weight(graphdef: nnx.GraphDef, params: nnx.State) -> Array:
     return nnx.merge(graphdef, params).head_weight()
 
 
+def inference_dtype(dtype, ndim: int, cfg: ModelConfig):
+    """The dtype `inference_params` gives a param of `dtype` and rank `ndim`: `cfg.compute_dtype` for floating
+    params of rank >= 2, which every forward casts to that dtype before use; otherwise `dtype` unchanged."""
+    return jnp.dtype(cfg.compute_dtype) if jnp.issubdtype(dtype, jnp.floating) and ndim >= 2 else jnp.dtype(dtype)
+
+
 def inference_params(params: nnx.State, cfg: ModelConfig) -> nnx.State:
     """`params` with every floating param of rank >= 2 (weight matrices, embeddings, biases [heads, head_dim],
-    adapters) in `cfg.compute_dtype`, the dtype every forward casts them to before use; rank-1 params (norm scales,
-    read in float32) are kept. A forward gives the same numbers on either, and on the cast params a low-precision
-    step reads half the weight bytes instead of converting float32 weights on every call. Returns new arrays
-    (placed like the old ones); `params` is unchanged."""
-    dt = jnp.dtype(cfg.compute_dtype)
-
-    def cast(x):
-        return x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) and x.ndim >= 2 and x.dtype != dt else x
-
-    return jax.tree.map(cast, params)
+    adapters) in `cfg.compute_dtype` (`inference_dtype`); rank-1 params (norm scales, read in float32) are kept.
+    A forward gives the same numbers on either, and on the cast params a low-precision step reads half the weight
+    bytes instead of converting float32 weights on every call. Returns new arrays (placed like the old ones);
+    `params` is unchanged."""
+    return jax.tree.map(lambda x: x.astype(inference_dtype(x.dtype, x.ndim, cfg)), params)
 
 
 def count_params(params: nnx.State) -> int:
