@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tidar_jax.adapters import MASK_EMBED, LowRankAdapter, gated
-from tidar_jax.config import ModelConfig
+from tidar_jax.config import ModelConfig, resolve_attention_impl
 from tidar_jax.kv_cache import KVCache
 from tidar_jax.layer_stacking import stack_modules
 from tidar_jax.masks import LayoutMask
@@ -35,6 +35,7 @@ Array = jax.Array
 # with a KV cache, where "xla" uses ops.cached_attention; "blockwise" differs from "xla" only on a structured
 # `masks.LayoutMask` without a cache, where it uses ops.blockwise_attention; "splash" uses ops.splash_attention
 # there, and ops.blockwise_attention on a LayoutMask with a cache).
+# "auto" never reaches here: Transformer resolves it (`resolved_config`) before building the layers.
 _JAX_ATTENTION_IMPL = {"xla": "xla", "xla_reference": "xla", "cudnn": "cudnn", "blockwise": "xla", "splash": "xla"}
 
 
@@ -269,10 +270,21 @@ def remat_policy(cfg: ModelConfig) -> Callable[..., bool] | None:
     return None if cfg.remat_policy == "full" else getattr(jax.checkpoint_policies, cfg.remat_policy)
 
 
+def resolved_config(cfg: ModelConfig) -> ModelConfig:
+    """`cfg` with attention_impl=auto replaced by this process's backend's choice (`config.AUTO_ATTENTION_IMPL`);
+    explicit choices unchanged. `Transformer` applies it, so the graphdef (and `model.cfg`) names the concrete
+    implementation that runs, while configs and checkpoints keep "auto"."""
+    return resolve_attention_impl(cfg, jax.default_backend())
+
+
 class Transformer(nnx.Module):
-    """The full model. `__call__` returns float32 logits `[batch, q, vocab]` and the updated cache (or None)."""
+    """The full model. `__call__` returns float32 logits `[batch, q, vocab]` and the updated cache (or None).
+
+    `self.cfg` is `resolved_config(cfg)`: every entry point that builds a model (create_model, sharding's
+    abstract / sharded init, checkpoint loading) gets the concrete attention implementation here, once."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        cfg = resolved_config(cfg)
         self.cfg = cfg
         pd = jnp.dtype(cfg.param_dtype)
         self.embed = _param(rngs, nnx.initializers.normal(cfg.init_std), (cfg.vocab_size, cfg.d_model),
