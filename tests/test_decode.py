@@ -110,15 +110,18 @@ def test_greedy_tidar_is_lossless(cfg, named_model, prompts, block_size):
         assert tidar.forwards < MAX_NEW and tidar.tokens_per_forward > 1.2
 
 
-@pytest.mark.parametrize("impl", ["blockwise", "splash"])
+@pytest.mark.parametrize("impl", ["auto", "blockwise", "splash"])
 def test_greedy_tidar_is_lossless_with_training_attention_impls(cfg, trained_params, impl):
-    """attention_impl=blockwise / splash (cached forwards, prefill included, take the "xla" cached path): TiDAR
-    greedy still equals AR greedy, and both equal the "xla" model's AR tokens."""
+    """attention_impl=auto (the default; blockwise on a CPU) / blockwise / splash (cached forwards, prefill
+    included, take the "xla" cached path): TiDAR greedy still equals AR greedy, and both equal the "xla" model's
+    AR tokens."""
     block_cfg = config_lib.replace(cfg, model={"attention_impl": impl})
     model = (nnx.graphdef(create_model(block_cfg.model)), trained_params[1])
+    xla_cfg = config_lib.replace(cfg, model={"attention_impl": "xla"})
+    reference = (nnx.graphdef(create_model(xla_cfg.model)), trained_params[1])
     tidar = _generator(block_cfg, model, 4).generate(RAGGED, "tidar", MAX_NEW)
     ar = _generator(block_cfg, model).generate(RAGGED, "ar", MAX_NEW)
-    assert tidar.tokens == ar.tokens == _generator(cfg, trained_params).generate(RAGGED, "ar", MAX_NEW).tokens
+    assert tidar.tokens == ar.tokens == _generator(xla_cfg, reference).generate(RAGGED, "ar", MAX_NEW).tokens
     assert sum(tidar.acceptance_histogram[2:]) > 0  # multi-token steps ran
 
 

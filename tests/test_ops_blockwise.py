@@ -137,7 +137,7 @@ def test_no_quadratic_array_in_forward_and_backward():
 
 def test_model_forward_xla_bit_identical_and_blockwise_close(tiny_config):
     """A LayoutMask on the "xla" path gives exactly the dense-mask forward; "blockwise" the same within float32."""
-    cfg = replace(tiny_config, model={"n_layers": 1})
+    cfg = replace(tiny_config, model={"n_layers": 1, "attention_impl": "xla"})  # the dense reference
     graphdef, params = nnx.split(create_model(cfg.model, seed=0))
     block_graphdef = nnx.graphdef(create_model(replace(cfg, model={"attention_impl": "blockwise"}).model))
     seq, block = 16, cfg.model.block_size

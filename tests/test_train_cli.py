@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from tidar_jax.checkpoint import Checkpointer, load_for_inference, save_inference_checkpoint
+from tidar_jax.checkpoint import Checkpointer, load_for_inference, read_runtime, save_inference_checkpoint
 from tidar_jax.config import ConfigError, MeshConfig, load_config, replace, to_dict
 from tidar_jax.data import load_or_train_tokenizer, make_train_iterator
 from tidar_jax.metrics_log import read_metrics
@@ -91,6 +91,9 @@ def test_cli_end_to_end_writes_loadable_checkpoint_and_metrics(repo_root, tokeni
     args = ["--config", f"{repo_root}/configs/tiny.yaml", "--workdir", str(workdir), "--no-progress",
             *SMALL, "train.steps=3", "train.eval_every=3", f"data.tokenizer={tokenizer_path}"]
     assert main(args) == 0
+    # The run says which attention ran: the default "auto" resolved on this CPU (and the saved config keeps "auto").
+    assert "attention blockwise (model.attention_impl=auto on cpu)" in capsys.readouterr().err
+    assert read_runtime(workdir) == {"backend": "cpu", "attention_impl": "blockwise"}
     records = read_metrics(workdir)
     assert [r["step"] for r in records] == [1, 2, 3]
     for r in records:
@@ -102,7 +105,7 @@ def test_cli_end_to_end_writes_loadable_checkpoint_and_metrics(repo_root, tokeni
     assert (workdir / "tokenizer.json").is_file()
 
     bundle = load_for_inference(workdir)
-    assert bundle.step == 3
+    assert bundle.step == 3 and bundle.config.model.attention_impl == "auto"
     assert bundle.config.train.steps == 3 and bundle.config.data.seq_len == 16
     assert bundle.tokenizer is not None and bundle.tokenizer.vocab_size == 512
     assert bundle.params["embed"][...].shape == (512, 64)

@@ -5,7 +5,9 @@ Layout (Orbax `CheckpointManager`, default step names):
     WORKDIR/checkpoints/<step>/state    train state pytree {"step", "params" (nnx pure dict), "opt_state"};
                                         inference checkpoints hold {"step", "params"} only
     WORKDIR/checkpoints/<step>/data     grain iterator state (JSON), absent when none was given
-    WORKDIR/checkpoints/<step>/config   `config.to_dict(Config)` (JSON)
+    WORKDIR/checkpoints/<step>/config   `config.to_dict(Config)` (JSON), plus under "runtime" what the training
+                                        process ran it with (backend, the concrete model.attention_impl that
+                                        "auto" resolved to); readers drop it, so the config stays portable
     WORKDIR/tokenizer.json              the run's tokenizer (written by data.py / save_inference_checkpoint)
 
 Guarantees: a step is written to `<step>.orbax-checkpoint-tmp` and renamed into place only once complete, so a
@@ -33,6 +35,7 @@ from flax import nnx
 
 from tidar_jax.config import Config, ConfigError, ModelConfig, config_from_dict, to_dict
 from tidar_jax.layer_stacking import is_stacked, to_layout
+from tidar_jax.model import resolved_config
 from tidar_jax.sharding import abstract_model, param_shardings
 
 if TYPE_CHECKING:
@@ -41,6 +44,7 @@ if TYPE_CHECKING:
 CHECKPOINT_DIR = "checkpoints"
 TOKENIZER_FILE = "tokenizer.json"
 _STATE, _DATA, _CONFIG = "state", "data", "config"
+_RUNTIME = "runtime"  # key of the saved config JSON that holds `runtime_record`, not a Config section
 _UNFINISHED = ".orbax-checkpoint-tmp"
 _STEP_METADATA = "_CHECKPOINT_METADATA"
 # Fields that change how a run executes, not what it computes: a resumed run may change them freely.
@@ -214,18 +218,21 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
-    def save(self, step: int, train_state: Any, data_state: dict | None, config: Config, force: bool = False) -> bool:
+    def save(self, step: int, train_state: Any, data_state: dict | None, config: Config, force: bool = False,
+             runtime: dict | None = None) -> bool:
         """Starts saving `step`; returns False (saving nothing) when `step` is below the latest saved step unless
         `force`. Raises `CheckpointError` if `step` already exists: checkpoints are never overwritten.
 
         train_state: pytree of arrays, e.g. {"step": int32 [], "params": pure dict, "opt_state": optax state};
-        data_state: JSON-serialisable dict (grain `get_state()`) or None.
+        data_state: JSON-serialisable dict (grain `get_state()`) or None; runtime: `runtime_record` of the process
+        that ran the steps (stored beside the config, read back by `read_runtime`), or None.
         """
         step = int(step)
         if step in self._manager.all_steps():
             raise CheckpointError(f"step {step} is already saved in {self.directory}; checkpoints are never "
                                   "overwritten")
-        items = {_STATE: ocp.args.StandardSave(train_state), _CONFIG: ocp.args.JsonSave(to_dict(config))}
+        saved_config = to_dict(config) if runtime is None else {**to_dict(config), _RUNTIME: dict(runtime)}
+        items = {_STATE: ocp.args.StandardSave(train_state), _CONFIG: ocp.args.JsonSave(saved_config)}
         if data_state is not None:
             try:
                 json.dumps(data_state)
@@ -260,7 +267,7 @@ class Checkpointer:
             restored = self._manager.restore(step, args=ocp.args.Composite(**args))
         except Exception as e:
             raise _corrupt(step_dir, e) from e
-        return restored[_STATE], restored[_DATA] if has_data else None, config_from_dict(restored[_CONFIG])
+        return restored[_STATE], restored[_DATA] if has_data else None, _saved_config(restored[_CONFIG])
 
     def wait(self) -> None:
         """Blocks until every started save is complete on disk."""
@@ -277,16 +284,37 @@ class Checkpointer:
         self.close()
 
 
-def read_step_config(root: Path, step: int) -> Config:
-    """The config saved with `step` under the checkpoints directory `root`."""
+def runtime_record(model: ModelConfig) -> dict[str, str]:
+    """What this process runs `model` with: {"backend": jax.default_backend(), "attention_impl": the concrete
+    implementation (model.attention_impl=auto resolved, as model.Transformer resolves it)}."""
+    return {"backend": jax.default_backend(), "attention_impl": resolved_config(model).attention_impl}
+
+
+def _saved_config(data: dict) -> Config:
+    return config_from_dict({k: v for k, v in data.items() if k != _RUNTIME})
+
+
+def _read_config_json(root: Path, step: int) -> dict:
     step_dir = root / str(step)
     _check_finished(step_dir, (_CONFIG,))
     try:
         with _reader(root) as manager:
-            data = manager.restore(step, args=ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore()}))[_CONFIG]
+            return manager.restore(step, args=ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore()}))[_CONFIG]
     except Exception as e:
         raise _corrupt(step_dir, e) from e
-    return config_from_dict(data)
+
+
+def read_step_config(root: Path, step: int) -> Config:
+    """The config saved with `step` under the checkpoints directory `root`."""
+    return _saved_config(_read_config_json(root, step))
+
+
+def read_runtime(path: str | Path) -> dict | None:
+    """The `runtime_record` saved with a checkpoint (a workdir, checkpoints directory or step directory, as
+    `locate_checkpoint` reads them): the backend and concrete attention implementation its training steps ran
+    with; None for a checkpoint saved without one (e.g. `save_inference_checkpoint`)."""
+    root, step, _ = locate_checkpoint(path)
+    return _read_config_json(root, step).get(_RUNTIME)
 
 
 def read_checkpoint_config(workdir: str | Path, step: int | None = None) -> Config | None:

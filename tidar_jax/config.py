@@ -18,7 +18,13 @@ from omegaconf.errors import OmegaConfBaseException
 from tidar_jax import proposals
 
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLS = ("xla", "cudnn", "xla_reference", "blockwise", "splash", "cudnn_hybrid")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "xla_reference", "blockwise", "splash", "cudnn_hybrid")
+# What model.attention_impl=auto runs on each backend (`jax.default_backend()`); any other backend runs "xla". GPUs
+# get the portable blockwise path: cudnn_hybrid (explicit opt-in) has not run on a GPU yet, and it also needs bf16
+# compute and cuDNN's head dims; switch this entry once scripts/gpu_bench.sh has measured it against blockwise.
+# Resolved once, where the model graph is built (model.Transformer), so a config, a preset or a checkpoint keeps
+# "auto" and runs the right kernel on whichever machine loads it.
+AUTO_ATTENTION_IMPL = {"cpu": "blockwise", "gpu": "blockwise", "tpu": "splash"}
 OBJECTIVES = ("tidar", "ar")
 ADAPTATIONS = ("full", "adapters")
 # model.remat_policy -> what a rematerialised layer keeps from its forward pass: "full" keeps only the layer's
@@ -41,6 +47,8 @@ class ModelConfig:
     they act only on mask-token rows, so the AR path computes exactly the base model.
 
     `remat` recomputes each layer's activations in the backward pass, keeping what `remat_policy` names.
+    `attention_impl` "auto" (the default) runs `AUTO_ATTENTION_IMPL[backend]` (`resolve_attention_impl`); the
+    others are explicit choices, never replaced (see ops/__init__.py for what each computes).
     `scan_layers` stores the layers' params stacked on a leading `layers` axis ([n_layers, ...]) and runs them with
     one `lax.scan` (one layer body to compile instead of n_layers); the KV cache is then stacked too
     ([n_layers, batch, max_len, kv_heads, head_dim]). Both layouts compute the same function and hold the same
@@ -68,7 +76,7 @@ class ModelConfig:
     remat: bool = False
     remat_policy: str = "full"
     scan_layers: bool = False
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     init_std: float = 0.02
     adapter_rank: int = 0
     adapter_alpha: float = 32.0
@@ -237,11 +245,22 @@ def validate_cudnn(m: ModelConfig, tensor: int | None = None) -> None:
                  f"attention_impl={CUDNN_IMPLS[impl]}")
 
 
+def resolve_attention_impl(m: ModelConfig, backend: str) -> ModelConfig:
+    """`m` with attention_impl "auto" replaced by the concrete implementation for `backend` (`jax.default_backend()`
+    names: "cpu", "gpu", "tpu"; any other backend gets "xla", which runs everywhere); an explicit choice comes back
+    unchanged. Never raises."""
+    if m.attention_impl != "auto":
+        return m
+    return dataclasses.replace(m, attention_impl=AUTO_ATTENTION_IMPL.get(backend, "xla"))
+
+
 def validate_backend(m: ModelConfig, backend: str, tensor: int, compute_capability: str | None = None) -> None:
     """Checks that the run's backend can execute `m`, where the model is about to be compiled for it (the
     Trainer, the decoding Generator), not at config load: a config is often loaded on another machine than the
     one it runs on. backend: `jax.default_backend()` ("cpu", "gpu", "tpu"); tensor: the mesh's tensor-axis size;
-    compute_capability: the first GPU's CUDA compute capability (e.g. "9.0"), None elsewhere (ROCm included)."""
+    compute_capability: the first GPU's CUDA compute capability (e.g. "9.0"), None elsewhere (ROCm included).
+    attention_impl=auto is checked as what it resolves to on `backend`."""
+    m = resolve_attention_impl(m, backend)
     if m.attention_impl not in CUDNN_IMPLS:
         return
     _require(backend == "gpu", f"model.attention_impl={m.attention_impl} needs a GPU backend (cuDNN), but this run's "

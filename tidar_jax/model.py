@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tidar_jax.adapters import MASK_EMBED, LowRankAdapter, gated
-from tidar_jax.config import ModelConfig
+from tidar_jax.config import ModelConfig, resolve_attention_impl
 from tidar_jax.kv_cache import KVCache
 from tidar_jax.layer_stacking import stack_modules
 from tidar_jax.masks import LayoutMask
@@ -37,6 +37,7 @@ Array = jax.Array
 # ops.splash_attention / ops.hybrid_attention there, and ops.blockwise_attention on a LayoutMask with a cache).
 _JAX_ATTENTION_IMPL = {"xla": "xla", "xla_reference": "xla", "cudnn": "cudnn", "blockwise": "xla", "splash": "xla",
                        "cudnn_hybrid": "xla"}
+# "auto" never reaches here: Transformer resolves it (`resolved_config`) before building the layers.
 
 
 def _matmul(equation: str, x: Array, weight: Array, out_dtype=None) -> Array:
@@ -290,10 +291,21 @@ def remat_policy(cfg: ModelConfig) -> Callable[..., bool] | None:
     return None if cfg.remat_policy == "full" else getattr(jax.checkpoint_policies, cfg.remat_policy)
 
 
+def resolved_config(cfg: ModelConfig) -> ModelConfig:
+    """`cfg` with attention_impl=auto replaced by this process's backend's choice (`config.AUTO_ATTENTION_IMPL`);
+    explicit choices unchanged. `Transformer` applies it, so the graphdef (and `model.cfg`) names the concrete
+    implementation that runs, while configs and checkpoints keep "auto"."""
+    return resolve_attention_impl(cfg, jax.default_backend())
+
+
 class Transformer(nnx.Module):
-    """The full model. `__call__` returns float32 logits `[batch, q, vocab]` and the updated cache (or None)."""
+    """The full model. `__call__` returns float32 logits `[batch, q, vocab]` and the updated cache (or None).
+
+    `self.cfg` is `resolved_config(cfg)`: every entry point that builds a model (create_model, sharding's
+    abstract / sharded init, checkpoint loading) gets the concrete attention implementation here, once."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        cfg = resolved_config(cfg)
         self.cfg = cfg
         pd = jnp.dtype(cfg.param_dtype)
         self.embed = _param(rngs, nnx.initializers.normal(cfg.init_std), (cfg.vocab_size, cfg.d_model),

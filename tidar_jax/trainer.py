@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from tidar_jax import losses, masks
 from tidar_jax.adapters import attach_to_base, merge_trainable, split_trainable
-from tidar_jax.checkpoint import TOKENIZER_FILE, Checkpointer, load_for_inference, saved_steps
+from tidar_jax.checkpoint import TOKENIZER_FILE, Checkpointer, load_for_inference, runtime_record, saved_steps
 from tidar_jax.config import Config, ConfigError, validate_training
 from tidar_jax.data import make_eval_batches, make_train_iterator
 from tidar_jax.layer_stacking import to_layout
@@ -126,6 +126,7 @@ class Trainer:
                 f"the microbatch (data.global_batch_size {cfg.data.global_batch_size} / train.grad_accum_steps "
                 f"{t.grad_accum_steps} = {micro}) must be a multiple of mesh data x fsdp = {batch_shards(mesh)}")
         self.cfg, self.mesh = cfg, mesh
+        self.runtime = runtime_record(cfg.model)  # the concrete attention_impl, saved with every checkpoint
         self.adapters = t.adaptation == "adapters"
         self.graphdef, abstract = abstract_model(cfg.model, t.seed)
         self.tx = make_optimizer(t)
@@ -344,7 +345,9 @@ def train(plan: RunPlan, *, stop_at_step: int | None = None, progress: bool = Tr
         # run killed before its first save): they are recomputed, so drop them rather than log them twice.
         log.truncate_after(start)
         if pid == 0:
-            print(f"{describe(plan, start)}; training to step {end_step} of {t.steps}", file=sys.stderr)
+            print(f"{describe(plan, start)}; training to step {end_step} of {t.steps}; attention "
+                  f"{trainer.runtime['attention_impl']} (model.attention_impl={cfg.model.attention_impl} on "
+                  f"{trainer.runtime['backend']})", file=sys.stderr)
         return _loop(cfg, trainer, state, start, end_step, train_iter, eval_batches, checkpointer, log, progress)
     finally:
         checkpointer.close()
@@ -385,7 +388,7 @@ def _loop(cfg: Config, trainer: Trainer, state: TrainState, start: int, end_step
             if record:
                 records.append(log.write(step, record))
             if step % t.checkpoint_every == 0 or step == end_step:
-                checkpointer.save(step, state, train_iter.get_state(), cfg)
+                checkpointer.save(step, state, train_iter.get_state(), cfg, runtime=trainer.runtime)
     bar.close()
     checkpointer.wait()
     return TrainResult(state=state, step=step, records=records)

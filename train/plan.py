@@ -62,6 +62,7 @@ def memory_plan(cfg, devices=None) -> dict:
     out["compile_s"] = round(compile_s, 2)
     out["devices"] = len(mesh.devices.flat)
     out["mesh"] = dict(mesh.shape)
+    out["attention_impl"] = trainer.runtime["attention_impl"]  # what model.attention_impl=auto planned with
     return out
 
 
