@@ -31,6 +31,8 @@ queries 181 dense vs 157 grouped; batch 1 x 1 query equal.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,6 +42,8 @@ Array = jax.Array
 FORMULATIONS = ("auto", "grouped", "dense")
 # Query columns (heads x query tokens) per batch row up to which "auto" uses the dense block-diagonal form.
 DENSE_MAX_COLUMNS = 64
+# Cache slots per step of the filled-prefix loop on CPU (see the module docstring).
+CHUNK = 256
 
 
 def _large_negative() -> float:
@@ -106,13 +110,15 @@ def _dense_values(probs: Array, values: Array) -> Array:
 
 
 def cached_attention(q: Array, k: Array, v: Array, cache_k: Array, cache_v: Array, mask: Array, *,
-                     scale: float | None = None, formulation: str = "auto") -> Array:
+                     scale: float | None = None, formulation: str = "auto", chunk: int | None = None) -> Array:
     """Attention of the current block over `[cache slots | current tokens]` without concatenating them.
 
     q: [b, t, h, d]; k, v: [b, t, kv, d] (the current tokens' keys / values); cache_k, cache_v: [b, S, kv, d]
     (read only; S may be 0); mask: [b or 1, t, S + t] bool, cache columns first, True = may attend; h % kv == 0.
     scale defaults to d ** -0.5. Logits and softmax are float32; probabilities are cast to the value dtype for the
-    value matmuls, as `jax.nn.dot_product_attention` does. Returns [b, t, h, d] in q's dtype.
+    value matmuls, as `jax.nn.dot_product_attention` does. chunk: cache slots per step of the filled-prefix loop
+    (see the module docstring); None = `CHUNK` on the CPU backend and no loop elsewhere, 0 = no loop. Returns
+    [b, t, h, d] in q's dtype.
     """
     if formulation not in FORMULATIONS:
         raise ValueError(f"formulation must be one of {FORMULATIONS}, got {formulation!r}")
@@ -120,18 +126,32 @@ def cached_attention(q: Array, k: Array, v: Array, cache_k: Array, cache_v: Arra
     kv = k.shape[2]
     if h % kv:
         raise ValueError(f"query heads ({h}) must be a multiple of kv heads ({kv})")
-    g = h // kv
     s = cache_k.shape[1]
     if mask.shape[-2:] != (t, s + t):
         raise ValueError(f"mask must be [b or 1, {t}, {s + t}], got {mask.shape}")
-    cache_k, cache_v = cache_k.astype(k.dtype), cache_v.astype(v.dtype)
+    if chunk is None:
+        chunk = CHUNK if jax.default_backend() == "cpu" else 0
+    if chunk < 0:
+        raise ValueError(f"chunk must be >= 0, got {chunk}")
     if formulation == "auto":
-        dense = jax.default_backend() == "cpu" and kv * g * t <= DENSE_MAX_COLUMNS
-        formulation = "dense" if dense else "grouped"
-    scores_fn, values_fn = ((_dense_scores, _dense_values) if formulation == "dense"
-                            else (_grouped_scores, _grouped_values))
-    qg = q.reshape(b, t, kv, g, d)
+        columns = h * t  # kv * g * t
+        formulation = "dense" if jax.default_backend() == "cpu" and columns <= DENSE_MAX_COLUMNS else "grouped"
+    args = (q, k, v, cache_k.astype(k.dtype), cache_v.astype(v.dtype), mask)
     sc = _scale(d, scale)
+    if chunk == 0 or s <= chunk:  # at most one chunk: the loop would read the whole cache anyway
+        return _attention(*args, sc, formulation == "dense")
+    return _filled_prefix_attention(*args, sc, formulation == "dense", chunk)
+
+
+def _attention(q: Array, k: Array, v: Array, cache_k: Array, cache_v: Array, mask: Array, sc: float,
+               dense: bool) -> Array:
+    """`cached_attention` over every cache slot (shapes there; caches already in k / v's dtype): the cache's
+    scores in one part, the current block's in another, merged with one shared max."""
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    s = cache_k.shape[1]
+    scores_fn, values_fn = (_dense_scores, _dense_values) if dense else (_grouped_scores, _grouped_values)
+    qg = q.reshape(b, t, kv, h // kv, d)
     neg = jnp.asarray(_large_negative(), jnp.float32)
     mask = mask[:, None, None]  # [b or 1, 1, 1, t, S + t]
     local = jnp.where(mask[..., s:], _grouped_scores(qg, k) * sc, neg)  # [b, kv, g, t, t]
@@ -147,5 +167,76 @@ def cached_attention(q: Array, k: Array, v: Array, cache_k: Array, cache_v: Arra
         p_cached = jnp.exp(cached - top)
         denom = denom + jnp.sum(p_cached, axis=-1, keepdims=True)
         out = out + values_fn(p_cached.astype(v.dtype), cache_v)
-    out = out / denom  # [b, kv, g, t, d]
-    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, h, d).astype(q.dtype)
+    return _heads_last(out / denom, q.dtype)
+
+
+def _heads_last(out: Array, dtype) -> Array:
+    """[b, kv, g, t, d] -> [b, t, kv*g, d] in dtype."""
+    b, kv, g, t, d = out.shape
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, kv * g, d).astype(dtype)
+
+
+def filled_slots(cache_mask: Array) -> Array:
+    """cache_mask: [..., S] bool (the mask's cache columns) -> int32 scalar: 1 + the last slot any row may attend
+    to (0 if none). Every slot from it on is masked for every row."""
+    s = cache_mask.shape[-1]
+    seen = jnp.any(cache_mask.reshape(-1, s), axis=0)
+    return jnp.max(jnp.where(seen, jnp.arange(1, s + 1, dtype=jnp.int32), 0), initial=0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _filled_prefix_attention(q: Array, k: Array, v: Array, cache_k: Array, cache_v: Array, mask: Array, sc: float,
+                             dense: bool, chunk: int) -> Array:
+    """`_attention` reading only the cache chunks of `chunk` slots that hold a slot some row may attend to: a loop
+    with a data-dependent trip count (one program for every fill) and an online-softmax merge of the chunks.
+
+    A row whose every key is masked averages all S + t values (the large-negative convention), unfilled slots
+    included, so when the mask has such a row the loop runs over every chunk. The last chunk starts at S - chunk
+    when S % chunk != 0; its slots an earlier chunk covered get logit -inf (weight exactly 0 for every row, since
+    the running max is at least `_large_negative()`), unlike masked slots (that value).
+    """
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    s = cache_k.shape[1]
+    scores_fn, values_fn = (_dense_scores, _dense_values) if dense else (_grouped_scores, _grouped_values)
+    qg = q.reshape(b, t, kv, h // kv, d)
+    neg = jnp.asarray(_large_negative(), jnp.float32)
+    local = jnp.where(mask[:, None, None, :, s:], _grouped_scores(qg, k) * sc, neg)  # [b, kv, g, t, t]
+    top = jnp.max(local, axis=-1, keepdims=True)
+    p_local = jnp.exp(local - top)
+    carry = (top, jnp.sum(p_local, axis=-1, keepdims=True), _grouped_values(p_local.astype(v.dtype), v))
+    cache_mask = mask[..., :s]
+    any_dead_row = jnp.any(~jnp.any(mask, axis=-1))
+    n_chunks = jnp.where(any_dead_row, -(-s // chunk), (filled_slots(cache_mask) + chunk - 1) // chunk)
+
+    def merge_chunk(i, carry):
+        top, denom, out = carry
+        start = jnp.minimum(i * chunk, s - chunk)
+        keys = jax.lax.dynamic_slice_in_dim(cache_k, start, chunk, axis=1)  # [b, chunk, kv, d]
+        values = jax.lax.dynamic_slice_in_dim(cache_v, start, chunk, axis=1)
+        allowed = jax.lax.dynamic_slice_in_dim(cache_mask, start, chunk, axis=-1)[:, None, None]
+        fresh = start + jnp.arange(chunk) >= i * chunk  # slots no earlier chunk covered
+        logits = jnp.where(fresh, jnp.where(allowed, scores_fn(qg, keys) * sc, neg), -jnp.inf)
+        new_top = jnp.maximum(top, jnp.max(logits, axis=-1, keepdims=True))
+        rescale = jnp.exp(top - new_top)
+        p = jnp.exp(logits - new_top)
+        denom = denom * rescale + jnp.sum(p, axis=-1, keepdims=True)
+        out = out * rescale + values_fn(p.astype(v.dtype), values)
+        return new_top, denom, out
+
+    _, denom, out = jax.lax.fori_loop(0, n_chunks, merge_chunk, carry)
+    return _heads_last(out / denom, q.dtype)
+
+
+def _filled_prefix_fwd(q, k, v, cache_k, cache_v, mask, sc, dense, chunk):
+    # Differentiated callers (the drafting loss's mask pass, draft_loss.py) get `_attention` and its own VJP: the
+    # loop's data-dependent trip count has no reverse-mode rule, and the function is the same.
+    out, pullback = jax.vjp(lambda *a: _attention(*a, sc, dense), q, k, v, cache_k, cache_v, mask)
+    return out, pullback
+
+
+def _filled_prefix_bwd(sc, dense, chunk, pullback, cotangent):
+    return pullback(cotangent)
+
+
+_filled_prefix_attention.defvjp(_filled_prefix_fwd, _filled_prefix_bwd)
