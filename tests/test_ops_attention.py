@@ -16,7 +16,7 @@ from tidar_jax.config import ATTENTION_IMPLS, MeshConfig, replace
 from tidar_jax.kv_cache import init_cache
 from tidar_jax.model import create_model, forward
 from tidar_jax.ops import cached_attention
-from tidar_jax.ops.attention import CHUNK, DENSE_MAX_COLUMNS, filled_slots
+from tidar_jax.ops.attention import CHUNK, DENSE_MAX_COLUMNS, filled_slots, windows
 from tidar_jax.sharding import make_mesh
 
 HEAD_DIM, KV_HEADS = 8, 2
@@ -85,7 +85,7 @@ def test_gradients_equal_dot_product_attention(formulation):
     def loss(fn, *args):
         return jnp.sum(fn(*args, mask) * weights)
 
-    chunked = lambda *b: cached_attention(*b, formulation=formulation, chunk=3)  # noqa: E731  (3 chunks, a loop)
+    chunked = lambda *b: cached_attention(*b, formulation=formulation, chunk=2)  # noqa: E731  (windows 2, 4, 7)
     ours = jax.jit(jax.grad(lambda *a: loss(chunked, *a),
                             argnums=(0, 1, 2, 3, 4)))(q, k, v, ck, cv)
     ref = jax.jit(jax.grad(lambda *a: loss(reference, *a), argnums=(0, 1, 2, 3, 4)))(q, k, v, ck, cv)
@@ -118,8 +118,8 @@ def ragged_inputs(seed, fills, t, s, group=2, dtype=jnp.float32):
 
 @jax.jit
 def chunked_and_reference(q, k, v, ck, cv, mask):
-    """jax.nn.dot_product_attention in float32, cached_attention without the loop and the filled-prefix loop of
-    both formulations (chunks of SMALL_CHUNK slots)."""
+    """jax.nn.dot_product_attention in float32, cached_attention over the whole cache and over the fill's window
+    in both formulations (windows of SMALL_CHUNK, 2 SMALL_CHUNK, ... slots)."""
     f32 = [x.astype(jnp.float32) for x in (q, k, v, ck, cv)]
     return (reference(*f32, mask), cached_attention(q, k, v, ck, cv, mask, chunk=0),
             [cached_attention(q, k, v, ck, cv, mask, formulation=f, chunk=SMALL_CHUNK) for f in ("grouped", "dense")])
@@ -127,10 +127,12 @@ def chunked_and_reference(q, k, v, ck, cv, mask):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("s", [3 * SMALL_CHUNK + 3, 4 * SMALL_CHUNK])
-@pytest.mark.parametrize("fill", [0, 1, SMALL_CHUNK - 1, SMALL_CHUNK, SMALL_CHUNK + 1, "S"])
-def test_filled_prefix_loop_equals_dot_product_attention(dtype, s, fill):
-    """Fills 0, 1, C-1, C, C+1 and S (S % C != 0 makes the last chunk overlap the one before), ragged over the
-    batch (rows filled to fill, fill - 5 and fill // 3)."""
+@pytest.mark.parametrize("fill", [0, 1, SMALL_CHUNK - 1, SMALL_CHUNK, SMALL_CHUNK + 1, 2 * SMALL_CHUNK,
+                                  2 * SMALL_CHUNK + 1, "S"])
+def test_filled_window_equals_dot_product_attention(dtype, s, fill):
+    """Fills 0, 1, C-1, C, C+1, 2C, 2C+1 and S on both sides of each window's end (windows C, 2C, 4C or 3C + 3),
+    ragged over the batch (rows filled to fill, fill - 5 and fill // 3)."""
+    assert windows(s, SMALL_CHUNK) == (SMALL_CHUNK, 2 * SMALL_CHUNK, s)
     fill = s if fill == "S" else fill
     fills = [fill, max(fill - 5, 0), fill // 3]
     q, k, v, ck, cv, mask = ragged_inputs(fill + s, fills, 5, s, dtype=dtype)
@@ -146,9 +148,9 @@ def test_filled_prefix_loop_equals_dot_product_attention(dtype, s, fill):
 
 
 @pytest.mark.parametrize("fill", [0, SMALL_CHUNK + 1])
-def test_filled_prefix_loop_rows_with_every_key_masked(fill):
+def test_filled_window_rows_with_every_key_masked(fill):
     """A row that sees nothing averages every value, the unfilled cache slots' too (as the reference does), so the
-    loop must then cover the whole cache although the other rows' fill is small."""
+    op must then read the whole cache although the other rows' fill is small."""
     s = 4 * SMALL_CHUNK + 3
     q, k, v, ck, cv, mask = ragged_inputs(9, [fill, 1, 0], 5, s)
     mask = mask.at[1, 2].set(False).at[2].set(False)  # row 1's query 2 and all of row 2 see no key
@@ -159,7 +161,19 @@ def test_filled_prefix_loop_rows_with_every_key_masked(fill):
         jnp.repeat(jnp.concatenate([cv[2], v[2]]).mean(0), 2, axis=0), outs[0][2].shape), atol=1e-5)
 
 
-def test_filled_prefix_loop_compiles_once_for_every_fill():
+def test_filled_window_does_not_read_slots_past_the_window():
+    """Slots past the fill's window hold NaN (the whole-cache pass would give NaN: 0 * NaN in the value matmul);
+    the window's result is finite and equals the reference on a cache with those slots zeroed."""
+    s = 4 * SMALL_CHUNK
+    q, k, v, ck, cv, mask = ragged_inputs(12, [SMALL_CHUNK - 1, 2, 0], 5, s)
+    past = (jnp.arange(s) >= SMALL_CHUNK)[None, :, None, None]
+    out = jax.jit(lambda *a: cached_attention(*a, chunk=SMALL_CHUNK))(
+        q, k, v, jnp.where(past, jnp.nan, ck), jnp.where(past, jnp.nan, cv), mask)
+    np.testing.assert_allclose(out, reference(q, k, v, jnp.where(past, 0, ck), jnp.where(past, 0, cv), mask),
+                               atol=2e-6, rtol=1e-5)
+
+
+def test_filled_window_compiles_once_for_every_fill():
     traces = []
 
     @jax.jit
@@ -176,7 +190,7 @@ def test_filled_prefix_loop_compiles_once_for_every_fill():
 
 
 @pytest.mark.parametrize("formulation", ["grouped", "dense"])
-def test_filled_prefix_loop_with_sharded_cache(formulation):
+def test_filled_window_with_sharded_cache(formulation):
     """Rows over `data`, KV heads over `tensor` (as sharding.py lays out a decode cache): equals one device."""
     mesh = make_mesh(MeshConfig(data=2, fsdp=1, tensor=2), jax.devices()[:4])
     s = 4 * SMALL_CHUNK + 3
@@ -248,7 +262,7 @@ def _cache_copies(hlo: str, cache_shape: str) -> list[str]:
             if re.match(rf"\s*%\S+ = f32\[{cache_shape}\]\S* copy\(", line)]
 
 
-@pytest.mark.parametrize("max_len", [40, 2 * CHUNK + 40])  # the second reads the filled chunks in a loop
+@pytest.mark.parametrize("max_len", [40, 2 * CHUNK + 40])  # the second switches over cache windows
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("queries", [1, 20])
 def test_donated_cache_is_written_in_place(tiny_config, batch, queries, max_len):
