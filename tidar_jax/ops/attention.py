@@ -34,7 +34,7 @@ slot at or past each row's cursor is masked for every row. On CPU the op reads o
 column any row may attend to): a `lax.switch` over one `_attention` per window, so one compiled program serves
 every fill (the fill is data; only the taken branch runs), and the result is the same function, since the skipped
 slots would each add exactly 0 to every row's softmax (a mask with a row that sees no key at all takes the whole
-cache, see `_filled_prefix_attention`). Each window keeps the dense / grouped choice above. Measured (SmolLM2-135M,
+cache, see `_filled_window_attention`). Each window keeps the dense / grouped choice above. Measured (SmolLM2-135M,
 1024 slots, cursor 128, whole forward, CHUNK 128 vs the whole cache, medians of 7 interleaved): float32 1 x 1
 38 vs 49 ms, 1 x 20 80 vs 101, 16 x 1 92 vs 178; bfloat16 1 x 1 equal, 1 x 20 41 vs 63, 16 x 1 279 vs 320; a
 full cache (cursor 900) equal within noise. An online-softmax loop over CHUNK-slot chunks (a while loop with the
@@ -132,8 +132,7 @@ def cached_attention(q: Array, k: Array, v: Array, cache_k: Array, cache_v: Arra
     scale defaults to d ** -0.5. Logits and softmax are float32; probabilities are cast to the value dtype for the
     value matmuls, as `jax.nn.dot_product_attention` does. chunk: the smallest cache window read (see the module
     docstring); None = `CHUNK` on the CPU backend and the whole cache elsewhere, 0 = the whole cache.
-    Returns
-    [b, t, h, d] in q's dtype.
+    Returns [b, t, h, d] in q's dtype.
     """
     if formulation not in FORMULATIONS:
         raise ValueError(f"formulation must be one of {FORMULATIONS}, got {formulation!r}")
@@ -155,7 +154,7 @@ def cached_attention(q: Array, k: Array, v: Array, cache_k: Array, cache_v: Arra
     sc = _scale(d, scale)
     if chunk == 0 or s <= chunk:  # one window: the whole cache
         return _attention(*args, sc, formulation == "dense")
-    return _filled_prefix_attention(*args, sc, formulation == "dense", chunk)
+    return _filled_window_attention(*args, sc, formulation == "dense", chunk)
 
 
 def _attention(q: Array, k: Array, v: Array, cache_k: Array, cache_v: Array, mask: Array, sc: float,
@@ -208,7 +207,7 @@ def windows(slots: int, chunk: int) -> tuple[int, ...]:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _filled_prefix_attention(q: Array, k: Array, v: Array, cache_k: Array, cache_v: Array, mask: Array, sc: float,
+def _filled_window_attention(q: Array, k: Array, v: Array, cache_k: Array, cache_v: Array, mask: Array, sc: float,
                              dense: bool, chunk: int) -> Array:
     """`_attention` over the smallest window of `windows(S, chunk)` slots that holds every slot some row may attend
     to: a `lax.switch` over one `_attention` per window (one program for every fill; only the taken branch runs).
@@ -232,15 +231,15 @@ def _filled_prefix_attention(q: Array, k: Array, v: Array, cache_k: Array, cache
     return jax.lax.switch(index, [branch(w) for w in sizes], q, k, v, cache_k, cache_v, mask)
 
 
-def _filled_prefix_fwd(q, k, v, cache_k, cache_v, mask, sc, dense, chunk):
+def _filled_window_fwd(q, k, v, cache_k, cache_v, mask, sc, dense, chunk):
     # Differentiated callers (the drafting loss's mask pass, draft_loss.py) get `_attention` over the whole cache and
     # its VJP, as before windows: the same function, while the switch's VJP would keep residuals for every window.
     out, pullback = jax.vjp(lambda *a: _attention(*a, sc, dense), q, k, v, cache_k, cache_v, mask)
     return out, pullback
 
 
-def _filled_prefix_bwd(sc, dense, chunk, pullback, cotangent):
+def _filled_window_bwd(sc, dense, chunk, pullback, cotangent):
     return pullback(cotangent)
 
 
-_filled_prefix_attention.defvjp(_filled_prefix_fwd, _filled_prefix_bwd)
+_filled_window_attention.defvjp(_filled_window_fwd, _filled_window_bwd)
