@@ -37,7 +37,8 @@ slots would each add exactly 0 to every row's softmax (a mask with a row that se
 cache, see `_filled_window_attention`). Each window keeps the dense / grouped choice above. Measured (SmolLM2-135M,
 1024 slots, cursor 128, whole forward, CHUNK 128 vs the whole cache, medians of 7 interleaved): float32 1 x 1
 38 vs 49 ms, 1 x 20 80 vs 101, 16 x 1 92 vs 178; bfloat16 1 x 1 equal, 1 x 20 41 vs 63, 16 x 1 279 vs 320; a
-full cache (cursor 900) equal within noise. An online-softmax loop over CHUNK-slot chunks (a while loop with the
+full cache (cursor 1000, 21 interleaved) 1 x 1 about 5% slower (47.0 -> 49.9 ms f32, 43.4 -> 45.6 bf16; the branch),
+1 x 20 equal or faster. An online-softmax loop over CHUNK-slot chunks (a while loop with the
 fill's trip count) was as fast at small fills but 10-27% slower on a full cache (per-iteration overhead of XLA
 CPU's while loop over 30 layers). Off CPU no window is taken (unmeasured there: a data-dependent branch costs a
 host sync on GPU).
