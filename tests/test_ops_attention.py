@@ -1,6 +1,7 @@
-"""ops.cached_attention equals jax.nn.dot_product_attention over `[cache | current]` (outputs and gradients), the
-cached model forward with it equals the concatenating reference path, and the compiled cached step writes the
-donated cache in place (no copy of a cache buffer)."""
+"""ops.cached_attention equals jax.nn.dot_product_attention over `[cache | current]` (outputs and gradients), also
+when it reads only the filled cache chunks (any fill, ragged across rows, all-masked rows, sharded caches, one
+compiled program for every fill), the cached model forward with it equals the concatenating reference path, and the
+compiled cached step writes the donated cache in place (no copy of a cache buffer)."""
 
 import re
 
@@ -11,11 +12,12 @@ import pytest
 from flax import nnx
 
 from tidar_jax import masks
-from tidar_jax.config import ATTENTION_IMPLS, replace
+from tidar_jax.config import ATTENTION_IMPLS, MeshConfig, replace
 from tidar_jax.kv_cache import init_cache
 from tidar_jax.model import create_model, forward
 from tidar_jax.ops import cached_attention
-from tidar_jax.ops.attention import DENSE_MAX_COLUMNS
+from tidar_jax.ops.attention import CHUNK, DENSE_MAX_COLUMNS, filled_slots, windows
+from tidar_jax.sharding import make_mesh
 
 HEAD_DIM, KV_HEADS = 8, 2
 
@@ -83,7 +85,8 @@ def test_gradients_equal_dot_product_attention(formulation):
     def loss(fn, *args):
         return jnp.sum(fn(*args, mask) * weights)
 
-    ours = jax.jit(jax.grad(lambda *a: loss(lambda *b: cached_attention(*b, formulation=formulation), *a),
+    chunked = lambda *b: cached_attention(*b, formulation=formulation, chunk=2)  # noqa: E731  (windows 2, 4, 7)
+    ours = jax.jit(jax.grad(lambda *a: loss(chunked, *a),
                             argnums=(0, 1, 2, 3, 4)))(q, k, v, ck, cv)
     ref = jax.jit(jax.grad(lambda *a: loss(reference, *a), argnums=(0, 1, 2, 3, 4)))(q, k, v, ck, cv)
     for a, b in zip(ours, ref):
@@ -98,12 +101,117 @@ def test_bfloat16_stays_close_and_keeps_dtype():
     np.testing.assert_allclose(out.astype(jnp.float32), reference(q, k, v, ck, cv, mask), atol=0.05)
 
 
+SMALL_CHUNK = 8
+
+
+def ragged_inputs(seed, fills, t, s, group=2, dtype=jnp.float32):
+    """`inputs` with a [b, t, s + t] mask in which row r sees no cache slot >= fills[r] (a random subset below)."""
+    q, k, v, ck, cv, mask = inputs(seed, len(fills), t, s, group)
+    mask = np.array(mask)
+    mask[:, :, :s] |= np.random.default_rng(seed).random((len(fills), t, s)) < 0.3
+    for row, fill in enumerate(fills):
+        mask[row, :, fill:s] = False
+        if fill:
+            mask[row, 0, fill - 1] = True  # slot fill - 1 is really the last one a row sees
+    return (*(x.astype(dtype) for x in (q, k, v, ck, cv)), jnp.asarray(mask))
+
+
+@jax.jit
+def chunked_and_reference(q, k, v, ck, cv, mask):
+    """jax.nn.dot_product_attention in float32, cached_attention over the whole cache and over the fill's window
+    in both formulations (windows of SMALL_CHUNK, 2 SMALL_CHUNK, ... slots)."""
+    f32 = [x.astype(jnp.float32) for x in (q, k, v, ck, cv)]
+    return (reference(*f32, mask), cached_attention(q, k, v, ck, cv, mask, chunk=0),
+            [cached_attention(q, k, v, ck, cv, mask, formulation=f, chunk=SMALL_CHUNK) for f in ("grouped", "dense")])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("s", [3 * SMALL_CHUNK + 3, 4 * SMALL_CHUNK])
+@pytest.mark.parametrize("fill", [0, 1, SMALL_CHUNK - 1, SMALL_CHUNK, SMALL_CHUNK + 1, 2 * SMALL_CHUNK,
+                                  2 * SMALL_CHUNK + 1, "S"])
+def test_filled_window_equals_dot_product_attention(dtype, s, fill):
+    """Fills 0, 1, C-1, C, C+1, 2C, 2C+1 and S on both sides of each window's end (windows C, 2C, 4C or 3C + 3),
+    ragged over the batch (rows filled to fill, fill - 5 and fill // 3)."""
+    assert windows(s, SMALL_CHUNK) == (SMALL_CHUNK, 2 * SMALL_CHUNK, s)
+    fill = s if fill == "S" else fill
+    fills = [fill, max(fill - 5, 0), fill // 3]
+    q, k, v, ck, cv, mask = ragged_inputs(fill + s, fills, 5, s, dtype=dtype)
+    assert int(filled_slots(mask[..., :s])) == fill
+    ref, unchunked, outs = chunked_and_reference(q, k, v, ck, cv, mask)
+    f32 = dtype == jnp.float32
+    for name, out in zip(("grouped", "dense"), outs):
+        assert out.shape == ref.shape and out.dtype == dtype
+        np.testing.assert_allclose(out.astype(jnp.float32), ref, atol=2e-6 if f32 else 0.05, rtol=1e-5 if f32 else 0,
+                                   err_msg=name)
+        np.testing.assert_allclose(out.astype(jnp.float32), unchunked.astype(jnp.float32),
+                                   atol=2e-6 if f32 else 0.02, rtol=1e-5 if f32 else 0, err_msg=name)
+
+
+@pytest.mark.parametrize("fill", [0, SMALL_CHUNK + 1])
+def test_filled_window_rows_with_every_key_masked(fill):
+    """A row that sees nothing averages every value, the unfilled cache slots' too (as the reference does), so the
+    op must then read the whole cache although the other rows' fill is small."""
+    s = 4 * SMALL_CHUNK + 3
+    q, k, v, ck, cv, mask = ragged_inputs(9, [fill, 1, 0], 5, s)
+    mask = mask.at[1, 2].set(False).at[2].set(False)  # row 1's query 2 and all of row 2 see no key
+    ref, _, outs = chunked_and_reference(q, k, v, ck, cv, mask)
+    for out in outs:
+        np.testing.assert_allclose(out, ref, atol=2e-6, rtol=1e-5)
+    np.testing.assert_allclose(outs[0][2], jnp.broadcast_to(
+        jnp.repeat(jnp.concatenate([cv[2], v[2]]).mean(0), 2, axis=0), outs[0][2].shape), atol=1e-5)
+
+
+def test_filled_window_does_not_read_slots_past_the_window():
+    """Slots past the fill's window hold NaN (the whole-cache pass would give NaN: 0 * NaN in the value matmul);
+    the window's result is finite and equals the reference on a cache with those slots zeroed."""
+    s = 4 * SMALL_CHUNK
+    q, k, v, ck, cv, mask = ragged_inputs(12, [SMALL_CHUNK - 1, 2, 0], 5, s)
+    past = (jnp.arange(s) >= SMALL_CHUNK)[None, :, None, None]
+    out = jax.jit(lambda *a: cached_attention(*a, chunk=SMALL_CHUNK))(
+        q, k, v, jnp.where(past, jnp.nan, ck), jnp.where(past, jnp.nan, cv), mask)
+    np.testing.assert_allclose(out, reference(q, k, v, jnp.where(past, 0, ck), jnp.where(past, 0, cv), mask),
+                               atol=2e-6, rtol=1e-5)
+
+
+def test_filled_window_compiles_once_for_every_fill():
+    traces = []
+
+    @jax.jit
+    def attend(*args):
+        traces.append(1)
+        return cached_attention(*args, chunk=SMALL_CHUNK)
+
+    s = 4 * SMALL_CHUNK
+    for fill in (1, s, 2 * SMALL_CHUNK + 3):
+        q, k, v, ck, cv, mask = ragged_inputs(fill, [fill, fill // 2, 0], 5, s)
+        np.testing.assert_allclose(attend(q, k, v, ck, cv, mask), reference(q, k, v, ck, cv, mask), atol=2e-6,
+                                   rtol=1e-5)
+    assert len(traces) == 1 and attend._cache_size() == 1
+
+
+@pytest.mark.parametrize("formulation", ["grouped", "dense"])
+def test_filled_window_with_sharded_cache(formulation):
+    """Rows over `data`, KV heads over `tensor` (as sharding.py lays out a decode cache): equals one device."""
+    mesh = make_mesh(MeshConfig(data=2, fsdp=1, tensor=2), jax.devices()[:4])
+    s = 4 * SMALL_CHUNK + 3
+    args = ragged_inputs(11, [SMALL_CHUNK + 1, 3, 2 * SMALL_CHUNK, 0], 5, s)
+    heads = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", None, "tensor", None))
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", None, None))
+    sharded = [jax.device_put(x, heads) for x in args[:5]] + [jax.device_put(args[5], rows)]
+    attend = jax.jit(lambda *a: cached_attention(*a, formulation=formulation, chunk=SMALL_CHUNK))
+    out = attend(*sharded)
+    assert out.sharding.shard_shape(out.shape)[2] == out.shape[2] // 2  # heads stay split: no gather of the cache
+    np.testing.assert_allclose(out, reference(*args), atol=2e-6, rtol=1e-5)
+
+
 def test_rejects_bad_shapes():
     q, k, v, ck, cv, mask = inputs(5, 1, 5, 7, 2)
     with pytest.raises(ValueError, match="mask"):
         cached_attention(q, k, v, ck, cv, mask[..., 1:])
     with pytest.raises(ValueError, match="formulation"):
         cached_attention(q, k, v, ck, cv, mask, formulation="flash")
+    with pytest.raises(ValueError, match="chunk"):
+        cached_attention(q, k, v, ck, cv, mask, chunk=-1)
 
 
 def models(tiny_config, **overrides):
@@ -154,14 +262,14 @@ def _cache_copies(hlo: str, cache_shape: str) -> list[str]:
             if re.match(rf"\s*%\S+ = f32\[{cache_shape}\]\S* copy\(", line)]
 
 
+@pytest.mark.parametrize("max_len", [40, 2 * CHUNK + 40])  # the second switches over cache windows
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("queries", [1, 20])
-def test_donated_cache_is_written_in_place(tiny_config, batch, queries):
+def test_donated_cache_is_written_in_place(tiny_config, batch, queries, max_len):
     """XLA CPU copies a buffer that is read and then updated in place (twice per layer per step): the "xla" path
     writes first and reads after, so the compiled step holds no copy of a cache buffer."""
     cfg, graphdef, _, params = models(tiny_config)
     k = 1 if queries == 1 else cfg.block_size
-    max_len = 40
 
     def step(params, cache, tokens):
         mask = masks.with_cache(cache.valid_slots(), masks.step_mask(k, queries > 1))
