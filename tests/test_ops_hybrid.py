@@ -106,6 +106,7 @@ def test_sharded_over_batch_and_heads_equals_unsharded(monkeypatch, batch):
     assert_outputs_and_grads_close(sharded, outputs_and_grads(dense_reference(lm), q, k, v, w))
 
 
+@pytest.mark.slow  # ~30 s: a real Trainer step on a 2 x 2 x 2 mesh (the op-level sharded test above is fast)
 def test_sharded_scanned_remat_train_step_equals_xla(tiny_config, monkeypatch):
     """The real Trainer on a data x fsdp x tensor = 2 x 2 x 2 mesh with scanned, rematerialised layers: two steps of
     cudnn_hybrid (XLA in place of cuDNN, so the CPU refusals of the Trainer and of float32 are bypassed here) give the
