@@ -4,7 +4,8 @@
 #   2. self-distillation data: SmolLM2's own greedy answers to chat and news prompts (our batched jitted decoding);
 #   3. adapt it with TiDAR: mask-gated low-rank adapters learn to draft, the AR model stays bit-identical;
 #   4-5. answer a held-out chat prompt with TiDAR and with AR (the same text, token for token);
-#   6. the speed-up: TiDAR vs AR tokens/s on held-out chat prompts (batch 1, interleaved rounds, same run).
+#   6. the speed-up: TiDAR vs AR tokens/s on held-out chat prompts (batch 1, interleaved rounds, same run), in
+#      float32 and, on CPUs with bf16 matmul instructions, in bfloat16.
 #
 #   bash scripts/demo.sh                                 # runs/smollm2 (import), runs/smollm2-tidar (adapted)
 #   WORKDIR=runs/t2 bash scripts/demo.sh train.steps=400  # extra args are config overrides for the adaptation
@@ -44,3 +45,10 @@ $PY -m infer.generate --checkpoint "$WORKDIR" --chat --prompt "$PROMPT" --max-ne
 echo "== 6/6 speed: TiDAR vs AR on held-out chat prompts (batch 1, medians of interleaved runs)"
 $PY -m infer.bench --checkpoint "$WORKDIR" --prompts chat --batch-sizes 1 --skip-latency --repeats 3 \
     --max-new-tokens 96 --json "$WORKDIR/bench.json"
+# With AVX-512 bf16 / AMX, XLA's bf16 kernels make the 20-row TiDAR step nearly as cheap as the 1-row AR step
+# (docs/RESULTS.md section 5); both methods decode in bf16, so near-ties of the logits may flip a token.
+if grep -q -E 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null; then
+  echo "== 6/6 (bf16) the same in bfloat16: this CPU has bf16 matmul instructions"
+  $PY -m infer.bench --checkpoint "$WORKDIR" --prompts chat --batch-sizes 1 --skip-latency --repeats 3 \
+      --max-new-tokens 96 --override model.compute_dtype=bfloat16 --json "$WORKDIR/bench_bf16.json"
+fi
