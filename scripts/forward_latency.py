@@ -7,7 +7,7 @@ TiDAR step at block size K, with its mask and positions from `masks.py`) at curs
 attention implementation / compute dtype is compiled and run once, then `--repeats` rounds time all of them in
 alternating order (load on a shared machine moves every variant alike); the table shows medians and the ratio to
 the 1-token forward of the same batch, implementation and dtype. Params are cast once to the compute dtype, as a
-`Generator` does (`model.inference_params`).
+`Generator` does (`precision.inference_params`).
 
     python scripts/forward_latency.py --checkpoint runs/smollm2 --impls xla blockwise --cases 1x1 1x20 16x1
     python scripts/forward_latency.py --checkpoint runs/smollm2 --dtypes float32 bfloat16 --cases 1x1 1x20
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=7)
     args = p.parse_args(argv)
     # Imported here, not at the top, so that make_step imports from older checkouts too (forward_versions.py).
-    from tidar_jax.model import inference_params
+    from tidar_jax.precision import inference_params
 
     bundle = load_for_inference(args.checkpoint)
     cfg = bundle.config.model

@@ -1,5 +1,5 @@
 """One cached decode forward of a checkpoint in float32, in bfloat16 with params cast once, and in bfloat16 with
-float32 params (cast inside every step, as a `Generator` did before `model.inference_params`), interleaved.
+float32 params (cast inside every step, as a `Generator` did before `precision.inference_params`), interleaved.
 
 Self-contained apart from `forward_latency.make_step` (same folder), so it measures any checkout of the library:
 put that checkout first on PYTHONPATH to compare versions back to back.

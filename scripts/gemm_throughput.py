@@ -2,7 +2,7 @@
 projections are such dots: rows = batch * query tokens).
 
 Each case is jitted and timed (median of `--repeats` calls on the same, cache-resident weight); GFLOP/s is
-2 * rows * K * N / time. `bf16->f32` asks the dot for a float32 result (what `model._matmul` does), `bf16->bf16`
+2 * rows * K * N / time. `bf16->f32` asks the dot for a float32 result (what `precision.matmul` does), `bf16->bf16`
 for a bfloat16 one; on CPUs with AVX-512 bf16 / AMX the two take different XLA kernels.
 
     python scripts/gemm_throughput.py --shape 576 1536 --rows 1 2 8 20 72 128

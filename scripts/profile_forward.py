@@ -30,7 +30,8 @@ from forward_latency import make_step  # noqa: E402
 
 from tidar_jax.checkpoint import load_for_inference  # noqa: E402
 from tidar_jax.kv_cache import init_cache  # noqa: E402
-from tidar_jax.model import create_model, inference_params  # noqa: E402
+from tidar_jax.model import create_model  # noqa: E402
+from tidar_jax.precision import inference_params  # noqa: E402
 
 _RUNTIME_EVENTS = ("ThunkExecutor", "$", "PjitFunction", "SlinkyThreadPool", "CommonPjRt", "ParseArguments", "end: ")
 

@@ -10,7 +10,8 @@ from flax import nnx
 from tidar_jax import masks
 from tidar_jax.config import replace
 from tidar_jax.kv_cache import init_cache
-from tidar_jax.model import Transformer, _matmul, count_params, create_model, forward, inference_params
+from tidar_jax.model import Transformer, count_params, create_model, forward
+from tidar_jax.precision import inference_params, matmul
 
 VARIANTS = {
     "llama": {},
@@ -126,14 +127,14 @@ def test_projection_matmul_of_one_row_equals_that_row_of_a_batch(dtype):
     result must not depend on which path or how many rows it came with, and must match a float32 reference."""
     x = jax.random.normal(jax.random.key(0), (1, 5, 64)).astype(dtype)
     w = jax.random.normal(jax.random.key(1), (64, 96)) / 8.0
-    batched = _matmul("bsd,df->bsf", x, w)
-    one = _matmul("bsd,df->bsf", x[:, 2:3], w)
+    batched = matmul("bsd,df->bsf", x, w)
+    one = matmul("bsd,df->bsf", x[:, 2:3], w)
     assert one.dtype == batched.dtype == dtype and one.shape == (1, 1, 96)
     np.testing.assert_allclose(np.asarray(one, np.float32), np.asarray(batched[:, 2:3], np.float32), rtol=1e-2,
                                atol=1e-2)
     ref = x.astype(jnp.float32)[:, 2:3] @ w.astype(dtype).astype(jnp.float32)
     np.testing.assert_allclose(np.asarray(one, np.float32), np.asarray(ref), rtol=1e-2, atol=1e-2)
-    logits = _matmul("bsd,df->bsf", x[:, 2:3], w, out_dtype=jnp.float32)
+    logits = matmul("bsd,df->bsf", x[:, 2:3], w, out_dtype=jnp.float32)
     assert logits.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(logits), np.asarray(ref), rtol=1e-5, atol=1e-5)
 

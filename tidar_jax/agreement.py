@@ -105,7 +105,7 @@ def reference_logits(graphdef: nnx.GraphDef, params: nnx.State, model_cfg: Model
                      pairs: Sequence[tuple[int, int]]) -> dict[str, np.ndarray]:
     """AR's next-token logits after `sequences[i][:positions[i] + 1]`, from one causal forward of every sequence
     (padded to a power-of-two batch and length; causal rows never see the padding after them). params: in the
-    compute dtype (model.inference_params). Returns numpy top [n, 2], ids [n, 2], pair [n, 2], scale [n]."""
+    compute dtype (precision.inference_params). Returns numpy top [n, 2], ids [n, 2], pair [n, 2], scale [n]."""
     n, length = len(sequences), _bucket(max(map(len, sequences)), 16)
     tokens = np.full((_bucket(n, 1), length), model_cfg.pad_token_id, np.int32)
     rows, pair = np.zeros(len(tokens), np.int32), np.zeros((len(tokens), 2), np.int32)

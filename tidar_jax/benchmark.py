@@ -22,7 +22,8 @@ from flax import nnx
 from tidar_jax import masks
 from tidar_jax.config import ModelConfig
 from tidar_jax.kv_cache import KVCache, init_cache
-from tidar_jax.model import forward, inference_params
+from tidar_jax.model import forward
+from tidar_jax.precision import inference_params
 
 DEFAULT_QUERY_COUNTS = (1, 2, 4, 8, 12, 16, 20, 24, 32, 48, 64, 72, 96, 128, 192, 256, 384, 512)
 

@@ -36,7 +36,7 @@ from tidar_jax.buckets import bucket_for, length_buckets
 from tidar_jax.config import DecodeConfig, ModelConfig
 from tidar_jax.decode import DecodeSpec, DecodeState
 from tidar_jax.kv_cache import KVCache, init_cache
-from tidar_jax.model import inference_params
+from tidar_jax.precision import inference_params
 from tidar_jax.program_cache import ProgramCache
 from tidar_jax.sampling import SamplingParams
 from tidar_jax.sharding import batch_shards, check_runtime, decode_shardings, named_sharding, place_params

@@ -28,6 +28,7 @@ from tidar_jax.kv_cache import KVCache
 from tidar_jax.layer_stacking import stack_modules
 from tidar_jax.masks import LayoutMask
 from tidar_jax.ops import blockwise_attention, cached_attention, hybrid_attention, splash_attention
+from tidar_jax.precision import matmul
 
 Array = jax.Array
 
@@ -38,23 +39,6 @@ Array = jax.Array
 _JAX_ATTENTION_IMPL = {"xla": "xla", "xla_reference": "xla", "cudnn": "cudnn", "blockwise": "xla", "splash": "xla",
                        "cudnn_hybrid": "xla"}
 # "auto" never reaches here: Transformer resolves it (`resolved_config`) before building the layers.
-
-
-def _matmul(equation: str, x: Array, weight: Array, out_dtype=None) -> Array:
-    """`einsum(equation, x, weight)` for x [batch, seq, ...] and a weight cast to x's dtype, accumulated and
-    returned by the dot in float32, then cast to `out_dtype` (default: x's dtype).
-
-    Asking the dot for a float32 result is what accelerators do internally anyway. On CPUs (AVX-512 bf16 / AMX) it
-    selects XLA's fast low-precision kernels, which a bf16-result dot does not use (2-4x slower); and a low-precision
-    dot of a single row (batch 1, one query token) is there upcast weight by weight to float32, so on the CPU
-    backend such a dot is computed on that row twice (2 rows take the fast kernel; measured in docs/RESULTS.md)."""
-    out_dtype = x.dtype if out_dtype is None else out_dtype
-    w = weight.astype(x.dtype)
-    single_row = x.shape[0] * x.shape[1] == 1 and x.dtype != jnp.float32 and jax.default_backend() == "cpu"
-    if single_row:
-        x = jnp.concatenate([x, x], axis=1)
-    out = jnp.einsum(equation, x, w, preferred_element_type=jnp.float32)
-    return (out[:, :1] if single_row else out).astype(out_dtype)
 
 
 def _param(rngs: nnx.Rngs, init: Callable, shape: tuple[int, ...], axes: tuple[str | None, ...],
@@ -141,7 +125,7 @@ class Attention(nnx.Module):
     def _project(self, x: Array, kernel: nnx.Param, bias_name: str, adapter: LowRankAdapter | None,
                  gate: Array | None) -> Array:
         dt = x.dtype
-        out = _matmul("bsd,dhk->bshk", x, kernel[...])
+        out = matmul("bsd,dhk->bshk", x, kernel[...])
         if self.cfg.qkv_bias:
             out = out + getattr(self, bias_name)[...].astype(dt)
         return gated(out, x, adapter, gate)
@@ -169,7 +153,7 @@ class Attention(nnx.Module):
         q = rotary_embedding(q, positions, cfg.rope_theta)
         k = rotary_embedding(k, positions, cfg.rope_theta)
         out, new_cache = self._attend(q, k, v, mask, cache_kv, write_start, n_write)
-        projected = _matmul("bshk,hkd->bsd", out, self.o_proj[...])
+        projected = matmul("bshk,hkd->bsd", out, self.o_proj[...])
         return gated(projected, out, self.o_adapter, gate), new_cache
 
     def _attend(self, q: Array, k: Array, v: Array, mask: Array | LayoutMask, cache_kv: tuple[Array, Array] | None,
@@ -262,10 +246,10 @@ class MLP(nnx.Module):
     def __call__(self, x: Array, rows: Array | None = None) -> Array:
         """x: [batch, seq, d_model]; rows: [batch, seq] bool adapter gate (None: no adapters)."""
         x = _batch_sharded(x)
-        gate = gated(_matmul("bsd,df->bsf", x, self.gate_proj[...]), x, self.gate_adapter, rows)
-        up = gated(_matmul("bsd,df->bsf", x, self.up_proj[...]), x, self.up_adapter, rows)
+        gate = gated(matmul("bsd,df->bsf", x, self.gate_proj[...]), x, self.gate_adapter, rows)
+        up = gated(matmul("bsd,df->bsf", x, self.up_proj[...]), x, self.up_adapter, rows)
         hidden = jax.nn.silu(gate) * up
-        return _batch_sharded(gated(_matmul("bsf,fd->bsd", hidden, self.down_proj[...]), hidden, self.down_adapter,
+        return _batch_sharded(gated(matmul("bsf,fd->bsd", hidden, self.down_proj[...]), hidden, self.down_adapter,
                                     rows))
 
 
@@ -393,7 +377,7 @@ class Transformer(nnx.Module):
         it only on the rows they read."""
         cd = jnp.dtype(self.cfg.compute_dtype)
         rows = hidden.reshape(1, -1, hidden.shape[-1]).astype(cd)
-        logits = _matmul("bsd,dv->bsv", rows, self.head_weight(), out_dtype=jnp.float32)
+        logits = matmul("bsd,dv->bsv", rows, self.head_weight(), out_dtype=jnp.float32)
         return logits.reshape(hidden.shape[:-1] + logits.shape[-1:])
 
     def __call__(self, tokens: Array, positions: Array, mask: Array, cache: KVCache | None = None,
@@ -436,21 +420,6 @@ def head_logits(graphdef: nnx.GraphDef, params: nnx.State, hidden: Array) -> Arr
 def head_weight(graphdef: nnx.GraphDef, params: nnx.State) -> Array:
     """The LM head matrix [d_model, vocab] of the model (see `Transformer.head_weight`), for `ops.row_ce`."""
     return nnx.merge(graphdef, params).head_weight()
-
-
-def inference_dtype(dtype, ndim: int, cfg: ModelConfig):
-    """The dtype `inference_params` gives a param of `dtype` and rank `ndim`: `cfg.compute_dtype` for floating
-    params of rank >= 2, which every forward casts to that dtype before use; otherwise `dtype` unchanged."""
-    return jnp.dtype(cfg.compute_dtype) if jnp.issubdtype(dtype, jnp.floating) and ndim >= 2 else jnp.dtype(dtype)
-
-
-def inference_params(params: nnx.State, cfg: ModelConfig) -> nnx.State:
-    """`params` with every floating param of rank >= 2 (weight matrices, embeddings, biases [heads, head_dim],
-    adapters) in `cfg.compute_dtype` (`inference_dtype`); rank-1 params (norm scales, read in float32) are kept.
-    A forward gives the same numbers on either, and on the cast params a low-precision step reads half the weight
-    bytes instead of converting float32 weights on every call. Returns new arrays (placed like the old ones);
-    `params` is unchanged."""
-    return jax.tree.map(lambda x: x.astype(inference_dtype(x.dtype, x.ndim, cfg)), params)
 
 
 def count_params(params: nnx.State) -> int:

@@ -32,7 +32,8 @@ from tidar_jax.config import DecodeConfig, ModelConfig
 from tidar_jax.decode import DecodeSpec, DecodeState
 from tidar_jax.generation import GenerationResult, Generator, summary
 from tidar_jax.kv_cache import KVCache, init_cache
-from tidar_jax.model import forward_hidden, inference_params
+from tidar_jax.model import forward_hidden
+from tidar_jax.precision import inference_params
 from tidar_jax.sampling import SamplingParams
 
 Array = jax.Array

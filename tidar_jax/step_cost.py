@@ -20,7 +20,8 @@ from flax import nnx
 from tidar_jax import decode, masks
 from tidar_jax.config import ModelConfig
 from tidar_jax.kv_cache import init_cache
-from tidar_jax.model import create_model, inference_dtype, inference_params
+from tidar_jax.model import create_model
+from tidar_jax.precision import inference_dtype, inference_params
 from tidar_jax.sampling import SamplingParams
 from tidar_jax.sharding import check_runtime
 
@@ -70,7 +71,7 @@ def step_costs(cfg: ModelConfig, block_size: int, cache_len: int, batch_size: in
     if cfg.scan_layers:  # XLA's cost analysis counts a loop body once: cost the unrolled layers (same function)
         cfg, model = dataclasses.replace(cfg, scan_layers=False), None
     graphdef, params = model or abstract_model(cfg)
-    # Cast as a Generator casts them (model.inference_params): the step reads compute-dtype weights.
+    # Cast as a Generator casts them (precision.inference_params): the step reads compute-dtype weights.
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, inference_dtype(x.dtype, x.ndim, cfg)), params)
     sp = jax.eval_shape(SamplingParams.create)
     prompts = jax.ShapeDtypeStruct((batch_size, prompt_bucket), jnp.int32)
