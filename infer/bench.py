@@ -40,6 +40,7 @@ PLOT_DIR/bench_speedup.png, PLOT_DIR/bench_latency.png.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -212,8 +213,6 @@ def _agreement(ar_generator, round_prompts, results, ar_results, epsilon) -> dic
 
 def run_generation(args, bundles: dict, draft, prompts: list[list[int]], progress) -> list[dict]:
     """Every (checkpoint, K, batch) group; returns one record per group."""
-    import dataclasses
-
     from infer.common import decode_room
     from tidar_jax import agreement, proposals
     from tidar_jax.buckets import bucket_for
@@ -341,7 +340,8 @@ def run_cost_only(args) -> int:
 
     tables, report = [], {}
     try:
-        cfg = load_config(args.config, args.override).model
+        config = load_config(args.config, args.override)
+        cfg = config.model
         k = args.block_size or cfg.block_size
         for lengths in [None] + args.proposal_sets:
             if lengths is not None:
@@ -349,7 +349,8 @@ def run_cost_only(args) -> int:
             costs = step_costs(cfg, k, args.cache_len, args.batch_size, args.prompt_bucket, args.peak_tflops,
                                args.bandwidth_gbs, proposal_lengths=lengths)
             if args.time_steps:
-                costs["measured"] = time_steps(cfg, k, args.cache_len, args.batch_size, args.prompt_bucket,
+                costs["measured"] = time_steps(dataclasses.replace(cfg, scan_layers=config.decode.scan_layers), k,
+                                               args.cache_len, args.batch_size, args.prompt_bucket,
                                                args.repeats, proposal_lengths=lengths)
             name = "full proposal set" if lengths is None else f"proposal set {list(lengths)}"
             tables.append(format_costs(costs, f"{args.config}: K={k}, {name}, cache {args.cache_len}, batch "

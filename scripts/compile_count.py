@@ -5,6 +5,10 @@ AR, with a random-init model of a preset on the local device: what a caller with
         --max-new-tokens 8 12 16 24 32
 
 Prints one line per mode: calls, traces of each decode function, total compile seconds (from GenerationResult).
+Dotted `--override`s change the preset, e.g. the decoding layer layout of a deep model:
+
+    python scripts/compile_count.py --config configs/smollm2-135m.yaml --batch-sizes 1 --max-new-tokens 8 \
+        --override decode.scan_layers=true
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6, 7, 8])
     parser.add_argument("--max-new-tokens", type=int, nargs="+", default=[8, 12, 16, 24, 32])
     parser.add_argument("--prompt-len", type=int, default=12)
+    parser.add_argument("--override", nargs="*", default=[], metavar="section.field=value",
+                        help="dotted config overrides, e.g. decode.scan_layers=true")
     args = parser.parse_args()
 
     from flax import nnx
@@ -28,7 +34,7 @@ def main() -> None:
     from tidar_jax.generation import Generator
     from tidar_jax.model import create_model
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.override)
     graphdef, params = nnx.split(create_model(cfg.model, seed=0))
     gen = Generator(graphdef, params, cfg.model, cfg.decode)
     prompt = [3 + i % 50 for i in range(args.prompt_len)]

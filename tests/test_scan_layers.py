@@ -36,9 +36,10 @@ def _close(a, b, **tol):
 
 @pytest.fixture(scope="module")
 def cfgs(tiny_config):
-    """(unrolled config, scanned config): tiny, Qwen2-style biases, adapters; seq_len S."""
+    """(unrolled config, scanned config): tiny, Qwen2-style biases, adapters; seq_len S. The scanned one also
+    decodes scanned (decode.scan_layers; decoding unrolls by default)."""
     base = replace(tiny_config, model={"qkv_bias": True, "adapter_rank": 4}, data={"seq_len": S})
-    return base, replace(base, model={"scan_layers": True})
+    return base, replace(base, model={"scan_layers": True}, decode={"scan_layers": True})
 
 
 @pytest.fixture(scope="module")
@@ -207,6 +208,23 @@ def test_tidar_greedy_equals_ar_with_scan_layers(cfgs, params):
         for mode in ("ar", "tidar"):
             outputs[c.model.scan_layers, mode] = gen.generate(prompts, mode=mode, max_new_tokens=12).tokens
     assert outputs[True, "tidar"] == outputs[True, "ar"] == outputs[False, "ar"]
+
+
+def test_decode_scan_layers_picks_the_decoding_layout(cfgs, params):
+    """Whatever the params' layout, a Generator decodes in decode.scan_layers's (params converted once: a
+    per-layer cache when unrolled, a stacked one when scanned), and all four combinations give the unrolled
+    model's tokens."""
+    prompts = [[5, 9, 33, 7], [12, 40, 41]]
+    outputs = {}
+    for c, p in ((cfgs[0], params), (cfgs[1], to_layout(params, True))):
+        state = abstract_model(c.model)[1]
+        nnx.replace_by_pure_dict(state, p)
+        for scanned in (False, True):
+            gen = Generator(_graphdef(c.model), state, c.model, dataclasses.replace(c.decode, scan_layers=scanned))
+            assert gen.model_cfg.scan_layers == scanned
+            assert gen.prefill(prompts, "tidar", 6)[0].cache.stacked == scanned
+            outputs[c.model.scan_layers, scanned] = gen.generate(prompts, "tidar", 6).tokens
+    assert all(tokens == outputs[False, False] for tokens in outputs.values()), outputs
 
 
 def _run_forward(bundle, tokens):

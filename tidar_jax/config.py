@@ -153,7 +153,11 @@ class DecodeConfig:
     to `prompt_buckets`, batches to `batch_buckets` (with inert rows; past the largest, to its next multiple), and
     the output buffer holds the smallest `max_new_tokens * 2^i` tokens that hold the requested max_new_tokens.
     `proposal_lengths`: the acceptance lengths whose proposal blocks a TiDAR step computes (a sparse set, e.g.
-    [1, 2]: Q = K + |A|*K query tokens; must include 1; needs beta = 1); empty = all of 1..K (proposals.py)."""
+    [1, 2]: Q = K + |A|*K query tokens; must include 1; needs beta = 1); empty = all of 1..K (proposals.py).
+    `scan_layers`: the layer layout decoding runs in, whatever `model.scan_layers` says (a Generator converts the
+    params once): false (default) unrolls the layers, since a scanned step reads each layer's weights through a
+    dynamic slice that XLA on CPU copies out on every step (SmolLM2-135M: forwards 14-62% slower, docs/RESULTS.md
+    section 5); true compiles the decode programs faster for deep models."""
 
     block_size: int = 0
     beta: float = 1.0
@@ -165,6 +169,7 @@ class DecodeConfig:
     prompt_buckets: tuple[int, ...] = (16, 64, 256)
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
     proposal_lengths: tuple[int, ...] = ()
+    scan_layers: bool = False
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,8 @@ from tidar_jax.buckets import bucket_for, length_buckets
 from tidar_jax.config import DecodeConfig, ModelConfig
 from tidar_jax.decode import DecodeSpec, DecodeState
 from tidar_jax.kv_cache import KVCache, init_cache
+from tidar_jax.layer_stacking import to_layout
+from tidar_jax.model import create_model
 from tidar_jax.precision import inference_params
 from tidar_jax.program_cache import ProgramCache
 from tidar_jax.sampling import SamplingParams
@@ -49,6 +51,19 @@ def _tensor_axis_size(params) -> int:
     sharding = getattr(jax.tree.leaves(params)[0], "sharding", None) if jax.tree.leaves(params) else None
     mesh = getattr(sharding, "mesh", None)
     return dict(mesh.shape).get("tensor", 1) if mesh is not None else 1
+
+
+def in_decoding_layout(graphdef: nnx.GraphDef, params: nnx.State, model_cfg: ModelConfig,
+                       scan_layers: bool) -> tuple[nnx.GraphDef, nnx.State, ModelConfig]:
+    """(graphdef, params, model config) of the model with its layers in the layout decoding runs in
+    (`decode.scan_layers`): the inputs themselves when they already are, else the params converted once
+    (layer_stacking.to_layout: the same values) with that layout's graphdef and `model.scan_layers`."""
+    if model_cfg.scan_layers == scan_layers:
+        return graphdef, params, model_cfg
+    cfg = dataclasses.replace(model_cfg, scan_layers=scan_layers)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: create_model(cfg)))
+    nnx.replace_by_pure_dict(state, to_layout(nnx.to_pure_dict(params), scan_layers))
+    return graphdef, state, cfg
 
 
 TRACE_COUNTS: collections.Counter[str] = collections.Counter()
@@ -91,8 +106,9 @@ class Generator:
     """Holds the split model and its compiled decode programs.
 
     graphdef, params: from `nnx.split(model)`; model_cfg: the model's config (vocab, special ids, trained block
-    size); decode_cfg: defaults for every knob plus the prompt and batch buckets, cache length and the smallest
-    output capacity (`max_new_tokens`); mesh: decode sharded on it (params are placed there by the rules table),
+    size); decode_cfg: defaults for every knob plus the prompt and batch buckets, cache length, the smallest
+    output capacity (`max_new_tokens`) and the layer layout (`scan_layers`: params in the other layout are
+    converted once, so `self.model_cfg.scan_layers` may differ from model_cfg's); mesh: decode sharded on it (params are placed there by the rules table),
     or None: run where the params are (inputs follow them); programs: the compiled-program cache (default the
     module-wide `PROGRAMS`).
     """
@@ -100,6 +116,7 @@ class Generator:
     def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, model_cfg: ModelConfig, decode_cfg: DecodeConfig,
                  *, allow_block_size_mismatch: bool = False, mesh: Mesh | None = None,
                  programs: ProgramCache | None = None):
+        graphdef, params, model_cfg = in_decoding_layout(graphdef, params, model_cfg, decode_cfg.scan_layers)
         self.graphdef, self.mesh = graphdef, mesh
         params = inference_params(params, model_cfg)
         self.params = params if mesh is None else place_params(params, mesh)

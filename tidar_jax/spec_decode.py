@@ -30,7 +30,7 @@ from flax import nnx, struct
 from tidar_jax import decode, masks, sampling
 from tidar_jax.config import DecodeConfig, ModelConfig
 from tidar_jax.decode import DecodeSpec, DecodeState
-from tidar_jax.generation import GenerationResult, Generator, summary
+from tidar_jax.generation import GenerationResult, Generator, in_decoding_layout, summary
 from tidar_jax.kv_cache import KVCache, init_cache
 from tidar_jax.model import forward_hidden
 from tidar_jax.precision import inference_params
@@ -185,8 +185,9 @@ class SpecDecoder(Generator):
             raise ValueError(f"the draft model must share the target's tokenizer; differences: {'; '.join(diffs)}")
         super().__init__(graphdef, params, model_cfg, dataclasses.replace(decode_cfg, block_size=num_drafts),
                          allow_block_size_mismatch=True)
-        self.draft_graphdef, self.draft_cfg = draft_graphdef, draft_cfg
-        self.draft_params = inference_params(draft_params, draft_cfg)
+        self.draft_graphdef, draft_params, self.draft_cfg = in_decoding_layout(draft_graphdef, draft_params,
+                                                                               draft_cfg, decode_cfg.scan_layers)
+        self.draft_params = inference_params(draft_params, self.draft_cfg)
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | None = None, seed: int = 0, *,
                  temperature: float | None = None, top_k: int | None = None,

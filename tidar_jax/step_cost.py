@@ -102,7 +102,8 @@ def step_costs(cfg: ModelConfig, block_size: int, cache_len: int, batch_size: in
 def time_steps(cfg: ModelConfig, block_size: int, cache_len: int, batch_size: int = 1, prompt_bucket: int = 128,
                repeats: int = 5, seed: int = 0, proposal_lengths: Sequence[int] | None = None) -> dict[str, Any]:
     """Measured milliseconds (median of `repeats`, interleaved, after a compile run) of the same jitted TiDAR and
-    AR `decode_step` programs as `step_costs`, on RANDOM-init weights (the cost does not depend on their values):
+    AR `decode_step` programs as `step_costs`, on RANDOM-init weights (the cost does not depend on their values),
+    in `cfg.scan_layers`'s layer layout (pass the one decoding runs in, `decode.scan_layers`):
     {"tidar_step_ms", "ar_step_ms", "tidar_over_ar"}. Allocates the model and a [b, cache_len] KV cache."""
     from tidar_jax import benchmark
 
