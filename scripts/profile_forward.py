@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from forward_latency import make_step  # noqa: E402
 
 from tidar_jax.checkpoint import load_for_inference  # noqa: E402
+from tidar_jax.generation import in_decoding_layout  # noqa: E402
 from tidar_jax.kv_cache import init_cache  # noqa: E402
 from tidar_jax.model import create_model  # noqa: E402
 from tidar_jax.precision import inference_params  # noqa: E402
@@ -61,12 +62,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=5, help="profiled forwards (after 3 warm-up ones)")
     p.add_argument("--top", type=int, default=25, help="rows of the table")
     p.add_argument("--out", help="directory for the trace and the HLO (default: a temporary one)")
+    p.add_argument("--scan-layers", action="store_true",
+                   help="profile the scanned layer layout (decode.scan_layers=true) instead of the unrolled one")
     args = p.parse_args(argv)
 
     bundle = load_for_inference(args.checkpoint)
     cfg = dataclasses.replace(bundle.config.model, compute_dtype=args.dtype)
     params = inference_params(bundle.params, cfg)
     graphdef = nnx.split(nnx.eval_shape(lambda: create_model(cfg)))[0]
+    graphdef, params, cfg = in_decoding_layout(graphdef, params, cfg, args.scan_layers)
     step = make_step(graphdef, args.query_tokens)
     cache = init_cache(cfg, 1, args.slots).replace(cursor=jnp.full((1,), args.prefix, jnp.int32))
     tokens = jnp.full((1, args.query_tokens), 3, jnp.int32)

@@ -156,8 +156,9 @@ class DecodeConfig:
     [1, 2]: Q = K + |A|*K query tokens; must include 1; needs beta = 1); empty = all of 1..K (proposals.py).
     `scan_layers`: the layer layout decoding runs in, whatever `model.scan_layers` says (a Generator converts the
     params once): false (default) unrolls the layers, since a scanned step reads each layer's weights through a
-    dynamic slice that XLA on CPU copies out on every step (SmolLM2-135M: forwards 14-62% slower, docs/RESULTS.md
-    section 5); true compiles the decode programs faster for deep models."""
+    dynamic slice that XLA on CPU copies out on every step (SmolLM2-135M forwards 1.14-1.62x slower in float32,
+    2.5-5x in bfloat16; docs/RESULTS.md section 5); true compiles the decode programs 4-7x faster (one-off short
+    generations of deep models)."""
 
     block_size: int = 0
     beta: float = 1.0
