@@ -24,6 +24,7 @@ from tidar_jax.kv_cache import init_cache
 from tidar_jax.layer_stacking import is_stacked, to_layout
 from tidar_jax.model import create_model, forward
 from tidar_jax.sharding import abstract_model, make_global_batch, make_mesh, param_shardings
+from tidar_jax.spec_decode import SpecDecoder
 from tidar_jax.trainer import Trainer, _target_counts, weighted_loss
 
 S = 16
@@ -225,6 +226,22 @@ def test_decode_scan_layers_picks_the_decoding_layout(cfgs, params):
             assert gen.prefill(prompts, "tidar", 6)[0].cache.stacked == scanned
             outputs[c.model.scan_layers, scanned] = gen.generate(prompts, "tidar", 6).tokens
     assert all(tokens == outputs[False, False] for tokens in outputs.values()), outputs
+
+
+def test_spec_decoding_converts_target_and_draft(cfgs, params):
+    """SpecDecoder lays out the draft like the target (decode.scan_layers): a scanned model drafting for itself
+    decodes unrolled by default (both caches per layer), scanned on request, and matches its AR greedy output."""
+    scfg = cfgs[1]
+    state = abstract_model(scfg.model)[1]
+    nnx.replace_by_pure_dict(state, to_layout(params, True))
+    graphdef = _graphdef(scfg.model)
+    prompts = [[5, 9, 33, 7], [12, 40, 41]]
+    ar = Generator(graphdef, state, scfg.model, scfg.decode).generate(prompts, "ar", 6).tokens
+    for scanned in (False, True):
+        decoder = SpecDecoder(graphdef, state, scfg.model, dataclasses.replace(scfg.decode, scan_layers=scanned),
+                              graphdef, state, scfg.model, 3)
+        assert decoder.model_cfg.scan_layers == decoder.draft_cfg.scan_layers == scanned
+        assert decoder.generate(prompts, 6).tokens == ar
 
 
 def _run_forward(bundle, tokens):
