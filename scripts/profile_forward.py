@@ -7,6 +7,16 @@ up projections), largest first. Thunk times add up across the CPU's threads, so 
 time when ops run concurrently. Also writes the optimized HLO next to the trace, to look up what an op is.
 
     python scripts/profile_forward.py --checkpoint runs/smollm2 --query-tokens 20 --dtype bfloat16
+
+`--decode-loop tidar|ar` profiles the whole decode loop instead (`decode.decode_loop`, as a Generator runs it:
+forward, LM head on the rows read, verification, drafting, bookkeeping, the while loop itself) for `--steps`
+forwards after a prefill of `--prefix` prompt tokens, greedy, and reports ops per forward, then the wall time per
+loop forward (a loop of `--steps` minus a loop of 1, which carries the prefill) beside the forward alone (the same
+query tokens, its LM head on the 2K rows a step reads), medians of `--repeats` interleaved runs. Inside the while
+loop the per-op times include waits on the CPU thread pool, so read that table for where ops sit, and the wall
+times for what a step costs beyond its forward.
+
+    python scripts/profile_forward.py --checkpoint runs/smollm2 --decode-loop tidar --steps 16
 """
 
 from __future__ import annotations
@@ -17,22 +27,27 @@ import dataclasses
 import gzip
 import json
 import re
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from forward_latency import make_step  # noqa: E402
 
+from tidar_jax import decode  # noqa: E402
 from tidar_jax.checkpoint import load_for_inference  # noqa: E402
 from tidar_jax.generation import in_decoding_layout  # noqa: E402
 from tidar_jax.kv_cache import init_cache  # noqa: E402
 from tidar_jax.model import create_model  # noqa: E402
 from tidar_jax.precision import inference_params  # noqa: E402
+from tidar_jax.sampling import SamplingParams  # noqa: E402
 
 _RUNTIME_EVENTS = ("ThunkExecutor", "$", "PjitFunction", "SlinkyThreadPool", "CommonPjRt", "ParseArguments", "end: ")
 
@@ -64,6 +79,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", help="directory for the trace and the HLO (default: a temporary one)")
     p.add_argument("--scan-layers", action="store_true",
                    help="profile the scanned layer layout (decode.scan_layers=true) instead of the unrolled one")
+    p.add_argument("--decode-loop", choices=["tidar", "ar"],
+                   help="profile the whole greedy decode loop of this mode (K = the trained block size) instead of "
+                        "one forward; --query-tokens is then implied")
+    p.add_argument("--repeats", type=int, default=5, help="with --decode-loop: rounds of the wall-time comparison")
     args = p.parse_args(argv)
 
     bundle = load_for_inference(args.checkpoint)
@@ -71,26 +90,86 @@ def main(argv: list[str] | None = None) -> None:
     params = inference_params(bundle.params, cfg)
     graphdef = nnx.split(nnx.eval_shape(lambda: create_model(cfg)))[0]
     graphdef, params, cfg = in_decoding_layout(graphdef, params, cfg, args.scan_layers)
-    step = make_step(graphdef, args.query_tokens)
-    cache = init_cache(cfg, 1, args.slots).replace(cursor=jnp.full((1,), args.prefix, jnp.int32))
-    tokens = jnp.full((1, args.query_tokens), 3, jnp.int32)
-    for _ in range(3):
-        logits, cache = step(params, cache, tokens)
-        jax.block_until_ready(logits)
     out = Path(args.out or tempfile.mkdtemp(prefix="profile_forward_"))
     out.mkdir(parents=True, exist_ok=True)
-    hlo = step.lower(params, cache, tokens).compile().as_text()
+    if args.decode_loop:
+        k = cfg.block_size if args.decode_loop == "tidar" else 1
+        run, hlo, steps = _decode_loop_runner(graphdef, params, cfg, args.decode_loop, args.slots, args.prefix,
+                                              args.steps)
+        what = f"decode loop ({args.decode_loop}, K = {k}, {steps} forwards)"
+    else:
+        run, hlo, steps = _forward_runner(graphdef, params, cfg, args.query_tokens, args.slots, args.prefix,
+                                          args.steps)
+        what = f"{args.query_tokens} query tokens"
     (out / "step.hlo.txt").write_text(hlo)
     with jax.profiler.trace(str(out), create_perfetto_trace=True):
-        for _ in range(args.steps):
-            logits, cache = step(params, cache, tokens)
-            jax.block_until_ready(logits)
+        run()
     trace = max(out.glob("**/*.trace.json.gz"), key=lambda f: f.stat().st_mtime)
-    rows = op_table(json.load(gzip.open(trace))["traceEvents"], hlo, args.steps)
-    print(f"{args.checkpoint}: {args.query_tokens} query tokens, {args.dtype}, {args.slots} cache slots, cursor "
-          f"{args.prefix}; thunk ms per step (total {sum(r[0] for r in rows):.1f}); trace and HLO in {out}")
+    rows = op_table(json.load(gzip.open(trace))["traceEvents"], hlo, steps)
+    print(f"{args.checkpoint}: {what}, {args.dtype}, {args.slots} cache slots, cursor {args.prefix}; thunk ms per "
+          f"forward (total {sum(r[0] for r in rows):.1f}); trace and HLO in {out}")
     for ms, n, key in rows[:args.top]:
         print(f"{ms:9.2f} ms  {n:5d}x  {key}")
+    if args.decode_loop:
+        _compare_loop_with_forward(graphdef, params, cfg, args, run, k)
+
+
+def _compare_loop_with_forward(graphdef, params, cfg, args, loop_run, k: int) -> None:
+    """Prints the wall ms per decode-loop forward and per forward alone (see the module docstring)."""
+    one_run = _decode_loop_runner(graphdef, params, cfg, args.decode_loop, args.slots, args.prefix, 1)[0]
+    forward_run = _forward_runner(graphdef, params, cfg, k + k * k if k > 1 else 1, args.slots, args.prefix,
+                                  args.steps)[0]
+    times = {name: [] for name in ("loop", "one", "forward")}
+    runs = {"loop": loop_run, "one": one_run, "forward": forward_run}
+    for r in range(args.repeats):
+        for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+            start = time.perf_counter()
+            runs[name]()
+            times[name].append(time.perf_counter() - start)
+    loop, one, forward = (1e3 * statistics.median(times[n]) for n in ("loop", "one", "forward"))
+    print(f"wall, medians of {args.repeats}: {(loop - one) / (args.steps - 1):.1f} ms per decode-loop forward, "
+          f"{forward / args.steps:.1f} ms per forward alone")
+
+
+def _forward_runner(graphdef, params, cfg, query_tokens: int, slots: int, prefix: int, steps: int):
+    """(run `steps` forwards, their optimized HLO, steps) for one cached forward (`make_step`), warmed up."""
+    step = make_step(graphdef, query_tokens)
+    holder = {"cache": init_cache(cfg, 1, slots).replace(cursor=jnp.full((1,), prefix, jnp.int32))}
+    tokens = jnp.full((1, query_tokens), 3, jnp.int32)
+
+    def run(n=steps):
+        for _ in range(n):
+            logits, holder["cache"] = step(params, holder["cache"], tokens)
+            jax.block_until_ready(logits)
+
+    run(3)
+    return run, step.lower(params, holder["cache"], tokens).compile().as_text(), steps
+
+
+def _decode_loop_runner(graphdef, params, cfg, mode: str, slots: int, prefix: int, steps: int):
+    """(run the greedy decode loop for `steps` forwards after a `prefix`-token prefill, its optimized HLO,
+    steps); compiled and run once before."""
+    # Room for `steps` full acceptances, and no EOS: every row runs exactly `steps` forwards.
+    spec = dataclasses.replace(decode.DecodeSpec.create(mode, cfg.block_size, True, (steps + 2) * cfg.block_size,
+                                                        cfg), eos_token_id=-1)
+    sp = SamplingParams.create()
+    prompts = jnp.asarray(np.random.default_rng(0).integers(3, cfg.mask_token_id, (1, prefix)), jnp.int32)
+    prefill = jax.jit(lambda p, c: decode.prefill(graphdef, p, c, prompts, jnp.full((1,), prefix, jnp.int32),
+                                                  jnp.int32(spec.capacity), jax.random.key(0), sp, spec=spec),
+                      donate_argnums=1)
+    loop = jax.jit(lambda p, s, n: decode.decode_loop(graphdef, p, s, sp, n, spec=spec), donate_argnums=1)
+    limit = jnp.int32(steps + 1)  # the prefill counts as one forward
+
+    def run():
+        state = jax.block_until_ready(prefill(params, init_cache(cfg, 1, slots)))
+        state = jax.block_until_ready(loop(params, state, limit))
+        if int(state.forwards) != steps + 1:
+            raise SystemExit(f"the loop stopped after {int(state.forwards) - 1} of {steps} forwards (cache full?)")
+
+    state = prefill(params, init_cache(cfg, 1, slots))
+    hlo = loop.lower(params, state, limit).compile().as_text()
+    run()
+    return run, hlo, steps
 
 
 if __name__ == "__main__":
