@@ -145,6 +145,7 @@ def run(args: argparse.Namespace) -> dict:
     """Loads the checkpoint, generates, streams unless --json; returns the JSON summary."""
     from tidar_jax.checkpoint import load_for_inference, step_path, with_model
     from tidar_jax.generation import Generator
+    from tidar_jax.model import resolved_config
 
     mesh = _mesh(args)
     bundle = load_for_inference(step_path(args.checkpoint, args.step), mesh)  # restored straight onto the mesh
@@ -165,6 +166,11 @@ def run(args: argparse.Namespace) -> dict:
         "tokens_per_second": result.tokens_per_second, "wall_time_s": result.wall_time_s,
         "compile_time_s": result.compile_time_s, "acceptance_histogram": result.acceptance_histogram,
         "finish_reason": result.finish_reasons[0], "checkpoint_step": bundle.step,
+        # What ran, as resolved for this backend: "auto" becomes a concrete attention implementation, and the layer
+        # layout is decode.scan_layers's, whatever the checkpoint's.
+        "attention_impl": resolved_config(generator.model_cfg).attention_impl,
+        "compute_dtype": generator.model_cfg.compute_dtype,
+        "scan_layers": generator.model_cfg.scan_layers,
     }
 
 
@@ -182,7 +188,9 @@ def main(argv=None) -> int:
         print()
         print(f"[{len(summary['token_ids'])} tokens, {summary['forwards']} forwards, "
               f"{summary['tokens_per_forward']:.2f} tokens/forward, {summary['tokens_per_second']:.1f} tokens/s, "
-              f"finished by {summary['finish_reason']}]", file=sys.stderr)
+              f"finished by {summary['finish_reason']}; {summary['attention_impl']} attention, "
+              f"{summary['compute_dtype']}, {'scanned' if summary['scan_layers'] else 'unrolled'} layers]",
+              file=sys.stderr)
     return 0
 
 

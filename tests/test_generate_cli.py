@@ -13,7 +13,7 @@ from infer.generate import main
 from tidar_jax.checkpoint import CheckpointError, load_for_inference, save_inference_checkpoint, with_model
 from tidar_jax.config import replace
 from tidar_jax.generation import Generator
-from tidar_jax.model import create_model
+from tidar_jax.model import create_model, resolved_config
 from tidar_jax.tokenizer import train_bpe
 
 OVERRIDES = ["decode.max_cache_len=48", "decode.prompt_buckets=[16,32]"]
@@ -52,6 +52,9 @@ def test_json_output_equals_generator(checkpoint, capsys):
     assert summary["tokens_per_forward"] == pytest.approx(NEW / summary["forwards"])
     assert summary["tokens_per_second"] > 0 and summary["block_size"] == cfg.model.block_size
     assert isinstance(summary["text"], str)
+    # What ran: the backend's concrete attention (never "auto"), and the unrolled layers decoding defaults to.
+    assert summary["attention_impl"] == resolved_config(cfg.model).attention_impl != "auto"
+    assert summary["compute_dtype"] == cfg.model.compute_dtype and summary["scan_layers"] is False
 
 
 def test_streamed_text_equals_generator(checkpoint, capsys):
