@@ -370,9 +370,9 @@ def run_cost_only(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from tidar_jax import compile_cache
+    from tidar_jax import caches
 
-    compile_cache.enable()  # before anything compiles: a repeated run loads its programs from disk
+    caches.enable_compile_cache()  # before anything compiles: a repeated run loads its programs from disk
     if args.cost_only:
         return run_cost_only(args)
     import jax

@@ -220,9 +220,9 @@ def format_report(report: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from tidar_jax import compile_cache
+    from tidar_jax import caches
 
-    compile_cache.enable()  # before anything compiles: a repeated run loads its programs from disk
+    caches.enable_compile_cache()  # before anything compiles: a repeated run loads its programs from disk
     from infer.common import report_main
 
     return report_main(args, evaluate_checkpoint, format_report)

@@ -176,9 +176,9 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from tidar_jax import compile_cache
+    from tidar_jax import caches
 
-    compile_cache.enable()  # before anything compiles: a repeated run loads its programs from disk
+    caches.enable_compile_cache()  # before anything compiles: a repeated run loads its programs from disk
     from infer.common import USER_ERRORS, fail
 
     try:

@@ -6,7 +6,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
-# The CLIs turn on JAX's persistent compilation cache (tidar_jax/compile_cache.py), a process-wide setting: the
+# The CLIs turn on JAX's persistent compilation cache (tidar_jax/caches.py), a process-wide setting: the
 # in-process CLI tests must not switch it on for the whole session, nor read executables left by an earlier run.
 os.environ["TIDAR_JAX_COMPILE_CACHE"] = "off"
 

@@ -27,6 +27,7 @@ import grain
 from absl import flags as absl_flags
 import numpy as np
 
+from tidar_jax import caches
 from tidar_jax.config import Config, ConfigError
 from tidar_jax.corpora import CORPORA, DataError, Document, load_corpus_documents, split_documents
 from tidar_jax.tokenizer import Tokenizer, train_bpe
@@ -68,11 +69,6 @@ def check_tokenizer_matches(tokenizer: Tokenizer, cfg: Config) -> None:
                               f"({tokenizer.vocab_size} tokens, mask id {model_cfg.mask_token_id})")
 
 
-def _cache_dir() -> Path | None:
-    value = os.environ.get("TIDAR_JAX_CACHE_DIR", str(Path("~/.cache/tidar_jax").expanduser()))
-    return None if value in ("", "off") else Path(value)
-
-
 def _encode_stream(docs: Sequence[Document], tokenizer: Tokenizer, separator: int) -> np.ndarray:
     """[total] int32: each document's tokens followed by the separator, in order."""
     texts = [doc for doc in docs if isinstance(doc, str)]
@@ -86,7 +82,7 @@ def _encode_stream(docs: Sequence[Document], tokenizer: Tokenizer, separator: in
 
 def _token_stream(docs: Sequence[Document], tokenizer: Tokenizer, separator: int) -> np.ndarray:
     """`_encode_stream`, read from / written to the disk cache when one is configured."""
-    cache = _cache_dir()
+    cache = caches.root()
     if cache is None:
         return _encode_stream(docs, tokenizer, separator)
     digest = hashlib.sha256(f"{tokenizer.fingerprint}/{separator}".encode())

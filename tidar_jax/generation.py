@@ -37,11 +37,11 @@ from tidar_jax.config import DecodeConfig, ModelConfig
 from tidar_jax.decode import DecodeSpec, DecodeState
 from tidar_jax.kv_cache import KVCache, init_cache
 from tidar_jax.layer_stacking import to_layout
-from tidar_jax.model import create_model
 from tidar_jax.precision import inference_params
 from tidar_jax.program_cache import ProgramCache
 from tidar_jax.sampling import SamplingParams
-from tidar_jax.sharding import batch_shards, check_runtime, decode_shardings, named_sharding, place_params
+from tidar_jax.sharding import (abstract_model, batch_shards, check_runtime, decode_shardings, named_sharding,
+                                place_params)
 
 TokenCallback = Callable[[list[list[int]]], None]
 
@@ -61,7 +61,7 @@ def in_decoding_layout(graphdef: nnx.GraphDef, params: nnx.State, model_cfg: Mod
     if model_cfg.scan_layers == scan_layers:
         return graphdef, params, model_cfg
     cfg = dataclasses.replace(model_cfg, scan_layers=scan_layers)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: create_model(cfg)))
+    graphdef, state = abstract_model(cfg)
     nnx.replace_by_pure_dict(state, to_layout(nnx.to_pure_dict(params), scan_layers))
     return graphdef, state, cfg
 
@@ -108,8 +108,8 @@ class Generator:
     graphdef, params: from `nnx.split(model)`; model_cfg: the model's config (vocab, special ids, trained block
     size); decode_cfg: defaults for every knob plus the prompt and batch buckets, cache length, the smallest
     output capacity (`max_new_tokens`) and the layer layout (`scan_layers`: params in the other layout are
-    converted once, so `self.model_cfg.scan_layers` may differ from model_cfg's); mesh: decode sharded on it (params are placed there by the rules table),
-    or None: run where the params are (inputs follow them); programs: the compiled-program cache (default the
+    converted once, so `self.model_cfg.scan_layers` may differ from model_cfg's); mesh: decode sharded on it
+    (params are placed there by the rules table), or None: run where the params are (inputs follow them); programs: the compiled-program cache (default the
     module-wide `PROGRAMS`).
     """
 

@@ -1,12 +1,14 @@
-"""The persistent XLA compilation cache of the command-line tools.
+"""Where the tools cache on disk, and the command-line tools' persistent XLA compilation cache.
+
+The root is `$TIDAR_JAX_CACHE_DIR` (default ~/.cache/tidar_jax; "off" disables every cache below it): token arrays
+(data.py) lie there, compiled programs in its `xla` folder.
 
 Every CLI run is a new process, so without it each one compiles its programs again: on a 2-core CPU a 30-layer
 unrolled decode loop (prefill + loop) takes 16-20 s, a 28-layer train step 13-72 s. With the cache a repeated run of
 the same program shapes loads the executables from disk. JAX keys each entry on the program, the compile options,
 the backend and the jax / jaxlib versions, so an entry is only reused where it is valid.
 
-Where: `$TIDAR_JAX_COMPILE_CACHE`, else `$TIDAR_JAX_CACHE_DIR/xla` (default ~/.cache/tidar_jax/xla, the token
-cache's root); "off" (for either variable) disables it. A cache directory the user gave JAX itself
+Compiled programs go to `$TIDAR_JAX_COMPILE_CACHE`, else `root()/xla`; "off" (for either variable) disables it. A cache directory the user gave JAX itself
 (`JAX_COMPILATION_CACHE_DIR` or `jax.config`) is left as it is.
 """
 
@@ -24,22 +26,27 @@ MIN_COMPILE_SECONDS = 1.0
 MAX_BYTES = 4 << 30
 
 
-def cache_dir() -> Path | None:
-    """The directory the tools cache compiled programs in (see the module docstring); None when disabled."""
-    value = os.environ.get(ENV)
-    if value is None:
-        root = os.environ.get("TIDAR_JAX_CACHE_DIR", "~/.cache/tidar_jax")
-        value = "off" if root in ("", "off") else str(Path(root).expanduser() / "xla")
+def root() -> Path | None:
+    """`$TIDAR_JAX_CACHE_DIR` (default ~/.cache/tidar_jax); None when it is "off" or empty."""
+    value = os.environ.get("TIDAR_JAX_CACHE_DIR", "~/.cache/tidar_jax")
     return None if value in ("", "off") else Path(value).expanduser()
 
 
-def enable() -> Path | None:
+def compile_cache_dir() -> Path | None:
+    """The directory the tools cache compiled programs in (see the module docstring); None when disabled."""
+    value = os.environ.get(ENV)
+    if value is None:
+        return None if root() is None else root() / "xla"
+    return None if value in ("", "off") else Path(value).expanduser()
+
+
+def enable_compile_cache() -> Path | None:
     """Turns the persistent cache on for this process (call before the first compilation). Returns the directory
     in use, or None when disabled; a directory already configured in JAX wins and is returned."""
     configured = jax.config.jax_compilation_cache_dir
     if configured:
         return Path(configured)
-    path = cache_dir()
+    path = compile_cache_dir()
     if path is None:
         return None
     jax.config.update("jax_compilation_cache_dir", str(path))
