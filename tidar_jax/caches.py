@@ -8,8 +8,8 @@ unrolled decode loop (prefill + loop) takes 16-20 s, a 28-layer train step 13-72
 the same program shapes loads the executables from disk. JAX keys each entry on the program, the compile options,
 the backend and the jax / jaxlib versions, so an entry is only reused where it is valid.
 
-Compiled programs go to `$TIDAR_JAX_COMPILE_CACHE`, else `root()/xla`; "off" (for either variable) disables it. A cache directory the user gave JAX itself
-(`JAX_COMPILATION_CACHE_DIR` or `jax.config`) is left as it is.
+Compiled programs go to `$TIDAR_JAX_COMPILE_CACHE`, else `root()/xla`; "off" (for either variable) disables it.
+A cache directory the user gave JAX itself (`JAX_COMPILATION_CACHE_DIR` or `jax.config`) is left as it is.
 """
 
 from __future__ import annotations

@@ -109,8 +109,8 @@ class Generator:
     size); decode_cfg: defaults for every knob plus the prompt and batch buckets, cache length, the smallest
     output capacity (`max_new_tokens`) and the layer layout (`scan_layers`: params in the other layout are
     converted once, so `self.model_cfg.scan_layers` may differ from model_cfg's); mesh: decode sharded on it
-    (params are placed there by the rules table), or None: run where the params are (inputs follow them); programs: the compiled-program cache (default the
-    module-wide `PROGRAMS`).
+    (params are placed there by the rules table), or None: run where the params are (inputs follow them);
+    programs: the compiled-program cache (default the module-wide `PROGRAMS`).
     """
 
     def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, model_cfg: ModelConfig, decode_cfg: DecodeConfig,
