@@ -146,6 +146,7 @@ def run(args: argparse.Namespace) -> dict:
     from tidar_jax.checkpoint import load_for_inference, step_path, with_model
     from tidar_jax.generation import Generator
     from tidar_jax.model import resolved_config
+    from tidar_jax.ops import cpu_kernels
 
     mesh = _mesh(args)
     bundle = load_for_inference(step_path(args.checkpoint, args.step), mesh)  # restored straight onto the mesh
@@ -171,6 +172,8 @@ def run(args: argparse.Namespace) -> dict:
         "attention_impl": resolved_config(generator.model_cfg).attention_impl,
         "compute_dtype": generator.model_cfg.compute_dtype,
         "scan_layers": generator.model_cfg.scan_layers,
+        "cpu_attention_kernel": cpu_kernels.decodes_with_kernel(generator.model_cfg.head_dim,
+                                                                generator.model_cfg.compute_dtype),
     }
 
 
@@ -191,8 +194,9 @@ def main(argv=None) -> int:
         print()
         print(f"[{len(summary['token_ids'])} tokens, {summary['forwards']} forwards, "
               f"{summary['tokens_per_forward']:.2f} tokens/forward, {summary['tokens_per_second']:.1f} tokens/s, "
-              f"finished by {summary['finish_reason']}; {summary['attention_impl']} attention, "
-              f"{summary['compute_dtype']}, {'scanned' if summary['scan_layers'] else 'unrolled'} layers]",
+              f"finished by {summary['finish_reason']}; {summary['attention_impl']} attention"
+              f"{' (CPU kernel)' if summary['cpu_attention_kernel'] else ''}, {summary['compute_dtype']}, "
+              f"{'scanned' if summary['scan_layers'] else 'unrolled'} layers]",
               file=sys.stderr)
     return 0
 

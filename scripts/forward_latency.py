@@ -14,13 +14,18 @@ the 1-token forward of the same batch, implementation and dtype. Params are cast
     python scripts/forward_latency.py --checkpoint runs/smollm2 --layouts unrolled scanned --cases 1x1 1x20 16x1
 
 `--layouts` compares the layer layouts (`decode.scan_layers`): the params converted as a Generator converts them,
-the cache stacked for "scanned".
+the cache stacked for "scanned". `--cpu-kernels on off` compares the CPU attention kernel (ops/cpu_kernels.py) with
+the plain-XLA attention ($TIDAR_JAX_CPU_KERNELS set while each variant compiles):
+
+    python scripts/forward_latency.py --checkpoint runs/smollm2 --cpu-kernels on off --cases 1x1 1x20 16x1
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
+import os
 import statistics
 import sys
 import time
@@ -80,6 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtypes", nargs="+", default=["float32"], help="model.compute_dtype values to compare")
     p.add_argument("--layouts", nargs="+", default=["unrolled"], choices=["unrolled", "scanned"],
                    help="layer layouts to compare (decode.scan_layers false / true)")
+    p.add_argument("--cpu-kernels", nargs="+", default=[None], choices=["on", "off"],
+                   help="compare the CPU attention kernel on / off (default: as $TIDAR_JAX_CPU_KERNELS says)")
     p.add_argument("--cases", nargs="+", default=["1x1", "1x20", "16x1"], help="BATCHxQUERY_TOKENS")
     p.add_argument("--slots", type=int, default=392, help="cache slots (max_len)")
     p.add_argument("--prefix", type=int, default=300, help="committed tokens (cursor)")
@@ -91,24 +98,24 @@ def main(argv: list[str] | None = None) -> None:
     bundle = load_for_inference(args.checkpoint)
     cfg = bundle.config.model
     params = bundle.params
-    variants = {}  # "impl/dtype[/scanned]" -> (graphdef, params cast and laid out for it, model config)
-    for impl in args.impls:
-        for dtype in args.dtypes:
-            for layout in args.layouts:
-                vcfg = dataclasses.replace(cfg, attention_impl=impl, compute_dtype=dtype)
-                graphdef = nnx.split(nnx.eval_shape(lambda c=vcfg: create_model(c)))[0]
-                vparams = inference_params(params, vcfg)
-                if layout != ("scanned" if cfg.scan_layers else "unrolled"):
-                    from tidar_jax.generation import in_decoding_layout  # not in older checkouts
-                    graphdef, vparams, vcfg = in_decoding_layout(graphdef, vparams, vcfg, layout == "scanned")
-                name = f"{impl}/{dtype}" + ("/scanned" if layout == "scanned" else "")
-                variants[name] = (graphdef, vparams, vcfg)
+    variants = {}  # "impl/dtype[/scanned][/kernels-on|off]" -> (graphdef, params cast and laid out, model config,
+    # the $TIDAR_JAX_CPU_KERNELS value to compile with)
+    for impl, dtype, layout, kernels in itertools.product(args.impls, args.dtypes, args.layouts, args.cpu_kernels):
+        vcfg = dataclasses.replace(cfg, attention_impl=impl, compute_dtype=dtype)
+        graphdef = nnx.split(nnx.eval_shape(lambda c=vcfg: create_model(c)))[0]
+        vparams = inference_params(params, vcfg)
+        if layout != ("scanned" if cfg.scan_layers else "unrolled"):
+            from tidar_jax.generation import in_decoding_layout  # not in older checkouts
+            graphdef, vparams, vcfg = in_decoding_layout(graphdef, vparams, vcfg, layout == "scanned")
+        name = f"{impl}/{dtype}" + ("/scanned" if layout == "scanned" else "")
+        name += f"/kernels-{kernels}" if kernels else ""
+        variants[name] = (graphdef, vparams, vcfg, kernels)
     rng = np.random.default_rng(0)
     runners = {}
     for case in args.cases:
         batch, q = (int(x) for x in case.split("x"))
         tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, (batch, q)), jnp.int32)
-        for variant, (graphdef, vparams, vcfg) in variants.items():
+        for variant, (graphdef, vparams, vcfg, _) in variants.items():
             cache = init_cache(vcfg, batch, args.slots)
             noise = lambda x: jnp.asarray(rng.standard_normal(x.shape), x.dtype)  # noqa: E731
             cache = cache.replace(keys=jax.tree.map(noise, cache.keys), values=jax.tree.map(noise, cache.values),
@@ -121,6 +128,9 @@ def main(argv: list[str] | None = None) -> None:
             runners[(batch, q, variant)] = run
     names = list(runners)
     for name in names:  # compile; the second call compiles again for the placement of the returned cache
+        kernels = variants[name[2]][3]
+        if kernels:
+            os.environ["TIDAR_JAX_CPU_KERNELS"] = kernels  # read when the attention is traced
         for _ in range(2):
             jax.block_until_ready(runners[name]())
     times = {name: [] for name in names}
@@ -131,11 +141,11 @@ def main(argv: list[str] | None = None) -> None:
             times[name].append(1e3 * (time.perf_counter() - t0))
     med = {name: statistics.median(ts) for name, ts in times.items()}
     print(f"{args.checkpoint}: {args.slots} cache slots, cursor {args.prefix}, median of {args.repeats} (ms)")
-    print(f"{'batch':>5} {'query':>5} {'impl/dtype[/layout]':>22} {'median':>9} {'min':>9} {'vs 1 token':>10}")
+    print(f"{'batch':>5} {'query':>5} {'variant':>30} {'median':>9} {'min':>9} {'vs 1 token':>10}")
     for (batch, q, impl) in names:
         base = med.get((batch, 1, impl))
         ratio = f"{med[(batch, q, impl)] / base:.2f}x" if base else ""
-        print(f"{batch:>5} {q:>5} {impl:>22} {med[(batch, q, impl)]:>9.1f} {min(times[(batch, q, impl)]):>9.1f} "
+        print(f"{batch:>5} {q:>5} {impl:>30} {med[(batch, q, impl)]:>9.1f} {min(times[(batch, q, impl)]):>9.1f} "
               f"{ratio:>10}")
     for dtype in args.dtypes:  # the roofline's memory side: every weight read once, as a 1-token forward must
         ms, gb = weight_read_ms(inference_params(params, dataclasses.replace(cfg, compute_dtype=dtype)),

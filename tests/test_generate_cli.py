@@ -55,6 +55,8 @@ def test_json_output_equals_generator(checkpoint, capsys):
     # What ran: the backend's concrete attention (never "auto"), and the unrolled layers decoding defaults to.
     assert summary["attention_impl"] == resolved_config(cfg.model).attention_impl != "auto"
     assert summary["compute_dtype"] == cfg.model.compute_dtype and summary["scan_layers"] is False
+    # The tiny model's head_dim 16 in float32 is a CPU kernel shape: with a compiler here it ran.
+    assert summary["cpu_attention_kernel"] is cpu_kernels.available()
 
 
 def test_streamed_text_equals_generator(checkpoint, capsys):

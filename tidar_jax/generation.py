@@ -37,6 +37,7 @@ from tidar_jax.config import DecodeConfig, ModelConfig
 from tidar_jax.decode import DecodeSpec, DecodeState
 from tidar_jax.kv_cache import KVCache, init_cache
 from tidar_jax.layer_stacking import to_layout
+from tidar_jax.ops import cpu_kernels
 from tidar_jax.precision import inference_params
 from tidar_jax.program_cache import ProgramCache
 from tidar_jax.sampling import SamplingParams
@@ -208,7 +209,8 @@ class Generator:
         """Calls `fn(graphdef, *args, spec=spec)` through an executable compiled once per signature (the argument
         shardings are part of it: params placed differently compile anew), kept in `self.programs`."""
         leaves, treedef = jax.tree.flatten(args)
-        signature = (self.graphdef, name, spec, self.mesh, treedef,
+        # cpu_kernels.enabled(): $TIDAR_JAX_CPU_KERNELS is read when attention is traced, so a toggle compiles anew.
+        signature = (self.graphdef, name, spec, self.mesh, cpu_kernels.enabled(), treedef,
                      tuple((leaf.shape, str(leaf.dtype), getattr(leaf, "sharding", None)) for leaf in leaves))
 
         def build():

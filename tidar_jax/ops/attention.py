@@ -22,11 +22,17 @@ multiplying by the cache are implemented:
   reads the cache once in place, at `kv` times the FLOPs of the useful blocks; for a few query rows (an AR step, a
   batch of decode rows) the cache read dominates and the extra FLOPs are free.
 
-`"auto"` picks "dense" on the CPU backend when `kv * g * t` (the query columns per batch row) is at most
-`DENSE_MAX_COLUMNS`, else "grouped". On GPU / TPU it always picks "grouped": their transposes are cheap, and "dense"
-contracts over the kv-head axis, which `sharding.py` shards on the tensor axis (it would add a reduction across it).
-Measured on SmolLM2-135M (392-slot cache, CPU): batch 16 x 1 query 181 ms dense vs 249 grouped; batch 1 x 20
-queries 181 dense vs 157 grouped; batch 1 x 1 query equal.
+A third, "kernel", is not XLA: the CPU kernel of `ops.cpu_kernels` (one FFI call per layer that reads each cache
+row once in place and skips the slots no row may see), differentiated through the plain-XLA "grouped" form.
+
+`"auto"` picks "kernel" on the CPU backend when `cpu_kernels.available()` and it takes the operands (head_dim 16,
+32, 64 or 128; float32 or bfloat16). Otherwise, on the CPU, "dense" when `kv * g * t` (the query columns per batch
+row) is at most `DENSE_MAX_COLUMNS`, else "grouped". On GPU / TPU it always picks "grouped": their transposes are
+cheap, and "dense" contracts over the kv-head axis, which `sharding.py` shards on the tensor axis (it would add a
+reduction across it). Measured on SmolLM2-135M (392-slot cache, CPU): batch 16 x 1 query 181 ms dense vs 249
+grouped; batch 1 x 20 queries 181 dense vs 157 grouped; batch 1 x 1 query equal. The kernel against the better of
+the two is in docs/RESULTS.md section 5. Under a CPU mesh (simulated devices, a test set-up) the SPMD partitioner
+runs the kernel's call on gathered operands; pass an XLA formulation to keep a sharded cache split.
 
 Cost that follows the fill: a decode cache has `max_cache_len` slots, a chat turn fills a few hundred, and every
 slot at or past each row's cursor is masked for every row. On CPU the op reads only the leading window of
@@ -52,9 +58,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tidar_jax.ops import cpu_kernels
+
 Array = jax.Array
 
-FORMULATIONS = ("auto", "grouped", "dense")
+FORMULATIONS = ("auto", "grouped", "dense", "kernel")
 # Query columns (heads x query tokens) per batch row up to which "auto" uses the dense block-diagonal form.
 DENSE_MAX_COLUMNS = 64
 # The smallest cache window read on CPU (see the module docstring).
@@ -131,8 +139,9 @@ def cached_attention(q: Array, k: Array, v: Array, cache_k: Array, cache_v: Arra
     q: [b, t, h, d]; k, v: [b, t, kv, d] (the current tokens' keys / values); cache_k, cache_v: [b, S, kv, d]
     (read only; S may be 0); mask: [b or 1, t, S + t] bool, cache columns first, True = may attend; h % kv == 0.
     scale defaults to d ** -0.5. Logits and softmax are float32; probabilities are cast to the value dtype for the
-    value matmuls, as `jax.nn.dot_product_attention` does. chunk: the smallest cache window read (see the module
-    docstring); None = `CHUNK` on the CPU backend and the whole cache elsewhere, 0 = the whole cache.
+    value matmuls, as `jax.nn.dot_product_attention` does. chunk: the smallest cache window read by the XLA
+    formulations (see the module docstring); None = `CHUNK` on the CPU backend and the whole cache elsewhere, 0 =
+    the whole cache (the kernel always skips the slots no row may see).
     Returns [b, t, h, d] in q's dtype.
     """
     if formulation not in FORMULATIONS:
@@ -148,11 +157,22 @@ def cached_attention(q: Array, k: Array, v: Array, cache_k: Array, cache_v: Arra
         chunk = CHUNK if jax.default_backend() == "cpu" else 0
     if chunk < 0:
         raise ValueError(f"chunk must be >= 0, got {chunk}")
-    if formulation == "auto":
-        columns = h * t  # kv * g * t
-        formulation = "dense" if jax.default_backend() == "cpu" and columns <= DENSE_MAX_COLUMNS else "grouped"
     args = (q, k, v, cache_k.astype(k.dtype), cache_v.astype(v.dtype), mask)
+    kernel_ok = cpu_kernels.supports(d, *(x.dtype for x in args[:5]))
+    if formulation == "kernel" and not (kernel_ok and cpu_kernels.available()):
+        raise ValueError(f"formulation 'kernel' needs the CPU backend, ${cpu_kernels.ENV} not off, a built kernel "
+                         f"library and operands it takes (one dtype of {cpu_kernels.DTYPES}, head_dim in "
+                         f"{cpu_kernels.HEAD_DIMS}); got backend {jax.default_backend()!r}, head_dim {d}, dtypes "
+                         f"{sorted({str(x.dtype) for x in args[:5]})}")
+    if formulation == "auto":
+        cpu = jax.default_backend() == "cpu"
+        if cpu and kernel_ok and cpu_kernels.available():
+            formulation = "kernel"
+        else:
+            formulation = "dense" if cpu and h * t <= DENSE_MAX_COLUMNS else "grouped"  # h * t = kv * g * t
     sc = _scale(d, scale)
+    if formulation == "kernel":
+        return _kernel_attention(*args[:5], mask.astype(bool), sc)
     if chunk == 0 or s <= chunk:  # one window: the whole cache
         return _attention(*args, sc, formulation == "dense")
     return _filled_window_attention(*args, sc, formulation == "dense", chunk)
@@ -232,11 +252,15 @@ def _filled_window_attention(q: Array, k: Array, v: Array, cache_k: Array, cache
     return jax.lax.switch(index, [branch(w) for w in sizes], q, k, v, cache_k, cache_v, mask)
 
 
+def _whole_cache_vjp(args: tuple, sc: float, dense: bool):
+    """(output, pullback) of `_attention` over the whole cache: what differentiated callers of the window switch and
+    of the kernel (the drafting loss's mask pass, draft_loss.py) run, the same function in plain XLA (the switch's
+    VJP would keep residuals for every window; the kernel has none)."""
+    return jax.vjp(lambda *a: _attention(*a, sc, dense), *args)
+
+
 def _filled_window_fwd(q, k, v, cache_k, cache_v, mask, sc, dense, chunk):
-    # Differentiated callers (the drafting loss's mask pass, draft_loss.py) get `_attention` over the whole cache and
-    # its VJP, as before windows: the same function, while the switch's VJP would keep residuals for every window.
-    out, pullback = jax.vjp(lambda *a: _attention(*a, sc, dense), q, k, v, cache_k, cache_v, mask)
-    return out, pullback
+    return _whole_cache_vjp((q, k, v, cache_k, cache_v, mask), sc, dense)
 
 
 def _filled_window_bwd(sc, dense, chunk, pullback, cotangent):
@@ -244,3 +268,20 @@ def _filled_window_bwd(sc, dense, chunk, pullback, cotangent):
 
 
 _filled_window_attention.defvjp(_filled_window_fwd, _filled_window_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _kernel_attention(q: Array, k: Array, v: Array, cache_k: Array, cache_v: Array, mask: Array, sc: float) -> Array:
+    """`_attention` computed by the CPU kernel (`cpu_kernels.cached_attention`); its VJP is plain XLA's."""
+    return cpu_kernels.cached_attention(q, k, v, cache_k, cache_v, mask, sc)
+
+
+def _kernel_fwd(q, k, v, cache_k, cache_v, mask, sc):
+    return _whole_cache_vjp((q, k, v, cache_k, cache_v, mask), sc, False)
+
+
+def _kernel_bwd(sc, pullback, cotangent):
+    return pullback(cotangent)
+
+
+_kernel_attention.defvjp(_kernel_fwd, _kernel_bwd)

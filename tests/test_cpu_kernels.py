@@ -1,0 +1,173 @@
+"""The CPU attention kernel (ops/cpu_kernels.py, an XLA FFI call) against plain XLA: jax.nn.dot_product_attention
+over `[cache | current]` and ops.attention's XLA formulations, over head dims, groups, query blocks, cache sizes,
+ragged and broadcast masks, rows that see nothing, slots no row sees (never read), bfloat16, gradients (plain
+XLA's), which formulation "auto" picks, the build's disk cache and its failure path, and greedy decoding with the
+kernel on and off."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tidar_jax import config as config_lib
+from tidar_jax.generation import Generator
+from tidar_jax.ops import cached_attention, cpu_kernels
+
+from markov import trained_model
+from test_ops_attention import reference
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="CPU kernel not built (no C++ compiler?)")
+
+
+def inputs(seed, batch, t, s, heads, kv, head_dim, shared_mask=False):
+    """Random q [b, t, heads, d], k / v [b, t, kv, d], caches [b, s, kv, d] and a [b or 1, t, s + t] mask: each row
+    sees itself, a random half of the rest, and no cache slot from a per-row fill on (ragged over the batch)."""
+    rng = np.random.default_rng(seed)
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
+    q = normal(batch, t, heads, head_dim)
+    k, v = normal(batch, t, kv, head_dim), normal(batch, t, kv, head_dim)
+    ck, cv = normal(batch, s, kv, head_dim), normal(batch, s, kv, head_dim)
+    mask = rng.random((1 if shared_mask else batch, t, s + t)) < 0.5
+    mask[:, :, s:] |= np.eye(t, dtype=bool)
+    for row in range(mask.shape[0]):
+        mask[row, :, (s * (row + 1)) // (mask.shape[0] + 1):s] = False
+    return q, k, v, ck, cv, jnp.asarray(mask)
+
+
+@jax.jit
+def kernel_and_xla(q, k, v, ck, cv, mask):
+    """The kernel, the reference and ops.attention's "grouped" XLA form (the same dtype as the kernel's inputs)."""
+    f32 = [x.astype(jnp.float32) for x in (q, k, v, ck, cv)]
+    return (cached_attention(q, k, v, ck, cv, mask, formulation="kernel"), reference(*f32, mask),
+            cached_attention(q, k, v, ck, cv, mask, formulation="grouped"))
+
+
+@pytest.mark.parametrize("head_dim", cpu_kernels.HEAD_DIMS)
+@pytest.mark.parametrize("t,s", [(1, 0), (1, 40), (5, 7), (20, 40)])
+def test_equals_dot_product_attention(head_dim, t, s):
+    # Over the grid: query groups of 1, 3 and 4 heads (MHA and GQA), batch 1 and 3.
+    heads, kv = [(2, 2), (9, 3), (8, 2)][(head_dim // 16 + t + s) % 3]
+    batch = 1 + 2 * ((t + s + head_dim // 16) % 2)
+    args = inputs(head_dim + 10 * heads + t + s, batch, t, s, heads, kv, head_dim)
+    out, ref, grouped = kernel_and_xla(*args)
+    assert out.shape == ref.shape and out.dtype == jnp.float32
+    np.testing.assert_allclose(out, ref, atol=2e-6, rtol=1e-5)
+    np.testing.assert_allclose(out, grouped, atol=2e-6, rtol=1e-5)
+
+
+def test_shared_mask_and_rows_that_see_nothing():
+    """One mask for every batch row; a query that sees nothing averages every value, cache slots past every fill
+    included (the reference's large-negative convention), so then no slot is skipped."""
+    q, k, v, ck, cv, mask = inputs(1, 3, 5, 24, 6, 2, 32, shared_mask=True)
+    out, ref, _ = kernel_and_xla(q, k, v, ck, cv, mask.at[0, 2].set(False))
+    np.testing.assert_allclose(out, ref, atol=2e-6, rtol=1e-5)
+    mean = jnp.concatenate([cv, v], axis=1).mean(1)  # [b, kv, d]
+    np.testing.assert_allclose(out[:, 2], jnp.repeat(mean, 3, axis=1), atol=1e-5)
+
+
+def test_slots_no_row_sees_are_never_read():
+    """NaN in every cache slot no row of a batch row sees: the kernel skips them (0 * NaN would poison the value
+    sums), so the result equals the reference on a cache with those slots zeroed."""
+    q, k, v, ck, cv, mask = inputs(2, 3, 5, 30, 6, 2, 16)
+    unseen = ~jnp.any(mask[..., :30], axis=1)[:, :, None, None]  # [b, s, 1, 1]
+    poisoned = [jnp.where(unseen, jnp.nan, c) for c in (ck, cv)]
+    out = jax.jit(lambda *a: cached_attention(*a, formulation="kernel"))(q, k, v, *poisoned, mask)
+    zeroed = [jnp.where(unseen, 0.0, c) for c in (ck, cv)]
+    np.testing.assert_allclose(out, reference(q, k, v, *zeroed, mask), atol=2e-6, rtol=1e-5)
+
+
+def test_bfloat16_equals_the_xla_formulation():
+    """bfloat16 operands: bfloat16 output within one bfloat16 rounding of the XLA "grouped" form (which also rounds
+    probabilities to the value dtype before the value products), and close to the float32 reference."""
+    args = inputs(3, 3, 20, 40, 9, 3, 64)
+    low = [x.astype(jnp.bfloat16) for x in args[:5]]
+    out, ref, grouped = kernel_and_xla(*low, args[5])
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(out.astype(jnp.float32), grouped.astype(jnp.float32), atol=2 ** -7, rtol=2 ** -7)
+    np.testing.assert_allclose(out.astype(jnp.float32), ref, atol=0.05)
+
+
+def test_gradients_are_plain_xla():
+    q, k, v, ck, cv, mask = inputs(4, 2, 5, 7, 4, 2, 16)
+    weights = jax.random.normal(jax.random.key(0), q.shape)
+
+    def grads(fn):
+        return jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a, mask) * weights), argnums=(0, 1, 2, 3, 4)))(q, k, v, ck, cv)
+
+    kernel = grads(lambda *a: cached_attention(*a, formulation="kernel"))
+    for a, b in zip(kernel, grads(reference)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def _uses_kernel(*args, **kwargs) -> bool:
+    return cpu_kernels.TARGET in str(jax.jit(lambda *a: cached_attention(*a, **kwargs)).lower(*args).as_text())
+
+
+def test_auto_picks_the_kernel_where_it_applies(monkeypatch):
+    args = inputs(5, 1, 1, 9, 4, 2, 16)
+    assert _uses_kernel(*args)
+    assert not _uses_kernel(*args, formulation="dense")
+    odd = inputs(5, 1, 1, 9, 4, 2, 8)  # head_dim 8: not a kernel shape, so XLA, and "kernel" is refused
+    assert not _uses_kernel(*odd)
+    with pytest.raises(ValueError, match="head_dim 8"):
+        cached_attention(*odd, formulation="kernel")
+    monkeypatch.setenv(cpu_kernels.ENV, "off")
+    assert not _uses_kernel(*args)
+    with pytest.raises(ValueError, match=cpu_kernels.ENV):
+        cached_attention(*args, formulation="kernel")
+
+
+def test_library_is_built_once_into_the_cache(tmp_path):
+    first = cpu_kernels._build(tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert cpu_kernels._build(tmp_path) == first and first.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no partial files left
+
+
+def test_a_failed_build_warns_and_falls_back_to_xla(tmp_path):
+    """No compiler: one warning naming the switch, `available()` False, attention still computed (by XLA)."""
+    script = ("import warnings, jax, jax.numpy as jnp\n"
+              "from tidar_jax.ops import cached_attention, cpu_kernels\n"
+              "with warnings.catch_warnings(record=True) as caught:\n"
+              "    warnings.simplefilter('always')\n"
+              "    ok = cpu_kernels.available()\n"
+              "q = jnp.ones((1, 1, 2, 16)); c = jnp.ones((1, 3, 2, 16))\n"
+              "out = cached_attention(q, q, q, c, c, jnp.ones((1, 1, 4), bool))\n"
+              "print(ok, float(out.sum()), [str(w.message) for w in caught])\n")
+    env = dict(os.environ, CXX="false", TIDAR_JAX_CACHE_DIR=str(tmp_path), JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    ok, total, messages = done.stdout.split(" ", 2)
+    assert ok == "False" and float(total) == 32.0
+    assert cpu_kernels.ENV in messages and "failed" in messages
+    assert not list((tmp_path / "kernels").glob("*.so"))
+
+
+@pytest.fixture(scope="module")
+def decode_cfg(tiny_config):
+    return config_lib.replace(tiny_config, decode={"prompt_buckets": (8, 16), "max_cache_len": 32,
+                                                   "max_new_tokens": 12, "block_size": 0})
+
+
+@pytest.mark.parametrize("mode", ["tidar", "ar"])
+def test_greedy_decoding_equals_decoding_without_the_kernel(decode_cfg, mode, monkeypatch):
+    """A trained tiny model (drafts often accepted), ragged batch: the same tokens with the kernel on and off. The
+    program cache keys on the switch, so "off" compiles anew, and only "on" traces kernel calls."""
+    graphdef, params = trained_model(decode_cfg.model, "tidar", seed=0, steps=100)
+    prompts = [[3, 4, 5], [7, 3, 9, 4, 10, 5, 6, 8, 3, 9, 4], [9, 8, 7]]
+    traced = []
+    real = cpu_kernels.cached_attention
+    monkeypatch.setattr(cpu_kernels, "cached_attention", lambda *a: traced.append(1) or real(*a))
+    outputs, kernel_calls = {}, {}
+    for switch in ("on", "off"):
+        monkeypatch.setenv(cpu_kernels.ENV, switch)
+        generator = Generator(graphdef, params, decode_cfg.model, decode_cfg.decode, allow_block_size_mismatch=True)
+        before = len(traced)
+        outputs[switch] = generator.generate(prompts, mode=mode).tokens
+        kernel_calls[switch] = len(traced) - before
+    assert kernel_calls["on"] > 0 and kernel_calls["off"] == 0
+    assert outputs["on"] == outputs["off"]
