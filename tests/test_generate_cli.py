@@ -14,6 +14,7 @@ from tidar_jax.checkpoint import CheckpointError, load_for_inference, save_infer
 from tidar_jax.config import replace
 from tidar_jax.generation import Generator
 from tidar_jax.model import create_model, resolved_config
+from tidar_jax.ops import cpu_kernels
 from tidar_jax.tokenizer import train_bpe
 
 OVERRIDES = ["decode.max_cache_len=48", "decode.prompt_buckets=[16,32]"]
