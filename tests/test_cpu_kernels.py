@@ -1,8 +1,9 @@
-"""The CPU attention kernel (ops/cpu_kernels.py, an XLA FFI call) against plain XLA: jax.nn.dot_product_attention
+"""The CPU kernels (ops/cpu_kernels.py, XLA FFI calls) against plain XLA. Attention: jax.nn.dot_product_attention
 over `[cache | current]` and ops.attention's XLA formulations, over head dims, groups, query blocks, cache sizes,
 ragged and broadcast masks, rows that see nothing, slots no row sees (never read), bfloat16, gradients (plain
 XLA's), which formulation "auto" picks, the build's disk cache and its failure path, and greedy decoding with the
-kernel on and off."""
+kernels on and off. gemv: XLA's dot over row counts, chunk and tile boundaries, both dtypes, its gradients, and
+where precision.matmul uses it."""
 
 import os
 import subprocess
@@ -104,7 +105,7 @@ def test_gradients_are_plain_xla():
 
 
 def _uses_kernel(*args, **kwargs) -> bool:
-    return cpu_kernels.TARGET in str(jax.jit(lambda *a: cached_attention(*a, **kwargs)).lower(*args).as_text())
+    return cpu_kernels.ATTENTION_TARGET in str(jax.jit(lambda *a: cached_attention(*a, **kwargs)).lower(*args).as_text())
 
 
 def test_auto_picks_the_kernel_where_it_applies(monkeypatch):
@@ -171,3 +172,45 @@ def test_greedy_decoding_equals_decoding_without_the_kernel(decode_cfg, mode, mo
         kernel_calls[switch] = len(traced) - before
     assert kernel_calls["on"] > 0 and kernel_calls["off"] == 0
     assert outputs["on"] == outputs["off"]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("inner,columns", [(7, 16), (100, 48), (576, 1536), (1536, 576), (3000, 4112)])
+def test_gemv_equals_xla_dot(dtype, rows, inner, columns):
+    """Row counts, inner sizes that split into 1 to 16 chunks (3000 x 4112 float32: 16, summed in chunk order)
+    and column counts across tile boundaries; float32 accumulation, as XLA's dot with a float32 result."""
+    rng = np.random.default_rng(inner + columns + rows)
+    x = jnp.asarray(rng.standard_normal((rows, inner)), dtype)
+    w = jnp.asarray(rng.standard_normal((inner, columns)) / np.sqrt(inner), dtype)
+    out = jax.jit(cpu_kernels.gemv)(x, w)
+    assert out.shape == (rows, columns) and out.dtype == jnp.float32
+    ref = jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32), precision="highest")
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
+    np.testing.assert_array_equal(jax.jit(cpu_kernels.gemv)(x, w), out)  # no dependence on thread scheduling
+
+
+def test_matmul_uses_gemv_for_one_or_two_rows_of_a_projection():
+    """precision.matmul: the kernel for 1-2 rows in the "x's trailing dims times w's leading dims" form (several
+    contracted / output dims included), XLA otherwise (3 rows, a weight used transposed); equal to einsum."""
+    from tidar_jax.precision import matmul
+
+    rng = np.random.default_rng(0)
+    cases = [("bsd,dhk->bshk", (1, 1, 32), (32, 4, 16), True), ("bshk,hkd->bsd", (2, 1, 4, 16), (4, 16, 32), True),
+             ("bsd,df->bsf", (1, 3, 32), (32, 64), False), ("bsd,vd->bsv", (1, 1, 32), (48, 32), False)]
+    for equation, x_shape, w_shape, kernel in cases:
+        x, w = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in (x_shape, w_shape))
+        lowered = str(jax.jit(lambda a, b, e=equation: matmul(e, a, b)).lower(x, w).as_text())
+        assert (cpu_kernels.GEMV_TARGET in lowered) == kernel, equation
+        np.testing.assert_allclose(matmul(equation, x, w), jnp.einsum(equation, x, w, precision="highest"),
+                                   atol=1e-5, rtol=1e-5, err_msg=equation)
+
+
+def test_gemv_gradients_are_xla_dots():
+    rng = np.random.default_rng(1)
+    x, w = jnp.asarray(rng.standard_normal((2, 40)), jnp.float32), jnp.asarray(rng.standard_normal((40, 32)), jnp.float32)
+    weights = jnp.asarray(rng.standard_normal((2, 32)), jnp.float32)
+    grads = [jax.jit(jax.grad(lambda a, b, f=f: jnp.sum(f(a, b) * weights), argnums=(0, 1)))(x, w)
+             for f in (cpu_kernels.gemv, lambda a, b: jnp.dot(a, b, precision="highest"))]
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)

@@ -377,7 +377,10 @@ class Transformer(nnx.Module):
         it only on the rows they read."""
         cd = jnp.dtype(self.cfg.compute_dtype)
         rows = hidden.reshape(1, -1, hidden.shape[-1]).astype(cd)
-        logits = matmul("bsd,dv->bsv", rows, self.head_weight(), out_dtype=jnp.float32)
+        if self.cfg.tie_embeddings:  # the embedding as it lies: no transposed copy of it for the CPU kernel
+            logits = matmul("bsd,vd->bsv", rows, self.embed[...], out_dtype=jnp.float32)
+        else:
+            logits = matmul("bsd,dv->bsv", rows, self.lm_head[...], out_dtype=jnp.float32)
         return logits.reshape(hidden.shape[:-1] + logits.shape[-1:])
 
     def __call__(self, tokens: Array, positions: Array, mask: Array, cache: KVCache | None = None,

@@ -3,11 +3,15 @@ for inference. One place, so the model's projections, its LM head and the infere
 
 from __future__ import annotations
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from tidar_jax.config import ModelConfig
+from tidar_jax.ops import cpu_kernels
 
 Array = jax.Array
 
@@ -17,16 +21,40 @@ def matmul(equation: str, x: Array, weight: Array, out_dtype=None) -> Array:
     returned by the dot in float32, then cast to `out_dtype` (default: x's dtype).
 
     Asking the dot for a float32 result is what accelerators do internally anyway. On CPUs (AVX-512 bf16 / AMX) it
-    selects XLA's fast low-precision kernels, which a bf16-result dot does not use (2-4x slower); and a low-precision
-    dot of a single row (batch 1, one query token) is there upcast weight by weight to float32, so on the CPU
-    backend such a dot is computed on that row twice (2 rows take the fast kernel; measured in docs/RESULTS.md)."""
+    selects XLA's fast low-precision kernels, which a bf16-result dot does not use (2-4x slower). A product of at
+    most `cpu_kernels.GEMV_MAX_ROWS` rows (an AR step at batch 1) in the form "x's trailing dims times the weight's
+    leading dims" (every projection) runs on the CPU as `cpu_kernels.gemv` when the kernels are available; it
+    streams the weights faster than XLA's matrix-vector kernels (docs/RESULTS.md section 5). Without the kernels, a
+    low-precision dot of a single row is computed on that row twice: XLA upcasts a 1-row bf16 dot weight by weight
+    to float32, while 2 rows take its fast kernel."""
     out_dtype = x.dtype if out_dtype is None else out_dtype
     w = weight.astype(x.dtype)
-    single_row = x.shape[0] * x.shape[1] == 1 and x.dtype != jnp.float32 and jax.default_backend() == "cpu"
+    cpu = jax.default_backend() == "cpu"
+    contracted = _contracted_dims(equation)
+    if cpu and contracted is not None:
+        batch_shape, out_shape = x.shape[:x.ndim - contracted], w.shape[contracted:]
+        rows, inner, columns = math.prod(batch_shape), math.prod(w.shape[:contracted]), math.prod(out_shape)
+        if cpu_kernels.gemv_supports(rows, columns, x.dtype, w.dtype) and cpu_kernels.available():
+            out = cpu_kernels.gemv(x.reshape(rows, inner), w.reshape(inner, columns))
+            return out.reshape(batch_shape + out_shape).astype(out_dtype)
+    single_row = x.shape[0] * x.shape[1] == 1 and x.dtype != jnp.float32 and cpu
     if single_row:
         x = jnp.concatenate([x, x], axis=1)
     out = jnp.einsum(equation, x, w, preferred_element_type=jnp.float32)
     return (out[:, :1] if single_row else out).astype(out_dtype)
+
+
+@functools.cache
+def _contracted_dims(equation: str) -> int | None:
+    """c when `equation` contracts x's last c dims with the weight's first c dims and lists the rest in order
+    ("bsd,dhk->bshk": 1, "bshk,hkd->bsd": 2), i.e. it is x.reshape(rows, inner) @ w.reshape(inner, columns);
+    else None."""
+    inputs, out = equation.replace(" ", "").split("->")
+    xs, ws = inputs.split(",")
+    for c in range(1, min(len(xs), len(ws)) + 1):
+        if xs[-c:] == ws[:c] and out == xs[:-c] + ws[c:] and len(set(xs + ws)) == len(xs) + len(ws) - c:
+            return c
+    return None
 
 
 def inference_dtype(dtype, ndim: int, cfg: ModelConfig):

@@ -1,18 +1,26 @@
 """Hand-written CPU kernels as XLA FFI custom calls, built on first use with the machine's C++ compiler.
 
-XLA:CPU runs a decode step's attention as a handful of small ops per layer: it transposes or copies each layer's
-K/V cache for its dot kernels and dispatches small dots with more overhead than work. `cached_attention` here
-(source: `cpu/cached_attention.cc`) reads each cache row once, in place, in one call per layer, splitting the work
-over XLA's intra-op thread pool. It computes the function of ops/attention.py's plain-XLA path, which stays the
-reference its tests compare it against (tests/test_cpu_kernels.py).
+A decode step at batch 1 is bound by reading memory, and XLA:CPU reads it slower than the machine can: its
+matrix-vector kernels stream small weight matrices at 15-21 GB/s where a plain read reaches 27 (2-core AMD EPYC),
+and it runs attention over the KV cache as a handful of small ops per layer that transpose or copy the cache. Two
+kernels (sources in `cpu/`) replace those:
 
-Building: the first call in a process compiles the source with `$CXX` (default `g++`, `-O3 -march=native`) against
-JAX's FFI headers into `<cache root>/kernels/` (`caches.root()`, i.e. `$TIDAR_JAX_CACHE_DIR`), keyed on the source,
-the flags, the jaxlib version and this CPU's feature flags, so a later process only loads it. With no cache root
-the library is built in a temporary directory each process. If there is no compiler or the build fails, `available()`
-is False after one warning, and ops/attention.py keeps its plain-XLA formulations.
+- `cached_attention` (`cpu/cached_attention.cc`): the current block's queries over the KV cache and the block
+  itself, each cache row read once in place, slots no row may see skipped; one call per layer.
+- `gemv` (`cpu/gemv.cc`): out = x [M, K] @ w [K, N] for M <= GEMV_MAX_ROWS, one sequential stream per thread over
+  contiguous weight rows; what `precision.matmul` runs for the projections of such steps.
 
-`TIDAR_JAX_CPU_KERNELS=off` turns the kernels off (for A/B timing or to rule them out while debugging).
+Both split their work over XLA's intra-op thread pool and compute the function of the plain-XLA op they replace,
+which stays the reference their tests compare against (tests/test_cpu_kernels.py); their gradients are plain XLA's.
+
+Building: the first use in a process compiles the sources with `$CXX` (default `g++`, `-O3 -march=native`) against
+JAX's FFI headers into `<cache root>/kernels/` (`caches.root()`, i.e. `$TIDAR_JAX_CACHE_DIR`), keyed on the sources,
+the flags, the jaxlib version and this CPU's feature flags, so a later process only loads the library. With no
+cache root it is built in a temporary directory each process. If there is no compiler or the build fails,
+`available()` is False after one warning and every caller keeps plain XLA.
+
+`TIDAR_JAX_CPU_KERNELS=off` turns the kernels off (for A/B timing or to rule them out while debugging). It is read
+when a program is traced: set it before the first forward.
 """
 
 from __future__ import annotations
@@ -36,10 +44,17 @@ import numpy as np
 from tidar_jax import caches
 
 ENV = "TIDAR_JAX_CPU_KERNELS"
-SOURCE = Path(__file__).parent / "cpu" / "cached_attention.cc"
-TARGET = "tidar_cached_attention"
+SOURCES = tuple(Path(__file__).parent / "cpu" / name for name in ("cached_attention.cc", "gemv.cc"))
+HEADERS = tuple(Path(__file__).parent / "cpu" / name for name in ("vector.h", "work.h"))
+ATTENTION_TARGET, GEMV_TARGET = "tidar_cached_attention", "tidar_gemv"  # FFI target names
+TARGETS = {ATTENTION_TARGET: "TidarCachedAttention", GEMV_TARGET: "TidarGemv"}  # -> handler symbols
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+# `gemv` takes up to 4 rows; at 4 rows it was slower than XLA's dot (the partial sums are re-read per weight row),
+# at 1 and 2 rows 15-40% faster (docs/RESULTS.md section 5).
+GEMV_MAX_ROWS = 2
+# Wider weights (an untied LM head) keep XLA's dot: the kernel's per-chunk partial sums would grow with N.
+GEMV_MAX_COLUMNS = 16384
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC",
          "-Wno-attributes", "-Wno-return-type")
 
@@ -64,17 +79,17 @@ def _compiler() -> list[str]:
 
 
 def _build(out_dir: Path) -> Path:
-    """Compiles SOURCE into out_dir (atomically: other processes may build the same file at once); returns it."""
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(_compiler() + list(FLAGS)).encode(),
+    """Compiles SOURCES into one library in out_dir (atomically: other processes may build it at once); returns it."""
+    code = b"\0".join(p.read_bytes() for p in SOURCES + HEADERS)
+    key = hashlib.sha256(b"\0".join([code, " ".join(_compiler() + list(FLAGS)).encode(),
                                      jaxlib.__version__.encode(), _cpu_signature().encode()])).hexdigest()[:16]
-    library = out_dir / f"cached_attention-{key}.so"
+    library = out_dir / f"tidar_cpu_kernels-{key}.so"
     if library.exists():
         return library
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, partial = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
-    command = [*_compiler(), *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", partial]
+    command = [*_compiler(), *FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", partial]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if done.returncode:
@@ -88,19 +103,17 @@ def _build(out_dir: Path) -> Path:
 
 @functools.cache
 def _registered() -> bool:
-    """Builds (or finds) the library and registers its FFI target, once per process. False, after a warning,
+    """Builds (or finds) the library and registers its FFI targets, once per process. False, after a warning,
     when that fails."""
     root = caches.root()
     try:
-        if root is None:
-            library = _build(Path(tempfile.mkdtemp(prefix="tidar_jax_kernels_")))
-        else:
-            library = _build(root / "kernels")
-        handler = ctypes.cdll.LoadLibrary(str(library)).TidarCachedAttention
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
+        library = _build(Path(tempfile.mkdtemp(prefix="tidar_jax_kernels_")) if root is None else root / "kernels")
+        loaded = ctypes.cdll.LoadLibrary(str(library))
+        for target, symbol in TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(loaded, symbol)), platform="cpu")
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-        warnings.warn(f"tidar_jax CPU kernels unavailable, using plain XLA attention ({error}); set {ENV}=off to "
-                      "skip building them", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"tidar_jax CPU kernels unavailable, using plain XLA ({error}); set {ENV}=off to skip "
+                      "building them", RuntimeWarning, stacklevel=3)
         return False
     return True
 
@@ -127,5 +140,36 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Arra
     [b, S, kv, d]; mask [b or 1, t, S + t] bool; all arrays of one dtype in DTYPES (`supports`). Returns
     [b, t, h, d] in q's dtype, equal to ops/attention.py's `_attention` up to float reassociation. Needs
     `available()`. Not differentiable by itself (ops/attention.py gives it the plain-XLA VJP)."""
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, q.dtype), vmap_method="sequential")
+    call = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, q.dtype), vmap_method="sequential")
     return call(q, k, v, cache_k, cache_v, mask, scale=np.float32(scale))
+
+
+def gemv_supports(rows: int, columns: int, *dtypes) -> bool:
+    """Whether `gemv` takes x [rows, K] @ w [K, columns] in these dtypes (one of DTYPES, all alike)."""
+    kinds = {jnp.dtype(d) for d in dtypes}
+    return (len(kinds) == 1 and kinds.pop() in DTYPES and 1 <= rows <= GEMV_MAX_ROWS and columns % 16 == 0
+            and columns <= GEMV_MAX_COLUMNS)
+
+
+@jax.custom_vjp
+def gemv(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [M, K] @ w [K, N] accumulated and returned in float32 (`gemv_supports`; needs `available()`): XLA's
+    `jnp.dot(x, w, preferred_element_type=float32)` up to float reassociation. Its VJP is that dot's."""
+    call = jax.ffi.ffi_call(GEMV_TARGET, jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32),
+                            vmap_method="sequential")
+    return call(x, w)
+
+
+def _xla_dot(x, w):
+    return jnp.dot(x, w, preferred_element_type=jnp.float32)
+
+
+def _gemv_fwd(x, w):
+    return gemv(x, w), (x, w)
+
+
+def _gemv_bwd(residuals, cotangent):
+    return jax.vjp(_xla_dot, *residuals)[1](cotangent)
+
+
+gemv.defvjp(_gemv_fwd, _gemv_bwd)

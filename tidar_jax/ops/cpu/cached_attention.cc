@@ -11,42 +11,29 @@
 // column no row of a work item may see is skipped: it would add exactly 0 to each softmax, unless some row sees no
 // column at all, in which case every column is kept and that row averages all values (the reference's convention).
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <memory>
 #include <vector>
 
+#include "vector.h"
+#include "work.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-typedef float F16 __attribute__((vector_size(64)));       // 16 float32 lanes
-typedef uint16_t H16 __attribute__((vector_size(32)));    // 16 bfloat16 bit patterns
-typedef uint32_t U16 __attribute__((vector_size(64)));
+using tidar::F16;
+using tidar::load16;
+
 typedef float F8 __attribute__((vector_size(32)));
 typedef float F4 __attribute__((vector_size(16)));
 
 constexpr float kMaskedLogit = -0.7f * std::numeric_limits<float>::max();
 constexpr int64_t kMaxAccumulators = 16;  // float32 vectors one row block of the value pass keeps in registers
 
-inline F16 load16(const float* p) {
-  F16 x;
-  std::memcpy(&x, p, sizeof x);
-  return x;
-}
-inline F16 load16(const uint16_t* p) {
-  H16 h;
-  std::memcpy(&h, p, sizeof h);
-  U16 w = __builtin_convertvector(h, U16) << 16;
-  F16 x;
-  std::memcpy(&x, &w, sizeof x);
-  return x;
-}
 inline float hsum(F16 x) {  // a tree of halvings: a few shuffles, no 16-step dependency chain
   F8 halves[2];
   std::memcpy(halves, &x, sizeof halves);
@@ -57,21 +44,9 @@ inline float hsum(F16 x) {  // a tree of halvings: a few shuffles, no 16-step de
   return (z[0] + z[2]) + (z[1] + z[3]);
 }
 
-inline uint16_t bf16_bits(float x) {
-  uint32_t w;
-  std::memcpy(&w, &x, sizeof w);
-  if ((w & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((w >> 16) | 0x40);  // NaN stays NaN
-  w += 0x7fffu + ((w >> 16) & 1u);  // round to nearest even
-  return static_cast<uint16_t>(w >> 16);
-}
-inline float bf16_round(float x) {
-  uint32_t w = static_cast<uint32_t>(bf16_bits(x)) << 16;
-  float f;
-  std::memcpy(&f, &w, sizeof f);
-  return f;
-}
+inline float bf16_round(float x) { return tidar::to_float(tidar::bf16_bits(x)); }
 inline void store(float x, float* out) { *out = x; }
-inline void store(float x, uint16_t* out) { *out = bf16_bits(x); }
+inline void store(float x, uint16_t* out) { *out = tidar::bf16_bits(x); }
 inline float in_value_dtype(float p, const float*) { return p; }
 inline float in_value_dtype(float p, const uint16_t*) { return bf16_round(p); }
 
@@ -190,30 +165,15 @@ void attend(const Shapes& sh, const Operands<T>& op, int64_t bi, int64_t j, int6
   }
 }
 
-// Work items (batch row, kv group, block of query tokens of about 16 query rows) are claimed from a shared counter
-// by the calling thread and by helpers it schedules on XLA's intra-op pool. The caller waits only for items already
-// claimed (running), so a helper that never gets a thread cannot block it.
-struct Progress {
-  std::atomic<int64_t> next{0}, done{0};
-};
-
+// Work items: (batch row, kv group, block of query tokens of about 16 query rows).
 template <typename T, int D>
 void run(ffi::ThreadPool& pool, const Shapes& sh, const Operands<T>& op) {
   const int64_t tokens_per_item = std::max<int64_t>(1, 16 / (sh.h / sh.kv));
-  const int64_t blocks = (sh.t + tokens_per_item - 1) / tokens_per_item, total = sh.b * sh.kv * blocks;
-  auto progress = std::make_shared<Progress>();
-  auto drain = [sh, op, tokens_per_item, blocks, total](Progress& w) {
-    for (int64_t i; (i = w.next.fetch_add(1)) < total;) {
-      const int64_t r0 = (i % blocks) * tokens_per_item, group = i / blocks;
-      attend<T, D>(sh, op, group / sh.kv, group % sh.kv, r0, std::min(sh.t, r0 + tokens_per_item));
-      w.done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), total) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([progress, drain] { drain(*progress); });
-  drain(*progress);
-  while (progress->done.load(std::memory_order_acquire) < total) {
-  }
+  const int64_t blocks = (sh.t + tokens_per_item - 1) / tokens_per_item;
+  tidar::parallel_for(pool, sh.b * sh.kv * blocks, [&](int64_t i) {
+    const int64_t r0 = (i % blocks) * tokens_per_item, group = i / blocks;
+    attend<T, D>(sh, op, group / sh.kv, group % sh.kv, r0, std::min(sh.t, r0 + tokens_per_item));
+  });
 }
 
 template <typename T>
