@@ -127,7 +127,8 @@ void attend(const Shapes& sh, const Operands<T>& op, int64_t bi, int64_t j, int6
   for (int64_t qi = 0; qi < rows; ++qi) {
     float* row = &prob[qi * n];
     float top = kMaskedLogit;
-    for (int64_t i = 0; i < n; ++i) top = std::max(top, row[i]);
+#pragma omp simd reduction(max : top)
+    for (int64_t i = 0; i < n; ++i) top = top > row[i] ? top : row[i];
     float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
     for (int64_t i = 0; i < n; ++i) {
