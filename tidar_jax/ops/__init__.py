@@ -16,6 +16,9 @@
   CPU, tests/test_ops_hybrid.py).
 - `row_ce`: per-row cross-entropy / top-1 hits from hidden states and the head weight, chunked over rows so the
   full logits are never held (tests/test_chunked_ce.py).
+- `cpu_kernels`: C++ CPU kernels as XLA FFI calls, compiled on first use: the cached attention that
+  `cached_attention` runs on the CPU by default, and the matrix-vector product `precision.matmul` runs for 1-2-row
+  projections (tests/test_cpu_kernels.py).
 """
 
 from tidar_jax.ops.attention import cached_attention
