@@ -15,8 +15,11 @@ import numpy as np
 import pytest
 
 from tidar_jax import config as config_lib
+from tidar_jax.config import MeshConfig
 from tidar_jax.generation import Generator
 from tidar_jax.ops import cached_attention, cpu_kernels
+from tidar_jax.program_cache import ProgramCache
+from tidar_jax.sharding import make_mesh
 
 from markov import trained_model
 from test_ops_attention import reference
@@ -154,24 +157,51 @@ def decode_cfg(tiny_config):
                                                    "max_new_tokens": 12, "block_size": 0})
 
 
-@pytest.mark.parametrize("mode", ["tidar", "ar"])
-def test_greedy_decoding_equals_decoding_without_the_kernel(decode_cfg, mode, monkeypatch):
-    """A trained tiny model (drafts often accepted), ragged batch: the same tokens with the kernel on and off. The
-    program cache keys on the switch, so "off" compiles anew, and only "on" traces kernel calls."""
-    graphdef, params = trained_model(decode_cfg.model, "tidar", seed=0, steps=100)
-    prompts = [[3, 4, 5], [7, 3, 9, 4, 10, 5, 6, 8, 3, 9, 4], [9, 8, 7]]
+PROMPTS = [[3, 4, 5], [7, 3, 9, 4, 10, 5, 6, 8, 3, 9, 4], [9, 8, 7]]
+
+
+def _count_kernel_calls(monkeypatch) -> list:
+    """Replaces both kernels by wrappers that note each traced call in the returned list."""
     traced = []
-    real = cpu_kernels.cached_attention
-    monkeypatch.setattr(cpu_kernels, "cached_attention", lambda *a: traced.append(1) or real(*a))
+    for name in ("cached_attention", "gemv"):
+        real = getattr(cpu_kernels, name)
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, real=real, name=name: traced.append(name) or real(*a))
+    return traced
+
+
+@pytest.mark.parametrize("mode,prompts", [("tidar", PROMPTS), ("ar", PROMPTS), ("ar", PROMPTS[1:2])])
+def test_greedy_decoding_equals_decoding_without_the_kernels(decode_cfg, mode, prompts, monkeypatch):
+    """A trained tiny model (drafts often accepted), a ragged batch and batch 1: the same tokens with the kernels on
+    and off. The program cache keys on the switch, so "off" compiles anew, and only "on" traces kernel calls: the
+    attention kernel always, gemv for the 1-row steps of AR at batch 1."""
+    graphdef, params = trained_model(decode_cfg.model, "tidar", seed=0, steps=100)
+    traced = _count_kernel_calls(monkeypatch)
     outputs, kernel_calls = {}, {}
     for switch in ("on", "off"):
         monkeypatch.setenv(cpu_kernels.ENV, switch)
-        generator = Generator(graphdef, params, decode_cfg.model, decode_cfg.decode, allow_block_size_mismatch=True)
+        generator = Generator(graphdef, params, decode_cfg.model, decode_cfg.decode, allow_block_size_mismatch=True,
+                              programs=ProgramCache())  # compiled (traced) here, not taken from another test
         before = len(traced)
         outputs[switch] = generator.generate(prompts, mode=mode).tokens
-        kernel_calls[switch] = len(traced) - before
-    assert kernel_calls["on"] > 0 and kernel_calls["off"] == 0
+        kernel_calls[switch] = set(traced[before:])
+    assert kernel_calls["on"] == {"cached_attention"} | ({"gemv"} if len(prompts) == 1 else set())
+    assert not kernel_calls["off"]
     assert outputs["on"] == outputs["off"]
+
+
+def test_mesh_programs_keep_plain_xla(decode_cfg, monkeypatch):
+    """Over a mesh the partitioner would gather a kernel's operands (tensor-sharded weights, a head-sharded cache),
+    so a Generator with a mesh traces its programs without them; its output equals the one-device kernel run's."""
+    graphdef, params = trained_model(decode_cfg.model, "tidar", seed=0, steps=100)
+    mesh = make_mesh(MeshConfig(data=2, fsdp=1, tensor=2), jax.devices()[:4])
+    traced = _count_kernel_calls(monkeypatch)
+    one = Generator(graphdef, params, decode_cfg.model, decode_cfg.decode,
+                    programs=ProgramCache()).generate(PROMPTS, mode="ar")
+    assert traced
+    del traced[:]
+    sharded = Generator(graphdef, params, decode_cfg.model, decode_cfg.decode, mesh=mesh,
+                        programs=ProgramCache()).generate(PROMPTS, mode="ar")
+    assert not traced and sharded.tokens == one.tokens
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

@@ -15,13 +15,15 @@ programs. beta / temperature / top-k / top-p / seed are traced.
 
 Sharded decoding: with `mesh`, params are placed by the rules table (heads, kv_heads, mlp, vocab over `tensor`),
 the batch rows over `data` and the KV cache over batch and kv_heads (`sharding.decode_shardings`), and every
-program's outputs are pinned to those shardings. Without a mesh everything stays where the params are: one device
-for params from `checkpoint.load_for_inference(path)`.
+program's outputs are pinned to those shardings; mesh programs are traced without the CPU kernels
+(`ops.cpu_kernels.suspended`). Without a mesh everything stays where the params are: one device for params from
+`checkpoint.load_for_inference(path)`.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import time
 from typing import Any, Callable, Sequence
@@ -209,8 +211,10 @@ class Generator:
         """Calls `fn(graphdef, *args, spec=spec)` through an executable compiled once per signature (the argument
         shardings are part of it: params placed differently compile anew), kept in `self.programs`."""
         leaves, treedef = jax.tree.flatten(args)
-        # cpu_kernels.enabled(): $TIDAR_JAX_CPU_KERNELS is read when attention is traced, so a toggle compiles anew.
-        signature = (self.graphdef, name, spec, self.mesh, cpu_kernels.enabled(), treedef,
+        # The CPU kernels are read when a program is traced ($TIDAR_JAX_CPU_KERNELS: a toggle compiles anew) and kept
+        # out of mesh programs (cpu_kernels.suspended: the partitioner would gather their operands).
+        kernels = cpu_kernels.enabled() and self.mesh is None
+        signature = (self.graphdef, name, spec, self.mesh, kernels, treedef,
                      tuple((leaf.shape, str(leaf.dtype), getattr(leaf, "sharding", None)) for leaf in leaves))
 
         def build():
@@ -224,7 +228,8 @@ class Generator:
                 # propagation, so every program of a mesh hands the next one the same shardings.
                 return out if mesh is None else jax.lax.with_sharding_constraint(out, decode_shardings(out, mesh))
 
-            executable = jax.jit(traced, donate_argnums=donate).lower(*args).compile()
+            with contextlib.nullcontext() if kernels else cpu_kernels.suspended():
+                executable = jax.jit(traced, donate_argnums=donate).lower(*args).compile()
             self._compile_time += time.perf_counter() - start
             return executable
 

@@ -31,8 +31,9 @@ row) is at most `DENSE_MAX_COLUMNS`, else "grouped". On GPU / TPU it always pick
 cheap, and "dense" contracts over the kv-head axis, which `sharding.py` shards on the tensor axis (it would add a
 reduction across it). Measured on SmolLM2-135M (392-slot cache, CPU): batch 16 x 1 query 181 ms dense vs 249
 grouped; batch 1 x 20 queries 181 dense vs 157 grouped; batch 1 x 1 query equal. The kernel against the better of
-the two is in docs/RESULTS.md section 5. Under a CPU mesh (simulated devices, a test set-up) the SPMD partitioner
-runs the kernel's call on gathered operands; pass an XLA formulation to keep a sharded cache split.
+the two is in docs/RESULTS.md section 5. Over a CPU mesh the SPMD partitioner would run the kernel's call on
+gathered operands: `Generator` traces mesh programs under `cpu_kernels.suspended()`; pass an XLA formulation (or
+do the same) to keep a sharded cache split elsewhere.
 
 Cost that follows the fill: a decode cache has `max_cache_len` slots, a chat turn fills a few hundred, and every
 slot at or past each row's cursor is masked for every row. On CPU the op reads only the leading window of

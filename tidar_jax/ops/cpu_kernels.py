@@ -25,6 +25,8 @@ when a program is traced: set it before the first forward.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import functools
 import hashlib
@@ -59,9 +61,23 @@ FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-std=c++17
          "-Wno-attributes", "-Wno-return-type")
 
 
+_SUSPENDED = contextvars.ContextVar("tidar_jax_cpu_kernels_suspended", default=False)
+
+
 def enabled() -> bool:
-    """False when `$TIDAR_JAX_CPU_KERNELS` is "off" (or "0" / "false")."""
-    return os.environ.get(ENV, "on").strip().lower() not in ("off", "0", "false")
+    """False when `$TIDAR_JAX_CPU_KERNELS` is "off" (or "0" / "false") or inside `suspended()`."""
+    return not _SUSPENDED.get() and os.environ.get(ENV, "on").strip().lower() not in ("off", "0", "false")
+
+
+@contextlib.contextmanager
+def suspended():
+    """Code traced inside uses plain XLA. For programs over a device mesh: the SPMD partitioner would run a kernel's
+    call on gathered (replicated) operands, e.g. every tensor-sharded weight of a batch-1 step."""
+    token = _SUSPENDED.set(True)
+    try:
+        yield
+    finally:
+        _SUSPENDED.reset(token)
 
 
 def _cpu_signature() -> str:
