@@ -25,9 +25,12 @@ multiplying by the cache are implemented:
 A third, "kernel", is not XLA: the CPU kernel of `ops.cpu_kernels` (one FFI call per layer that reads each cache
 row once in place and skips the slots no row may see), differentiated through the plain-XLA "grouped" form.
 
-`"auto"` picks "kernel" on the CPU backend when `cpu_kernels.available()` and it takes the operands (head_dim 16,
-32, 64 or 128; float32 or bfloat16). Otherwise, on the CPU, "dense" when `kv * g * t` (the query columns per batch
-row) is at most `DENSE_MAX_COLUMNS`, else "grouped". On GPU / TPU it always picks "grouped": their transposes are
+`"auto"` picks "kernel" on the CPU backend when `cpu_kernels.available()`, it takes the operands (head_dim 16, 32,
+64 or 128; float32 or bfloat16) and `kv * g * t` (the query columns per batch row) is at most `KERNEL_MAX_COLUMNS`:
+an AR step, a TiDAR step up to K = 4 on SmolLM2's 9 heads, a batch of decode rows. Longer blocks (a prefill, K = 8)
+keep XLA, whose matmuls do the many-row products faster (SmolLM2, cursor 512, per layer: 128 tokens 4.0 ms XLA vs
+6.9 kernel, 72 tokens equal). Otherwise, on the CPU, "dense" when the query columns are at most
+`DENSE_MAX_COLUMNS`, else "grouped". On GPU / TPU it always picks "grouped": their transposes are
 cheap, and "dense" contracts over the kv-head axis, which `sharding.py` shards on the tensor axis (it would add a
 reduction across it). Measured on SmolLM2-135M (392-slot cache, CPU): batch 16 x 1 query 181 ms dense vs 249
 grouped; batch 1 x 20 queries 181 dense vs 157 grouped; batch 1 x 1 query equal. The kernel against the better of
@@ -66,6 +69,8 @@ Array = jax.Array
 FORMULATIONS = ("auto", "grouped", "dense", "kernel")
 # Query columns (heads x query tokens) per batch row up to which "auto" uses the dense block-diagonal form.
 DENSE_MAX_COLUMNS = 64
+# ... and up to which "auto" uses the CPU kernel (when available).
+KERNEL_MAX_COLUMNS = 256
 # The smallest cache window read on CPU (see the module docstring).
 CHUNK = 128
 
@@ -167,7 +172,7 @@ def cached_attention(q: Array, k: Array, v: Array, cache_k: Array, cache_v: Arra
                          f"{sorted({str(x.dtype) for x in args[:5]})}")
     if formulation == "auto":
         cpu = jax.default_backend() == "cpu"
-        if cpu and kernel_ok and cpu_kernels.available():
+        if cpu and kernel_ok and h * t <= KERNEL_MAX_COLUMNS and cpu_kernels.available():
             formulation = "kernel"
         else:
             formulation = "dense" if cpu and h * t <= DENSE_MAX_COLUMNS else "grouped"  # h * t = kv * g * t
