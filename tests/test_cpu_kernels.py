@@ -247,3 +247,16 @@ def test_gemv_gradients_are_xla_dots():
              for f in (cpu_kernels.gemv, lambda a, b: jnp.dot(a, b, precision="highest"))]
     for a, b in zip(*grads):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_step_costs_count_the_work_the_kernels_do(tiny_config, monkeypatch):
+    """XLA's cost analysis cannot see into a custom call: step_cost.step_costs costs plain-XLA programs, so its
+    figures are the same with the kernels on and off."""
+    from tidar_jax.step_cost import step_costs
+
+    costs = {}
+    for switch in ("on", "off"):
+        monkeypatch.setenv(cpu_kernels.ENV, switch)
+        costs[switch] = step_costs(tiny_config.model, 4, 64, prompt_bucket=16)
+    for step in ("ar_step", "tidar_step", "prefill"):
+        assert costs["on"][step] == costs["off"][step], step

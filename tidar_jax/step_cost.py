@@ -5,7 +5,9 @@ The programs are the real ones decoding runs (`decode.decode_step`, `decode.pref
 `jax.eval_shape`), so nothing is allocated and no checkpoint is needed. Per step: GFLOP, GB accessed, arithmetic
 intensity (FLOP/byte) and, given a chip's peak FLOP/s and memory bandwidth, the roofline time
 max(FLOPs / peak, bytes / bandwidth). The TiDAR / AR ratio compares one TiDAR step (K + K*K query rows, or
-K + |A|*K with a sparse proposal set A) with one 1-token AR step at the same cache length.
+K + |A|*K with a sparse proposal set A) with one 1-token AR step at the same cache length. The programs are costed
+in plain XLA (`cpu_kernels.suspended`): the cost analysis cannot see into a custom call, so on a CPU the kernels'
+work would be missing from the figures.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from tidar_jax import decode, masks
 from tidar_jax.config import ModelConfig
 from tidar_jax.kv_cache import init_cache
 from tidar_jax.model import create_model
+from tidar_jax.ops import cpu_kernels
 from tidar_jax.precision import inference_dtype, inference_params
 from tidar_jax.sampling import SamplingParams
 from tidar_jax.sharding import check_runtime
@@ -80,18 +83,19 @@ def step_costs(cfg: ModelConfig, block_size: int, cache_len: int, batch_size: in
     key = jax.eval_shape(lambda: jax.random.key(0))
     cache = jax.eval_shape(lambda: init_cache(cfg, batch_size, cache_len))
     out: dict[str, Any] = {"params": int(sum(x.size for x in jax.tree.leaves(params)))}
-    for mode in ("tidar", "ar"):
-        spec = decode.DecodeSpec.create(mode, block_size, True, 1, cfg, proposal_lengths=proposal_lengths)
-        pre = jax.jit(lambda p, c, *a, spec=spec: decode.prefill(graphdef, p, c, *a, spec=spec))
-        lowered = pre.lower(params, cache, prompts, lengths, scalar, key, sp)
-        if mode == "tidar":
-            out["prefill"] = _figures(lowered.compile(), batch_size * (prompt_bucket + block_size), peak_tflops,
-                                      bandwidth_gbs)
-        state = jax.eval_shape(lambda p, c, *a, spec=spec: decode.prefill(graphdef, p, c, *a, spec=spec),
-                               params, cache, prompts, lengths, scalar, key, sp)
-        step = jax.jit(lambda p, s, q, spec=spec: decode.decode_step(graphdef, p, s, q, spec=spec))
-        rows = batch_size * masks.step_query_count(spec.num_drafts, spec.with_proposals, spec.lengths)
-        out[f"{mode}_step"] = _figures(step.lower(params, state, sp).compile(), rows, peak_tflops, bandwidth_gbs)
+    with cpu_kernels.suspended():
+        for mode in ("tidar", "ar"):
+            spec = decode.DecodeSpec.create(mode, block_size, True, 1, cfg, proposal_lengths=proposal_lengths)
+            pre = jax.jit(lambda p, c, *a, spec=spec: decode.prefill(graphdef, p, c, *a, spec=spec))
+            lowered = pre.lower(params, cache, prompts, lengths, scalar, key, sp)
+            if mode == "tidar":
+                out["prefill"] = _figures(lowered.compile(), batch_size * (prompt_bucket + block_size), peak_tflops,
+                                          bandwidth_gbs)
+            state = jax.eval_shape(lambda p, c, *a, spec=spec: decode.prefill(graphdef, p, c, *a, spec=spec),
+                                   params, cache, prompts, lengths, scalar, key, sp)
+            step = jax.jit(lambda p, s, q, spec=spec: decode.decode_step(graphdef, p, s, q, spec=spec))
+            rows = batch_size * masks.step_query_count(spec.num_drafts, spec.with_proposals, spec.lengths)
+            out[f"{mode}_step"] = _figures(step.lower(params, state, sp).compile(), rows, peak_tflops, bandwidth_gbs)
     t, a = out["tidar_step"], out["ar_step"]
     out["tidar_over_ar"] = {"flops": t["gflop"] / a["gflop"], "bytes": t["gb_accessed"] / a["gb_accessed"]}
     if "roofline_ms" in t:
