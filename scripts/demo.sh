@@ -45,8 +45,8 @@ $PY -m infer.generate --checkpoint "$WORKDIR" --chat --prompt "$PROMPT" --max-ne
 echo "== 6/6 speed: TiDAR vs AR on held-out chat prompts (batch 1, medians of interleaved runs)"
 $PY -m infer.bench --checkpoint "$WORKDIR" --prompts chat --batch-sizes 1 --skip-latency --repeats 3 \
     --max-new-tokens 96 --json "$WORKDIR/bench.json"
-# With AVX-512 bf16 / AMX, XLA's bf16 kernels make the 20-row TiDAR step nearly as cheap as the 1-row AR step
-# (docs/RESULTS.md section 5); both methods decode in bf16, so near-ties of the logits may flip a token.
+# With AVX-512 bf16 / AMX both steps read half the weight bytes in bf16 (docs/RESULTS.md section 5); both methods
+# decode in bf16, so near-ties of the logits may flip a token.
 if grep -q -E 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null; then
   echo "== 6/6 (bf16) the same in bfloat16: this CPU has bf16 matmul instructions"
   $PY -m infer.bench --checkpoint "$WORKDIR" --prompts chat --batch-sizes 1 --skip-latency --repeats 3 \
