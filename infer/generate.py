@@ -146,7 +146,8 @@ def run(args: argparse.Namespace) -> dict:
     from tidar_jax.checkpoint import load_for_inference, step_path, with_model
     from tidar_jax.generation import Generator
     from tidar_jax.model import resolved_config
-    from tidar_jax.ops import cpu_kernels
+    from tidar_jax.masks import step_query_count
+    from tidar_jax.ops.attention import auto_uses_kernel
 
     mesh = _mesh(args)
     bundle = load_for_inference(step_path(args.checkpoint, args.step), mesh)  # restored straight onto the mesh
@@ -159,6 +160,9 @@ def run(args: argparse.Namespace) -> dict:
     stream = None if args.json else _TextStream(tokenizer, sys.stdout)
     result = generator.generate([prompt_ids], args.mode, seed=args.seed, on_tokens=stream)
     tokens = result.tokens[0]
+    m = generator.model_cfg
+    step_tokens = 1 if args.mode == "ar" else step_query_count(result.block_size, True,
+                                                                generator.decode_cfg.proposal_lengths)
     return {
         "token_ids": tokens,
         "text": None if tokenizer is None else tokenizer.decode(tokens, skip_special_tokens=True),
@@ -172,8 +176,8 @@ def run(args: argparse.Namespace) -> dict:
         "attention_impl": resolved_config(generator.model_cfg).attention_impl,
         "compute_dtype": generator.model_cfg.compute_dtype,
         "scan_layers": generator.model_cfg.scan_layers,
-        "cpu_attention_kernel": cpu_kernels.decodes_with_kernel(generator.model_cfg.head_dim,
-                                                                generator.model_cfg.compute_dtype),
+        # Whether the decode step's attention ran on the CPU kernel (never in mesh programs).
+        "cpu_attention_kernel": mesh is None and auto_uses_kernel(m.head_dim, m.n_heads, step_tokens, m.compute_dtype),
     }
 
 

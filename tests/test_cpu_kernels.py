@@ -18,7 +18,7 @@ from tidar_jax import config as config_lib
 from tidar_jax.config import MeshConfig
 from tidar_jax.generation import Generator
 from tidar_jax.ops import cached_attention, cpu_kernels
-from tidar_jax.ops.attention import KERNEL_MAX_COLUMNS
+from tidar_jax.ops.attention import KERNEL_MAX_COLUMNS, auto_uses_kernel
 from tidar_jax.program_cache import ProgramCache
 from tidar_jax.sharding import make_mesh
 
@@ -118,12 +118,15 @@ def test_auto_picks_the_kernel_where_it_applies(monkeypatch):
     assert not _uses_kernel(*args, formulation="dense")
     long_block = inputs(5, 1, KERNEL_MAX_COLUMNS // 4 + 1, 9, 4, 2, 16)  # more query columns: XLA's matmuls
     assert not _uses_kernel(*long_block) and _uses_kernel(*long_block, formulation="kernel")
+    # The rule callers report by (infer.generate's cpu_attention_kernel) is the one traced.
+    assert auto_uses_kernel(16, 4, 1, jnp.float32) and not auto_uses_kernel(16, 4, KERNEL_MAX_COLUMNS // 4 + 1,
+                                                                             jnp.float32)
     odd = inputs(5, 1, 1, 9, 4, 2, 8)  # head_dim 8: not a kernel shape, so XLA, and "kernel" is refused
     assert not _uses_kernel(*odd)
     with pytest.raises(ValueError, match="head_dim 8"):
         cached_attention(*odd, formulation="kernel")
     monkeypatch.setenv(cpu_kernels.ENV, "off")
-    assert not _uses_kernel(*args)
+    assert not _uses_kernel(*args) and not auto_uses_kernel(16, 4, 1, jnp.float32)
     with pytest.raises(ValueError, match=cpu_kernels.ENV):
         cached_attention(*args, formulation="kernel")
 

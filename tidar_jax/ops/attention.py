@@ -164,24 +164,30 @@ def cached_attention(q: Array, k: Array, v: Array, cache_k: Array, cache_v: Arra
     if chunk < 0:
         raise ValueError(f"chunk must be >= 0, got {chunk}")
     args = (q, k, v, cache_k.astype(k.dtype), cache_v.astype(v.dtype), mask)
-    kernel_ok = cpu_kernels.supports(d, *(x.dtype for x in args[:5]))
-    if formulation == "kernel" and not (kernel_ok and cpu_kernels.available()):
+    dtypes = [x.dtype for x in args[:5]]
+    if formulation == "kernel" and not (cpu_kernels.supports(d, *dtypes) and cpu_kernels.available()):
         raise ValueError(f"formulation 'kernel' needs the CPU backend, ${cpu_kernels.ENV} not off, a built kernel "
                          f"library and operands it takes (one dtype of {cpu_kernels.DTYPES}, head_dim in "
                          f"{cpu_kernels.HEAD_DIMS}); got backend {jax.default_backend()!r}, head_dim {d}, dtypes "
-                         f"{sorted({str(x.dtype) for x in args[:5]})}")
+                         f"{sorted(map(str, dtypes))}")
     if formulation == "auto":
-        cpu = jax.default_backend() == "cpu"
-        if cpu and kernel_ok and h * t <= KERNEL_MAX_COLUMNS and cpu_kernels.available():
+        if auto_uses_kernel(d, h, t, *dtypes):
             formulation = "kernel"
-        else:
-            formulation = "dense" if cpu and h * t <= DENSE_MAX_COLUMNS else "grouped"  # h * t = kv * g * t
+        else:  # h * t = kv * g * t
+            formulation = "dense" if jax.default_backend() == "cpu" and h * t <= DENSE_MAX_COLUMNS else "grouped"
     sc = _scale(d, scale)
     if formulation == "kernel":
         return _kernel_attention(*args[:5], mask.astype(bool), sc)
     if chunk == 0 or s <= chunk:  # one window: the whole cache
         return _attention(*args, sc, formulation == "dense")
     return _filled_window_attention(*args, sc, formulation == "dense", chunk)
+
+
+def auto_uses_kernel(head_dim: int, heads: int, query_tokens: int, *dtypes) -> bool:
+    """Whether formulation "auto" runs the CPU kernel for a block of `query_tokens` over `heads` query heads with
+    operands of these dtypes (the rule in the module docstring), when traced now (`cpu_kernels.enabled()`)."""
+    return (jax.default_backend() == "cpu" and heads * query_tokens <= KERNEL_MAX_COLUMNS
+            and cpu_kernels.supports(head_dim, *dtypes) and cpu_kernels.available())
 
 
 def _attention(q: Array, k: Array, v: Array, cache_k: Array, cache_v: Array, mask: Array, sc: float,

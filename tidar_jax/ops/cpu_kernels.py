@@ -139,15 +139,15 @@ def available() -> bool:
     return enabled() and jax.default_backend() == "cpu" and _registered()
 
 
+def _one_kernel_dtype(dtypes) -> bool:
+    """All of `dtypes` alike and one of DTYPES."""
+    kinds = {jnp.dtype(d) for d in dtypes}
+    return len(kinds) == 1 and kinds.pop() in DTYPES
+
+
 def supports(head_dim: int, *dtypes) -> bool:
     """Whether `cached_attention` takes operands of this head_dim and these dtypes (one of DTYPES, all alike)."""
-    kinds = {jnp.dtype(d) for d in dtypes}
-    return len(kinds) == 1 and kinds.pop() in DTYPES and head_dim in HEAD_DIMS
-
-
-def decodes_with_kernel(head_dim: int, compute_dtype) -> bool:
-    """Whether a model of this head_dim and compute dtype attends over its KV cache with the kernel here."""
-    return supports(head_dim, compute_dtype) and available()
+    return _one_kernel_dtype(dtypes) and head_dim in HEAD_DIMS
 
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
@@ -162,8 +162,7 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Arra
 
 def gemv_supports(rows: int, columns: int, *dtypes) -> bool:
     """Whether `gemv` takes x [rows, K] @ w [K, columns] in these dtypes (one of DTYPES, all alike)."""
-    kinds = {jnp.dtype(d) for d in dtypes}
-    return (len(kinds) == 1 and kinds.pop() in DTYPES and 1 <= rows <= GEMV_MAX_ROWS and columns % 16 == 0
+    return (_one_kernel_dtype(dtypes) and 1 <= rows <= GEMV_MAX_ROWS and columns % 16 == 0
             and columns <= GEMV_MAX_COLUMNS)
 
 
