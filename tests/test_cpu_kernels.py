@@ -2,8 +2,8 @@
 over `[cache | current]` and ops.attention's XLA formulations, over head dims, groups, query blocks, cache sizes,
 ragged and broadcast masks, rows that see nothing, slots no row sees (never read), bfloat16, gradients (plain
 XLA's), which formulation "auto" picks, the build's disk cache and its failure path, and greedy decoding with the
-kernels on and off. gemv: XLA's dot over row counts, chunk and tile boundaries, both dtypes, its gradients, and
-where precision.matmul uses it."""
+kernels on and off. gemv and gemm: XLA's dot over row counts, chunk, block and tile boundaries, both dtypes, their
+gradients, and where precision.matmul uses which."""
 
 import os
 import subprocess
@@ -157,6 +157,34 @@ def test_a_failed_build_warns_and_falls_back_to_xla(tmp_path):
     assert not list((tmp_path / "kernels").glob("*.so"))
 
 
+@pytest.mark.parametrize("flag", ["-mno-avx512bf16", "-mno-avx512f"])
+def test_builds_for_cpus_without_avx512_features_equal_xla(tmp_path, flag):
+    """The sources as built for a CPU without AVX-512 BF16 (bfloat16 products widened to float32) or without AVX-512
+    at all (GCC's vector extensions on AVX2 registers), in a fresh process: every kernel still equals XLA."""
+    script = ("import jax, jax.numpy as jnp, numpy as np\n"
+              "from tidar_jax.ops import cpu_kernels\n"
+              "assert cpu_kernels.available()\n"
+              "rng = np.random.default_rng(0)\n"
+              "for dtype in (jnp.float32, jnp.bfloat16):\n"
+              "    for kernel, rows in ((cpu_kernels.gemv, 1), (cpu_kernels.gemm, 7)):\n"
+              "        x = jnp.asarray(rng.standard_normal((rows, 67)), dtype)\n"
+              "        w = jnp.asarray(rng.standard_normal((67, 96)) / 8, dtype)\n"
+              "        ref = jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32), precision='highest')\n"
+              "        np.testing.assert_allclose(jax.jit(kernel)(x, w), ref, atol=2e-5, rtol=2e-5)\n"
+              "    q, c = (jnp.asarray(rng.standard_normal(s), dtype) for s in ((1, 3, 4, 32), (1, 9, 2, 32)))\n"
+              "    mask = jnp.asarray(rng.random((1, 3, 12)) < 0.7).at[:, :, 9:].set(jnp.tril(jnp.ones((3, 3), bool)))\n"
+              "    out = jax.jit(cpu_kernels.cached_attention, static_argnums=6)(q, q[:, :, :2], q[:, :, 2:], c, c, mask, 0.2)\n"
+              "    k = jnp.concatenate([c, q[:, :, :2]], 1).astype(jnp.float32)\n"
+              "    v = jnp.concatenate([c, q[:, :, 2:]], 1).astype(jnp.float32)\n"
+              "    ref = jax.nn.dot_product_attention(q.astype(jnp.float32), k, v, mask=mask[:, None], scale=0.2)\n"
+              "    np.testing.assert_allclose(out.astype(jnp.float32), ref, atol=1e-2 if dtype == jnp.bfloat16 else 1e-5)\n"
+              "print('ok')\n")
+    env = dict(os.environ, CXX=f"{os.environ.get('CXX', 'g++')} {flag}", TIDAR_JAX_CACHE_DIR=str(tmp_path),
+               JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def decode_cfg(tiny_config):
     return config_lib.replace(tiny_config, decode={"prompt_buckets": (8, 16), "max_cache_len": 32,
@@ -167,9 +195,9 @@ PROMPTS = [[3, 4, 5], [7, 3, 9, 4, 10, 5, 6, 8, 3, 9, 4], [9, 8, 7]]
 
 
 def _count_kernel_calls(monkeypatch) -> list:
-    """Replaces both kernels by wrappers that note each traced call in the returned list."""
+    """Replaces the kernels by wrappers that note each traced call in the returned list."""
     traced = []
-    for name in ("cached_attention", "gemv"):
+    for name in ("cached_attention", "gemv", "gemm"):
         real = getattr(cpu_kernels, name)
         monkeypatch.setattr(cpu_kernels, name, lambda *a, real=real, name=name: traced.append(name) or real(*a))
     return traced
@@ -179,7 +207,8 @@ def _count_kernel_calls(monkeypatch) -> list:
 def test_greedy_decoding_equals_decoding_without_the_kernels(decode_cfg, mode, prompts, monkeypatch):
     """A trained tiny model (drafts often accepted), a ragged batch and batch 1: the same tokens with the kernels on
     and off. The program cache keys on the switch, so "off" compiles anew, and only "on" traces kernel calls: the
-    attention kernel always, gemv for the 1-row steps of AR at batch 1."""
+    attention kernel always, gemv for the 1-row steps of AR at batch 1, gemm for TiDAR steps, batched AR steps
+    and prefill (at most 3 x 16 rows here)."""
     graphdef, params = trained_model(decode_cfg.model, "tidar", seed=0, steps=100)
     traced = _count_kernel_calls(monkeypatch)
     outputs, kernel_calls = {}, {}
@@ -190,7 +219,8 @@ def test_greedy_decoding_equals_decoding_without_the_kernels(decode_cfg, mode, p
         before = len(traced)
         outputs[switch] = generator.generate(prompts, mode=mode).tokens
         kernel_calls[switch] = set(traced[before:])
-    assert kernel_calls["on"] == {"cached_attention"} | ({"gemv"} if len(prompts) == 1 else set())
+    one_row_steps = mode == "ar" and len(prompts) == 1
+    assert kernel_calls["on"] == {"cached_attention", "gemm"} | ({"gemv"} if one_row_steps else set())
     assert not kernel_calls["off"]
     assert outputs["on"] == outputs["off"]
 
@@ -216,38 +246,66 @@ def test_mesh_programs_keep_plain_xla(decode_cfg, monkeypatch):
 def test_gemv_equals_xla_dot(dtype, rows, inner, columns):
     """Row counts, inner sizes that split into 1 to 16 chunks (3000 x 4112 float32: 16, summed in chunk order)
     and column counts across tile boundaries; float32 accumulation, as XLA's dot with a float32 result."""
+    _check_product(cpu_kernels.gemv, dtype, rows, inner, columns)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("rows,inner,columns", [
+    (3, 7, 32),        # odd inner size: bfloat16's last product pairs with zeros; one 32-column panel
+    (5, 64, 96),       # one 64-column panel and a 32-column tail
+    (6, 65, 64),       # a full register block of rows; inner size one past a k block
+    (13, 200, 160),    # row blocks 6 + 6 + 1
+    (20, 576, 1536),   # SmolLM2's MLP at a K = 4 TiDAR step
+    (20, 1536, 576),
+    (72, 576, 192),    # K = 8; SmolLM2's k / v projection
+    (128, 129, 320),   # the most rows the kernel takes
+])
+def test_gemm_equals_xla_dot(dtype, rows, inner, columns):
+    """Row counts across register blocks, inner sizes across k blocks (and odd, for bfloat16's paired products),
+    column counts across panels; float32 accumulation, as XLA's dot with a float32 result."""
+    _check_product(cpu_kernels.gemm, dtype, rows, inner, columns)
+
+
+def _check_product(kernel, dtype, rows, inner, columns):
     rng = np.random.default_rng(inner + columns + rows)
     x = jnp.asarray(rng.standard_normal((rows, inner)), dtype)
     w = jnp.asarray(rng.standard_normal((inner, columns)) / np.sqrt(inner), dtype)
-    out = jax.jit(cpu_kernels.gemv)(x, w)
+    out = jax.jit(kernel)(x, w)
     assert out.shape == (rows, columns) and out.dtype == jnp.float32
     ref = jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32), precision="highest")
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
-    np.testing.assert_array_equal(jax.jit(cpu_kernels.gemv)(x, w), out)  # no dependence on thread scheduling
+    np.testing.assert_array_equal(jax.jit(kernel)(x, w), out)  # no dependence on thread scheduling
 
 
-def test_matmul_uses_gemv_for_one_or_two_rows_of_a_projection():
-    """precision.matmul: the kernel for 1-2 rows in the "x's trailing dims times w's leading dims" form (several
-    contracted / output dims included), XLA otherwise (3 rows, a weight used transposed); equal to einsum."""
+def test_matmul_uses_the_product_kernels_for_decode_rows_of_a_projection():
+    """precision.matmul: gemv for 1-2 rows, gemm for 3 to GEMM_MAX_ROWS, in the "x's trailing dims times w's
+    leading dims" form (several contracted / output dims included); XLA otherwise (more rows, columns the kernel
+    does not tile, a weight used transposed); always equal to einsum."""
     from tidar_jax.precision import matmul
 
     rng = np.random.default_rng(0)
-    cases = [("bsd,dhk->bshk", (1, 1, 32), (32, 4, 16), True), ("bshk,hkd->bsd", (2, 1, 4, 16), (4, 16, 32), True),
-             ("bsd,df->bsf", (1, 3, 32), (32, 64), False), ("bsd,vd->bsv", (1, 1, 32), (48, 32), False)]
-    for equation, x_shape, w_shape, kernel in cases:
+    gemv, gemm = cpu_kernels.GEMV_TARGET, cpu_kernels.GEMM_TARGET
+    many = cpu_kernels.GEMM_MAX_ROWS + 1
+    cases = [("bsd,dhk->bshk", (1, 1, 32), (32, 4, 16), gemv), ("bshk,hkd->bsd", (2, 1, 4, 16), (4, 16, 32), gemv),
+             ("bsd,df->bsf", (1, 3, 32), (32, 64), gemm), ("bshk,hkd->bsd", (4, 5, 4, 16), (4, 16, 32), gemm),
+             ("bsd,df->bsf", (1, many, 32), (32, 64), None), ("bsd,df->bsf", (1, 3, 32), (32, 48), None),
+             ("bsd,vd->bsv", (1, 1, 32), (48, 32), None), ("bsd,vd->bsv", (1, 20, 32), (64, 32), None)]
+    for equation, x_shape, w_shape, target in cases:
         x, w = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in (x_shape, w_shape))
         lowered = str(jax.jit(lambda a, b, e=equation: matmul(e, a, b)).lower(x, w).as_text())
-        assert (cpu_kernels.GEMV_TARGET in lowered) == kernel, equation
+        assert [t for t in (gemv, gemm) if t in lowered] == ([target] if target else []), (equation, x_shape)
         np.testing.assert_allclose(matmul(equation, x, w), jnp.einsum(equation, x, w, precision="highest"),
                                    atol=1e-5, rtol=1e-5, err_msg=equation)
 
 
-def test_gemv_gradients_are_xla_dots():
-    rng = np.random.default_rng(1)
-    x, w = jnp.asarray(rng.standard_normal((2, 40)), jnp.float32), jnp.asarray(rng.standard_normal((40, 32)), jnp.float32)
-    weights = jnp.asarray(rng.standard_normal((2, 32)), jnp.float32)
+@pytest.mark.parametrize("rows", [2, 7])
+def test_product_gradients_are_xla_dots(rows):
+    rng = np.random.default_rng(rows)
+    x, w = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((rows, 40), (40, 64)))
+    weights = jnp.asarray(rng.standard_normal((rows, 64)), jnp.float32)
+    kernel = cpu_kernels.product_kernel(rows, 64, jnp.float32)
     grads = [jax.jit(jax.grad(lambda a, b, f=f: jnp.sum(f(a, b) * weights), argnums=(0, 1)))(x, w)
-             for f in (cpu_kernels.gemv, lambda a, b: jnp.dot(a, b, precision="highest"))]
+             for f in (kernel, lambda a, b: jnp.dot(a, b, precision="highest"))]
     for a, b in zip(*grads):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 

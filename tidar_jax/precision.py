@@ -22,9 +22,10 @@ def matmul(equation: str, x: Array, weight: Array, out_dtype=None) -> Array:
 
     Asking the dot for a float32 result is what accelerators do internally anyway. On CPUs (AVX-512 bf16 / AMX) it
     selects XLA's fast low-precision kernels, which a bf16-result dot does not use (2-4x slower). A product of at
-    most `cpu_kernels.GEMV_MAX_ROWS` rows (an AR step at batch 1) in the form "x's trailing dims times the weight's
-    leading dims" (every projection) runs on the CPU as `cpu_kernels.gemv` when the kernels are available; it
-    streams the weights faster than XLA's matrix-vector kernels (docs/RESULTS.md section 5). Without the kernels, a
+    most `cpu_kernels.GEMM_MAX_ROWS` rows (a decode step) in the form "x's trailing dims times the weight's leading
+    dims" (every projection) runs on the CPU as `cpu_kernels.gemv` (1-2 rows: it streams the weights faster than
+    XLA's matrix-vector kernels) or `cpu_kernels.gemm` (more rows: nearer the FMA peak than XLA's dot) when the
+    kernels are available (`cpu_kernels.product_kernel`; docs/RESULTS.md section 5). Without the kernels, a
     low-precision dot of a single row is computed on that row twice: XLA upcasts a 1-row bf16 dot weight by weight
     to float32, while 2 rows take its fast kernel."""
     out_dtype = x.dtype if out_dtype is None else out_dtype
@@ -34,8 +35,9 @@ def matmul(equation: str, x: Array, weight: Array, out_dtype=None) -> Array:
     if cpu and contracted is not None:
         batch_shape, out_shape = x.shape[:x.ndim - contracted], w.shape[contracted:]
         rows, inner, columns = math.prod(batch_shape), math.prod(w.shape[:contracted]), math.prod(out_shape)
-        if cpu_kernels.gemv_supports(rows, columns, x.dtype, w.dtype) and cpu_kernels.available():
-            out = cpu_kernels.gemv(x.reshape(rows, inner), w.reshape(inner, columns))
+        kernel = cpu_kernels.product_kernel(rows, columns, x.dtype, w.dtype)
+        if kernel is not None and cpu_kernels.available():
+            out = kernel(x.reshape(rows, inner), w.reshape(inner, columns))
             return out.reshape(batch_shape + out_shape).astype(out_dtype)
     single_row = x.shape[0] * x.shape[1] == 1 and x.dtype != jnp.float32 and cpu
     if single_row:

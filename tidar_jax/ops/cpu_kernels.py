@@ -3,14 +3,17 @@
 A decode step at batch 1 is bound by reading memory, and XLA:CPU reads it slower than the machine can: its
 matrix-vector kernels stream small weight matrices at 15-21 GB/s where a plain read reaches 27 (2-core AMD EPYC),
 and it runs attention over the KV cache as a handful of small ops per layer that transpose or copy the cache. Two
-kernels (sources in `cpu/`) replace those:
+kernels (sources in `cpu/`) replace those, and a third runs the few-row products of a TiDAR step, which are
+bound by arithmetic and which XLA runs at about half the FMA peak:
 
 - `cached_attention` (`cpu/cached_attention.cc`): the current block's queries over the KV cache and the block
   itself, each cache row read once in place, slots no row may see skipped; one call per layer.
 - `gemv` (`cpu/gemv.cc`): out = x [M, K] @ w [K, N] for M <= GEMV_MAX_ROWS, one sequential stream per thread over
-  contiguous weight rows; what `precision.matmul` runs for the projections of such steps.
+  contiguous weight rows; what `precision.matmul` runs for the projections of such steps (AR at batch 1).
+- `gemm` (`cpu/gemm.cc`): the same product for up to GEMM_MAX_ROWS rows (a TiDAR step, batched decoding), register-
+  blocked over column panels, bfloat16 through AVX-512 BF16 where the CPU has it; what `precision.matmul` runs there.
 
-Both split their work over XLA's intra-op thread pool and compute the function of the plain-XLA op they replace,
+All split their work over XLA's intra-op thread pool and compute the function of the plain-XLA op they replace,
 which stays the reference their tests compare against (tests/test_cpu_kernels.py); their gradients are plain XLA's.
 
 Building: the first use in a process compiles the sources with `$CXX` (default `g++`, `-O3 -march=native`) against
@@ -46,10 +49,10 @@ import numpy as np
 from tidar_jax import caches
 
 ENV = "TIDAR_JAX_CPU_KERNELS"
-SOURCES = tuple(Path(__file__).parent / "cpu" / name for name in ("cached_attention.cc", "gemv.cc"))
+SOURCES = tuple(Path(__file__).parent / "cpu" / name for name in ("cached_attention.cc", "gemv.cc", "gemm.cc"))
 HEADERS = tuple(Path(__file__).parent / "cpu" / name for name in ("vector.h", "work.h"))
-ATTENTION_TARGET, GEMV_TARGET = "tidar_cached_attention", "tidar_gemv"  # FFI target names
-TARGETS = {ATTENTION_TARGET: "TidarCachedAttention", GEMV_TARGET: "TidarGemv"}  # -> handler symbols
+ATTENTION_TARGET, GEMV_TARGET, GEMM_TARGET = "tidar_cached_attention", "tidar_gemv", "tidar_gemm"  # FFI targets
+TARGETS = {ATTENTION_TARGET: "TidarCachedAttention", GEMV_TARGET: "TidarGemv", GEMM_TARGET: "TidarGemm"}
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 # `gemv` takes up to 4 rows; at 4 rows it was slower than XLA's dot (the partial sums are re-read per weight row),
@@ -57,6 +60,9 @@ DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 GEMV_MAX_ROWS = 2
 # Wider weights (an untied LM head) keep XLA's dot: the kernel's per-chunk partial sums would grow with N.
 GEMV_MAX_COLUMNS = 16384
+# `gemm` holds a column panel's partial sums for all rows on the stack (cpu/gemm.cc kMaxRows); longer blocks
+# (prefill) keep XLA's dot.
+GEMM_MAX_ROWS = 128
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC",
          "-Wno-attributes", "-Wno-return-type")
 
@@ -160,31 +166,39 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Arra
     return call(q, k, v, cache_k, cache_v, mask, scale=np.float32(scale))
 
 
-def gemv_supports(rows: int, columns: int, *dtypes) -> bool:
-    """Whether `gemv` takes x [rows, K] @ w [K, columns] in these dtypes (one of DTYPES, all alike)."""
-    return (_one_kernel_dtype(dtypes) and 1 <= rows <= GEMV_MAX_ROWS and columns % 16 == 0
-            and columns <= GEMV_MAX_COLUMNS)
-
-
-@jax.custom_vjp
-def gemv(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [M, K] @ w [K, N] accumulated and returned in float32 (`gemv_supports`; needs `available()`): XLA's
-    `jnp.dot(x, w, preferred_element_type=float32)` up to float reassociation. Its VJP is that dot's."""
-    call = jax.ffi.ffi_call(GEMV_TARGET, jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32),
-                            vmap_method="sequential")
-    return call(x, w)
+def product_kernel(rows: int, columns: int, *dtypes):
+    """The kernel that computes x [rows, K] @ w [K, columns] in these dtypes (one of DTYPES, all alike): `gemv`
+    for 1 to GEMV_MAX_ROWS rows, `gemm` for up to GEMM_MAX_ROWS rows, else None (XLA's dot). Needs
+    `available()` to run."""
+    if not _one_kernel_dtype(dtypes):
+        return None
+    if 1 <= rows <= GEMV_MAX_ROWS and columns % 16 == 0 and columns <= GEMV_MAX_COLUMNS:
+        return gemv
+    if GEMV_MAX_ROWS < rows <= GEMM_MAX_ROWS and columns % 32 == 0:
+        return gemm
+    return None
 
 
 def _xla_dot(x, w):
     return jnp.dot(x, w, preferred_element_type=jnp.float32)
 
 
-def _gemv_fwd(x, w):
-    return gemv(x, w), (x, w)
+def _product(target: str, doc: str):
+    """x [M, K] @ w [K, N] -> [M, N] float32 by the FFI call `target`, with the VJP of XLA's dot."""
+
+    @jax.custom_vjp
+    def product(x: jax.Array, w: jax.Array) -> jax.Array:
+        call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32),
+                                vmap_method="sequential")
+        return call(x, w)
+
+    product.defvjp(lambda x, w: (product(x, w), (x, w)), lambda res, g: jax.vjp(_xla_dot, *res)[1](g))
+    product.__doc__ = doc
+    return product
 
 
-def _gemv_bwd(residuals, cotangent):
-    return jax.vjp(_xla_dot, *residuals)[1](cotangent)
-
-
-gemv.defvjp(_gemv_fwd, _gemv_bwd)
+_PRODUCT_DOC = """x [M, K] @ w [K, N] accumulated and returned in float32 ({form}; `product_kernel` says which shapes,
+needs `available()`): XLA's `jnp.dot(x, w, preferred_element_type=float32)` up to float reassociation, and the same
+bits on every call. Its VJP is that dot's."""
+gemv = _product(GEMV_TARGET, _PRODUCT_DOC.format(form="cpu/gemv.cc: 1-2 rows, bound by reading w"))
+gemm = _product(GEMM_TARGET, _PRODUCT_DOC.format(form="cpu/gemm.cc: a few to 128 rows, bound by arithmetic"))
