@@ -64,6 +64,16 @@ def test_equals_dot_product_attention(head_dim, t, s):
     np.testing.assert_allclose(out, grouped, atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("batch,t,heads,kv", [(2, 3, 20, 1), (1, 7, 6, 3), (2, 1, 12, 2)])
+def test_work_items_of_sixteen_query_rows(batch, t, heads, kv):
+    """The kernel packs a kv group's query rows (token-major, heads of the group inner) sixteen to a work item:
+    a group of 20 heads spills one token's heads over two items, 14 rows of 7 tokens fill one (scored against q
+    transposed), 6 rows of one token take the narrow path; every split equals the reference."""
+    args = inputs(batch * 100 + t + heads, batch, t, 11, heads, kv, 32)
+    out, ref, _ = kernel_and_xla(*args)
+    np.testing.assert_allclose(out, ref, atol=2e-6, rtol=1e-5)
+
+
 def test_shared_mask_and_rows_that_see_nothing():
     """One mask for every batch row; a query that sees nothing averages every value, cache slots past every fill
     included (the reference's large-negative convention), so then no slot is skipped."""

@@ -10,6 +10,10 @@
 // value dtype before the value products (as the XLA path casts them), float32 sums, out = sum(p v) / sum(p). A
 // column no row of a work item may see is skipped: it would add exactly 0 to each softmax, unless some row sees no
 // column at all, in which case every column is kept and that row averages all values (the reference's convention).
+//
+// A work item is up to 16 query rows of one kv group (one float32 lane each), so the softmax runs on whole vectors.
+// Items of 8 or more rows (a TiDAR step: K + K*K tokens times the group's heads) score 8 columns at a time against
+// q transposed, one broadcast key element per FMA; smaller items (an AR step) take one dot per row and column.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -27,6 +31,7 @@ namespace {
 
 using tidar::F16;
 using tidar::load16;
+using tidar::U16;
 
 typedef float F8 __attribute__((vector_size(32)));
 typedef float F4 __attribute__((vector_size(16)));
@@ -44,29 +49,45 @@ inline float hsum(F16 x) {  // a tree of halvings: a few shuffles, no 16-step de
   return (z[0] + z[2]) + (z[1] + z[3]);
 }
 
-inline float bf16_round(float x) { return tidar::to_float(tidar::bf16_bits(x)); }
+typedef int32_t I16 __attribute__((vector_size(64)));
+constexpr I16 kLaneBits = {1 << 0, 1 << 1, 1 << 2,  1 << 3,  1 << 4,  1 << 5,  1 << 6,  1 << 7,
+                           1 << 8, 1 << 9, 1 << 10, 1 << 11, 1 << 12, 1 << 13, 1 << 14, 1 << 15};
+
+template <typename To, typename From>
+inline To bitcast(From x) {
+  static_assert(sizeof(To) == sizeof(From));
+  To y;
+  std::memcpy(&y, &x, sizeof y);
+  return y;
+}
+
 inline void store(float x, float* out) { *out = x; }
 inline void store(float x, uint16_t* out) { *out = tidar::bf16_bits(x); }
-inline float in_value_dtype(float p, const float*) { return p; }
-inline float in_value_dtype(float p, const uint16_t*) { return bf16_round(p); }
+inline F16 in_value_dtype(F16 p, const float*) { return p; }
+inline F16 in_value_dtype(F16 p, const uint16_t*) {  // round to nearest even bfloat16 (p in [0, 1]: no NaN)
+  U16 w = bitcast<U16>(p);
+  w += 0x7fffu + ((w >> 16) & 1u);
+  return bitcast<F16>(w & 0xffff0000u);
+}
 
-// exp(x) for x <= 0 (Cephes' single-precision polynomial, ~1 ulp); 0 below the float32 normal range, where the
-// reference's exp is at most 1e-38 (each softmax sum here is >= 1).
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -88.f);
-  const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
+// exp(x) for x <= 0, 16 at a time (Cephes' single-precision polynomial, ~1 ulp); 0 below the float32 normal range,
+// where the reference's exp is at most 1e-38 (each softmax sum here is >= 1).
+inline F16 exp_nonpositive(F16 x) {
+  const F16 lowest = F16{} - 88.f;
+  x = x < lowest ? lowest : x;
+  const F16 half_up = x * 1.44269504088896341f + 0.5f;
+  F16 n = __builtin_convertvector(__builtin_convertvector(half_up, I16), F16);  // truncates: floor after the fix
+  n = n > half_up ? n - 1.f : n;
+  const F16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  F16 p = F16{} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  const float y = p * r * r + r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return x <= -88.f ? 0.f : y * scale;
+  const F16 y = p * r * r + r + 1.f;
+  const F16 scale = bitcast<F16>((__builtin_convertvector(n, I16) + 127) << 23);
+  return x <= lowest ? F16{} : y * scale;
 }
 
 struct Shapes {
@@ -81,99 +102,127 @@ struct Operands {
   T* out;
 };
 
-// Query tokens [r0, r1) of batch row `bi`, every head of kv group `j`, over every live column. D = d / 16.
+constexpr int kLanes = 16;          // query rows per work item: one float32 lane each
+constexpr int kWideFrom = 8;        // items of this many rows score 8 columns at a time against q transposed
+constexpr int64_t kColumnBlock = 8;
+
+// Query rows [row0, row0 + lanes) of batch row `bi` and kv group `j`, over every live column; query row r is token
+// r / g with head j * g + r % g (g = h / kv). Scores, probabilities and their sums are laid out one lane per row,
+// [live column][kLanes], so the softmax runs on whole vectors. D = d / 16.
 template <typename T, int D>
-void attend(const Shapes& sh, const Operands<T>& op, int64_t bi, int64_t j, int64_t r0, int64_t r1) {
-  const int64_t g = sh.h / sh.kv, t = sh.t, s = sh.s, cols = s + t, rows = (r1 - r0) * g, d = sh.d;
-  const bool* mask = op.mask + ((sh.mask_b == 1 ? 0 : bi) * t + r0) * cols;
+void attend(const Shapes& sh, const Operands<T>& op, int64_t bi, int64_t j, int64_t row0, int lanes) {
+  const int64_t g = sh.h / sh.kv, t = sh.t, s = sh.s, cols = s + t, d = sh.d;
+  const bool* mask = op.mask + (sh.mask_b == 1 ? 0 : bi) * t * cols;  // [t, cols]
   auto key = [&](int64_t c) {
     return c < s ? op.cache_k + ((bi * s + c) * sh.kv + j) * d : op.k + ((bi * t + c - s) * sh.kv + j) * d;
   };
   auto value = [&](int64_t c) {
     return c < s ? op.cache_v + ((bi * s + c) * sh.kv + j) * d : op.v + ((bi * t + c - s) * sh.kv + j) * d;
   };
+  auto query = [&](int lane) { return op.q + ((bi * t + (row0 + lane) / g) * sh.h + j * g + (row0 + lane) % g) * d; };
 
+  // seen[c]: the lanes whose row may attend to column c.
+  std::vector<int32_t> seen(cols, 0);
   bool any_dead = false;
-  for (int64_t r = 0; r < r1 - r0 && !any_dead; ++r)
-    any_dead = std::none_of(mask + r * cols, mask + (r + 1) * cols, [](bool m) { return m; });
+  for (int64_t token = row0 / g; token <= (row0 + lanes - 1) / g; ++token) {
+    int32_t bits = 0;
+    for (int lane = 0; lane < lanes; ++lane) bits |= (row0 + lane) / g == token ? 1 << lane : 0;
+    const bool* row = mask + token * cols;
+    bool any = false;
+    for (int64_t c = 0; c < cols; ++c) {
+      seen[c] |= row[c] ? bits : 0;
+      any |= row[c];
+    }
+    any_dead |= !any;
+  }
   std::vector<int64_t> live;  // the columns read
   live.reserve(cols);
-  for (int64_t c = 0; c < cols; ++c) {
-    bool seen = any_dead;
-    for (int64_t r = 0; r < r1 - r0 && !seen; ++r) seen = mask[r * cols + c];
-    if (seen) live.push_back(c);
-  }
+  for (int64_t c = 0; c < cols; ++c)
+    if (any_dead || seen[c]) live.push_back(c);
   const int64_t n = static_cast<int64_t>(live.size());
+  auto masked = [&](int64_t c, F16 score) {
+    const I16 visible = (kLaneBits & seen[c]) != 0;
+    return visible ? score * sh.scale : F16{} + kMaskedLogit;
+  };
 
-  std::vector<F16> q(rows * D);
-  for (int64_t r = r0; r < r1; ++r)
-    for (int64_t gi = 0; gi < g; ++gi)
-      for (int k = 0; k < D; ++k)
-        q[((r - r0) * g + gi) * D + k] = load16(op.q + ((bi * t + r) * sh.h + j * g + gi) * d + 16 * k);
-
-  // Scores of the live columns, [rows, n]; then probabilities in place.
-  std::vector<float> prob(rows * n);
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t c = live[i];
-    F16 kr[D];
-    for (int k = 0; k < D; ++k) kr[k] = load16(key(c) + 16 * k);
-    for (int64_t qi = 0; qi < rows; ++qi) {
-      F16 acc = q[qi * D] * kr[0];
-      for (int k = 1; k < D; ++k) acc += q[qi * D + k] * kr[k];
-      prob[qi * n + i] = mask[(qi / g) * cols + c] ? hsum(acc) * sh.scale : kMaskedLogit;
+  std::vector<F16> prob(n);
+  if (lanes >= kWideFrom) {
+    // q transposed, [d][kLanes]: each key element is broadcast against the lanes' query elements.
+    alignas(64) float qt[128 * kLanes] = {};
+    for (int lane = 0; lane < lanes; ++lane)
+      for (int64_t e = 0; e < d; ++e) qt[e * kLanes + lane] = tidar::to_float(query(lane)[e]);
+    alignas(64) float keys[kColumnBlock][128];
+    for (int64_t i0 = 0; i0 < n; i0 += kColumnBlock) {
+      for (int64_t b = 0; b < kColumnBlock; ++b) {  // past the last live column: its key again, not stored
+        const T* kr = key(live[std::min(n - 1, i0 + b)]);
+        for (int k = 0; k < D; ++k) tidar::store16(keys[b] + 16 * k, load16(kr + 16 * k));
+      }
+      F16 acc[kColumnBlock] = {};
+      for (int64_t e = 0; e < d; ++e) {
+        const F16 qe = load16(qt + e * kLanes);
+        for (int64_t b = 0; b < kColumnBlock; ++b) acc[b] += qe * keys[b][e];
+      }
+      for (int64_t b = 0; b < std::min(kColumnBlock, n - i0); ++b) prob[i0 + b] = masked(live[i0 + b], acc[b]);
+    }
+  } else {
+    F16 q[kWideFrom][D];
+    for (int lane = 0; lane < lanes; ++lane)
+      for (int k = 0; k < D; ++k) q[lane][k] = load16(query(lane) + 16 * k);
+    for (int64_t i = 0; i < n; ++i) {
+      F16 kr[D];
+      for (int k = 0; k < D; ++k) kr[k] = load16(key(live[i]) + 16 * k);
+      F16 score{};
+      for (int lane = 0; lane < lanes; ++lane) {
+        F16 acc = q[lane][0] * kr[0];
+        for (int k = 1; k < D; ++k) acc += q[lane][k] * kr[k];
+        score[lane] = hsum(acc);
+      }
+      prob[i] = masked(live[i], score);
     }
   }
-  std::vector<float> denom(rows);
-  for (int64_t qi = 0; qi < rows; ++qi) {
-    float* row = &prob[qi * n];
-    float top = kMaskedLogit;
-#pragma omp simd reduction(max : top)
-    for (int64_t i = 0; i < n; ++i) top = top > row[i] ? top : row[i];
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < n; ++i) {
-      const float p = exp_nonpositive(row[i] - top);
-      sum += p;
-      row[i] = p;
-    }
-    denom[qi] = sum;
-    for (int64_t i = 0; i < n; ++i) row[i] = in_value_dtype(row[i], op.v);
+
+  F16 top = F16{} + kMaskedLogit;
+  for (int64_t i = 0; i < n; ++i) top = top > prob[i] ? top : prob[i];
+  F16 denom{};
+  for (int64_t i = 0; i < n; ++i) {
+    const F16 p = exp_nonpositive(prob[i] - top);
+    denom += p;
+    prob[i] = in_value_dtype(p, op.v);
   }
 
   // Values, in row blocks whose accumulators fit in registers.
-  constexpr int64_t kBlock = std::max<int64_t>(1, kMaxAccumulators / D);
-  for (int64_t q0 = 0; q0 < rows; q0 += kBlock) {
-    const int64_t nb = std::min(kBlock, rows - q0);
+  constexpr int kBlock = std::max(1, static_cast<int>(kMaxAccumulators / D));
+  for (int q0 = 0; q0 < lanes; q0 += kBlock) {
+    const int nb = std::min(kBlock, lanes - q0);
     F16 acc[kBlock][D];
-    for (int64_t a = 0; a < kBlock; ++a)
+    for (int a = 0; a < kBlock; ++a)
       for (int k = 0; k < D; ++k) acc[a][k] = F16{};
     for (int64_t i = 0; i < n; ++i) {
       F16 vr[D];
       for (int k = 0; k < D; ++k) vr[k] = load16(value(live[i]) + 16 * k);
-      for (int64_t a = 0; a < kBlock; ++a) {
+      for (int a = 0; a < kBlock; ++a) {
         if (a >= nb) break;
-        const float p = prob[(q0 + a) * n + i];
+        const float p = prob[i][q0 + a];
         for (int k = 0; k < D; ++k) acc[a][k] += p * vr[k];
       }
     }
-    for (int64_t a = 0; a < nb; ++a) {
-      const int64_t qi = q0 + a, r = r0 + qi / g, gi = qi % g;
-      T* o = op.out + ((bi * t + r) * sh.h + j * g + gi) * d;
-      float lanes[16 * D];
-      std::memcpy(lanes, acc[a], sizeof lanes);
-      for (int64_t e = 0; e < d; ++e) store(lanes[e] / denom[qi], o + e);
+    for (int a = 0; a < nb; ++a) {
+      const int lane = q0 + a;
+      T* o = op.out + (query(lane) - op.q);
+      float lanes_out[16 * D];
+      std::memcpy(lanes_out, acc[a], sizeof lanes_out);
+      for (int64_t e = 0; e < d; ++e) store(lanes_out[e] / denom[lane], o + e);
     }
   }
 }
 
-// Work items: (batch row, kv group, block of query tokens of about 16 query rows).
+// Work items: (batch row, kv group, block of kLanes query rows), the rows of a group ordered token-major.
 template <typename T, int D>
 void run(ffi::ThreadPool& pool, const Shapes& sh, const Operands<T>& op) {
-  const int64_t tokens_per_item = std::max<int64_t>(1, 16 / (sh.h / sh.kv));
-  const int64_t blocks = (sh.t + tokens_per_item - 1) / tokens_per_item;
+  const int64_t rows = sh.t * (sh.h / sh.kv), blocks = (rows + kLanes - 1) / kLanes;
   tidar::parallel_for(pool, sh.b * sh.kv * blocks, [&](int64_t i) {
-    const int64_t r0 = (i % blocks) * tokens_per_item, group = i / blocks;
-    attend<T, D>(sh, op, group / sh.kv, group % sh.kv, r0, std::min(sh.t, r0 + tokens_per_item));
+    const int64_t row0 = (i % blocks) * kLanes, group = i / blocks;
+    attend<T, D>(sh, op, group / sh.kv, group % sh.kv, row0, static_cast<int>(std::min<int64_t>(kLanes, rows - row0)));
   });
 }
 
