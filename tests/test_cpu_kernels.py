@@ -2,8 +2,8 @@
 over `[cache | current]` and ops.attention's XLA formulations, over head dims, groups, query blocks, cache sizes,
 ragged and broadcast masks, rows that see nothing, slots no row sees (never read), bfloat16, gradients (plain
 XLA's), which formulation "auto" picks, the build's disk cache and its failure path, and greedy decoding with the
-kernels on and off. gemv and gemm: XLA's dot over row counts, chunk, block and tile boundaries, both dtypes, their
-gradients, and where precision.matmul uses which."""
+kernels on and off. gemv, gemm and matmul_nt: XLA's dot over row counts, chunk, block and tile boundaries, both
+dtypes, their gradients, and where precision.matmul uses which."""
 
 import os
 import subprocess
@@ -167,20 +167,23 @@ def test_a_failed_build_warns_and_falls_back_to_xla(tmp_path):
     assert not list((tmp_path / "kernels").glob("*.so"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag", ["-mno-avx512bf16", "-mno-avx512f"])
 def test_builds_for_cpus_without_avx512_features_equal_xla(tmp_path, flag):
     """The sources as built for a CPU without AVX-512 BF16 (bfloat16 products widened to float32) or without AVX-512
-    at all (GCC's vector extensions on AVX2 registers), in a fresh process: every kernel still equals XLA."""
+    at all (GCC's vector extensions on AVX2 registers), in a fresh process: every kernel still equals XLA. (Slow:
+    two builds; the default suite covers whatever the machine it runs on has.)"""
     script = ("import jax, jax.numpy as jnp, numpy as np\n"
               "from tidar_jax.ops import cpu_kernels\n"
               "assert cpu_kernels.available()\n"
               "rng = np.random.default_rng(0)\n"
               "for dtype in (jnp.float32, jnp.bfloat16):\n"
-              "    for kernel, rows in ((cpu_kernels.gemv, 1), (cpu_kernels.gemm, 7)):\n"
-              "        x = jnp.asarray(rng.standard_normal((rows, 67)), dtype)\n"
-              "        w = jnp.asarray(rng.standard_normal((67, 96)) / 8, dtype)\n"
+              "    for kernel, rows in ((cpu_kernels.gemv, 1), (cpu_kernels.gemm, 7), (cpu_kernels.matmul_nt, 5)):\n"
+              "        x = jnp.asarray(rng.standard_normal((rows, 96)), dtype)\n"
+              "        w = jnp.asarray(rng.standard_normal((96, 96)) / 8, dtype)\n"
               "        ref = jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32), precision='highest')\n"
-              "        np.testing.assert_allclose(jax.jit(kernel)(x, w), ref, atol=2e-5, rtol=2e-5)\n"
+              "        out = jax.jit(kernel)(x, w.T if kernel is cpu_kernels.matmul_nt else w)\n"
+              "        np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)\n"
               "    q, c = (jnp.asarray(rng.standard_normal(s), dtype) for s in ((1, 3, 4, 32), (1, 9, 2, 32)))\n"
               "    mask = jnp.asarray(rng.random((1, 3, 12)) < 0.7).at[:, :, 9:].set(jnp.tril(jnp.ones((3, 3), bool)))\n"
               "    out = jax.jit(cpu_kernels.cached_attention, static_argnums=6)(q, q[:, :, :2], q[:, :, 2:], c, c, mask, 0.2)\n"
@@ -207,7 +210,7 @@ PROMPTS = [[3, 4, 5], [7, 3, 9, 4, 10, 5, 6, 8, 3, 9, 4], [9, 8, 7]]
 def _count_kernel_calls(monkeypatch) -> list:
     """Replaces the kernels by wrappers that note each traced call in the returned list."""
     traced = []
-    for name in ("cached_attention", "gemv", "gemm"):
+    for name in ("cached_attention", "gemv", "gemm", "matmul_nt"):
         real = getattr(cpu_kernels, name)
         monkeypatch.setattr(cpu_kernels, name, lambda *a, real=real, name=name: traced.append(name) or real(*a))
     return traced
@@ -218,7 +221,7 @@ def test_greedy_decoding_equals_decoding_without_the_kernels(decode_cfg, mode, p
     """A trained tiny model (drafts often accepted), a ragged batch and batch 1: the same tokens with the kernels on
     and off. The program cache keys on the switch, so "off" compiles anew, and only "on" traces kernel calls: the
     attention kernel always, gemv for the 1-row steps of AR at batch 1, gemm for TiDAR steps, batched AR steps
-    and prefill (at most 3 x 16 rows here)."""
+    and prefill (at most 3 x 16 rows here), matmul_nt for the tied LM head on the rows a step reads."""
     graphdef, params = trained_model(decode_cfg.model, "tidar", seed=0, steps=100)
     traced = _count_kernel_calls(monkeypatch)
     outputs, kernel_calls = {}, {}
@@ -230,7 +233,8 @@ def test_greedy_decoding_equals_decoding_without_the_kernels(decode_cfg, mode, p
         outputs[switch] = generator.generate(prompts, mode=mode).tokens
         kernel_calls[switch] = set(traced[before:])
     one_row_steps = mode == "ar" and len(prompts) == 1
-    assert kernel_calls["on"] == {"cached_attention", "gemm"} | ({"gemv"} if one_row_steps else set())
+    expected = {"cached_attention", "gemm", "matmul_nt"} | ({"gemv"} if one_row_steps else set())
+    assert kernel_calls["on"] == expected
     assert not kernel_calls["off"]
     assert outputs["on"] == outputs["off"]
 
@@ -276,46 +280,66 @@ def test_gemm_equals_xla_dot(dtype, rows, inner, columns):
     _check_product(cpu_kernels.gemm, dtype, rows, inner, columns)
 
 
-def _check_product(kernel, dtype, rows, inner, columns):
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("rows,inner,columns", [
+    (1, 32, 3),        # fewer rows of w than a work item, inner one bfloat16 pair-vector
+    (3, 96, 515),      # inner % 64 == 32; a row block of 3; rows of w over two items
+    (5, 576, 1000),    # 4 + 1 rows
+    (16, 128, 257),    # the most rows precision.matmul sends
+])
+def test_matmul_nt_equals_xla_dot(dtype, rows, inner, columns):
+    """x @ w.T for w [columns, inner] as it lies (a tied LM head): row blocks, inner sizes, work-item edges."""
+    _check_product(cpu_kernels.matmul_nt, dtype, rows, inner, columns, transposed=True)
+
+
+def _check_product(kernel, dtype, rows, inner, columns, transposed=False):
     rng = np.random.default_rng(inner + columns + rows)
     x = jnp.asarray(rng.standard_normal((rows, inner)), dtype)
     w = jnp.asarray(rng.standard_normal((inner, columns)) / np.sqrt(inner), dtype)
-    out = jax.jit(kernel)(x, w)
+    out = jax.jit(kernel)(x, w.T if transposed else w)
     assert out.shape == (rows, columns) and out.dtype == jnp.float32
     ref = jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32), precision="highest")
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
-    np.testing.assert_array_equal(jax.jit(kernel)(x, w), out)  # no dependence on thread scheduling
+    np.testing.assert_array_equal(jax.jit(kernel)(x, w.T if transposed else w), out)  # whatever the scheduling
 
 
 def test_matmul_uses_the_product_kernels_for_decode_rows_of_a_projection():
     """precision.matmul: gemv for 1-2 rows, gemm for 3 to GEMM_MAX_ROWS, in the "x's trailing dims times w's
-    leading dims" form (several contracted / output dims included); XLA otherwise (more rows, columns the kernel
-    does not tile, a weight used transposed); always equal to einsum."""
+    leading dims" form (several contracted / output dims included); matmul_nt for up to MATMUL_NT_MAX_ROWS rows
+    times a 2-D weight used transposed (a tied LM head); XLA otherwise (more rows, columns or inner sizes the
+    kernels do not tile); always equal to einsum."""
     from tidar_jax.precision import matmul
 
     rng = np.random.default_rng(0)
-    gemv, gemm = cpu_kernels.GEMV_TARGET, cpu_kernels.GEMM_TARGET
-    many = cpu_kernels.GEMM_MAX_ROWS + 1
+    gemv, gemm, nt = cpu_kernels.GEMV_TARGET, cpu_kernels.GEMM_TARGET, cpu_kernels.MATMUL_NT_TARGET
+    many, many_nt = cpu_kernels.GEMM_MAX_ROWS + 1, cpu_kernels.MATMUL_NT_MAX_ROWS + 1
     cases = [("bsd,dhk->bshk", (1, 1, 32), (32, 4, 16), gemv), ("bshk,hkd->bsd", (2, 1, 4, 16), (4, 16, 32), gemv),
              ("bsd,df->bsf", (1, 3, 32), (32, 64), gemm), ("bshk,hkd->bsd", (4, 5, 4, 16), (4, 16, 32), gemm),
              ("bsd,df->bsf", (1, many, 32), (32, 64), None), ("bsd,df->bsf", (1, 3, 32), (32, 48), None),
-             ("bsd,vd->bsv", (1, 1, 32), (48, 32), None), ("bsd,vd->bsv", (1, 20, 32), (64, 32), None)]
+             ("bsd,vd->bsv", (1, 1, 32), (48, 32), nt), ("bsd,vd->bsv", (2, 4, 64), (50, 64), nt),
+             ("bsd,vd->bsv", (1, many_nt, 32), (64, 32), None), ("bsd,vd->bsv", (1, 2, 48), (64, 48), None),
+             ("bshk,dhk->bsd", (1, 1, 4, 16), (32, 4, 16), None)]
     for equation, x_shape, w_shape, target in cases:
         x, w = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in (x_shape, w_shape))
         lowered = str(jax.jit(lambda a, b, e=equation: matmul(e, a, b)).lower(x, w).as_text())
-        assert [t for t in (gemv, gemm) if t in lowered] == ([target] if target else []), (equation, x_shape)
+        assert [t for t in (gemv, gemm, nt) if t in lowered] == ([target] if target else []), (equation, x_shape)
         np.testing.assert_allclose(matmul(equation, x, w), jnp.einsum(equation, x, w, precision="highest"),
                                    atol=1e-5, rtol=1e-5, err_msg=equation)
 
 
-@pytest.mark.parametrize("rows", [2, 7])
-def test_product_gradients_are_xla_dots(rows):
+@pytest.mark.parametrize("rows,transposed", [(2, False), (7, False), (3, True)])
+def test_product_gradients_are_xla_dots(rows, transposed):
     rng = np.random.default_rng(rows)
-    x, w = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((rows, 40), (40, 64)))
-    weights = jnp.asarray(rng.standard_normal((rows, 64)), jnp.float32)
-    kernel = cpu_kernels.product_kernel(rows, 64, jnp.float32)
+    x, w = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((rows, 64), (64, 96)))
+    weights = jnp.asarray(rng.standard_normal((rows, 96)), jnp.float32)
+    if transposed:
+        kernel, w = cpu_kernels.transposed_product_kernel(rows, 64, jnp.float32), w.T
+        reference = lambda a, b: jnp.dot(a, b.T, precision="highest")  # noqa: E731
+    else:
+        kernel = cpu_kernels.product_kernel(rows, 96, jnp.float32)
+        reference = lambda a, b: jnp.dot(a, b, precision="highest")  # noqa: E731
     grads = [jax.jit(jax.grad(lambda a, b, f=f: jnp.sum(f(a, b) * weights), argnums=(0, 1)))(x, w)
-             for f in (kernel, lambda a, b: jnp.dot(a, b, precision="highest"))]
+             for f in (kernel, reference)]
     for a, b in zip(*grads):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 

@@ -25,7 +25,9 @@ def matmul(equation: str, x: Array, weight: Array, out_dtype=None) -> Array:
     most `cpu_kernels.GEMM_MAX_ROWS` rows (a decode step) in the form "x's trailing dims times the weight's leading
     dims" (every projection) runs on the CPU as `cpu_kernels.gemv` (1-2 rows: it streams the weights faster than
     XLA's matrix-vector kernels) or `cpu_kernels.gemm` (more rows: nearer the FMA peak than XLA's dot) when the
-    kernels are available (`cpu_kernels.product_kernel`; docs/RESULTS.md section 5). Without the kernels, a
+    kernels are available (`cpu_kernels.product_kernel`; docs/RESULTS.md section 5); a tied LM head's product
+    with the embedding as it lies ("bsd,vd->bsv") on at most `cpu_kernels.MATMUL_NT_MAX_ROWS` rows runs as
+    `cpu_kernels.matmul_nt`, which reads the embedding at the bandwidth a plain read reaches. Without the kernels, a
     low-precision dot of a single row is computed on that row twice: XLA upcasts a 1-row bf16 dot weight by weight
     to float32, while 2 rows take its fast kernel."""
     out_dtype = x.dtype if out_dtype is None else out_dtype
@@ -39,6 +41,12 @@ def matmul(equation: str, x: Array, weight: Array, out_dtype=None) -> Array:
         if kernel is not None and cpu_kernels.available():
             out = kernel(x.reshape(rows, inner), w.reshape(inner, columns))
             return out.reshape(batch_shape + out_shape).astype(out_dtype)
+    if cpu and _transposed_weight(equation):
+        rows, inner = math.prod(x.shape[:-1]), x.shape[-1]
+        kernel = cpu_kernels.transposed_product_kernel(rows, inner, x.dtype, w.dtype)
+        if kernel is not None and cpu_kernels.available():
+            out = kernel(x.reshape(rows, inner), w)
+            return out.reshape(x.shape[:-1] + w.shape[:1]).astype(out_dtype)
     single_row = x.shape[0] * x.shape[1] == 1 and x.dtype != jnp.float32 and cpu
     if single_row:
         x = jnp.concatenate([x, x], axis=1)
@@ -57,6 +65,16 @@ def _contracted_dims(equation: str) -> int | None:
         if xs[-c:] == ws[:c] and out == xs[:-c] + ws[c:] and len(set(xs + ws)) == len(xs) + len(ws) - c:
             return c
     return None
+
+
+@functools.cache
+def _transposed_weight(equation: str) -> bool:
+    """Whether `equation` contracts x's last dim with the last dim of a 2-D weight and lists the rest in order
+    ("bsd,vd->bsv": a tied LM head), i.e. it is x.reshape(rows, d) @ w.T."""
+    inputs, out = equation.replace(" ", "").split("->")
+    xs, ws = inputs.split(",")
+    return (len(ws) == 2 and xs[-1] == ws[1] and out == xs[:-1] + ws[0]
+            and len(set(xs + ws)) == len(xs) + 1)
 
 
 def inference_dtype(dtype, ndim: int, cfg: ModelConfig):

@@ -3,8 +3,8 @@
 A decode step at batch 1 is bound by reading memory, and XLA:CPU reads it slower than the machine can: its
 matrix-vector kernels stream small weight matrices at 15-21 GB/s where a plain read reaches 27 (2-core AMD EPYC),
 and it runs attention over the KV cache as a handful of small ops per layer that transpose or copy the cache. Two
-kernels (sources in `cpu/`) replace those, and a third runs the few-row products of a TiDAR step, which are
-bound by arithmetic and which XLA runs at about half the FMA peak:
+kernels (sources in `cpu/`) replace those; two more run the few-row products of a TiDAR step, which XLA runs
+at about half the FMA peak, and a tied LM head's transposed product, which XLA reads at half the bandwidth:
 
 - `cached_attention` (`cpu/cached_attention.cc`): the current block's queries over the KV cache and the block
   itself, each cache row read once in place, slots no row may see skipped; one call per layer.
@@ -12,6 +12,8 @@ bound by arithmetic and which XLA runs at about half the FMA peak:
   contiguous weight rows; what `precision.matmul` runs for the projections of such steps (AR at batch 1).
 - `gemm` (`cpu/gemm.cc`): the same product for up to GEMM_MAX_ROWS rows (a TiDAR step, batched decoding), register-
   blocked over column panels, bfloat16 through AVX-512 BF16 where the CPU has it; what `precision.matmul` runs there.
+- `matmul_nt` (`cpu/matmul_nt.cc`): out = x [M, D] @ w.T for w [V, D] and M <= MATMUL_NT_MAX_ROWS, each thread
+  streaming whole rows of w; what `precision.matmul` runs for a tied LM head on a decode step's rows.
 
 All split their work over XLA's intra-op thread pool and compute the function of the plain-XLA op they replace,
 which stays the reference their tests compare against (tests/test_cpu_kernels.py); their gradients are plain XLA's.
@@ -49,10 +51,12 @@ import numpy as np
 from tidar_jax import caches
 
 ENV = "TIDAR_JAX_CPU_KERNELS"
-SOURCES = tuple(Path(__file__).parent / "cpu" / name for name in ("cached_attention.cc", "gemv.cc", "gemm.cc"))
+SOURCES = tuple(Path(__file__).parent / "cpu" / name for name in ("cached_attention.cc", "gemv.cc", "gemm.cc", "matmul_nt.cc"))
 HEADERS = tuple(Path(__file__).parent / "cpu" / name for name in ("vector.h", "work.h"))
 ATTENTION_TARGET, GEMV_TARGET, GEMM_TARGET = "tidar_cached_attention", "tidar_gemv", "tidar_gemm"  # FFI targets
-TARGETS = {ATTENTION_TARGET: "TidarCachedAttention", GEMV_TARGET: "TidarGemv", GEMM_TARGET: "TidarGemm"}
+MATMUL_NT_TARGET = "tidar_matmul_nt"
+TARGETS = {ATTENTION_TARGET: "TidarCachedAttention", GEMV_TARGET: "TidarGemv", GEMM_TARGET: "TidarGemm",
+           MATMUL_NT_TARGET: "TidarMatmulNt"}  # -> handler symbols
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 # `gemv` takes up to 4 rows; at 4 rows it was slower than XLA's dot (the partial sums are re-read per weight row),
@@ -63,6 +67,9 @@ GEMV_MAX_COLUMNS = 16384
 # `gemm` holds a column panel's partial sums for all rows on the stack (cpu/gemm.cc kMaxRows); longer blocks
 # (prefill) keep XLA's dot.
 GEMM_MAX_ROWS = 128
+# `matmul_nt` (a tied LM head on a decode step's rows: 1 for AR, 2K for TiDAR) re-reads x from L1 for every row of
+# w; measured faster than XLA's dot at 1-8 rows (docs/RESULTS.md section 5). Longer blocks keep XLA's dot.
+MATMUL_NT_MAX_ROWS = 16
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC",
          "-Wno-attributes", "-Wno-return-type")
 
@@ -179,26 +186,47 @@ def product_kernel(rows: int, columns: int, *dtypes):
     return None
 
 
+def transposed_product_kernel(rows: int, inner: int, *dtypes):
+    """The kernel that computes x [rows, inner] @ w.T for w [V, inner] in these dtypes (one of DTYPES, all alike):
+    `matmul_nt` for 1 to MATMUL_NT_MAX_ROWS rows and inner % 32 == 0, else None (XLA's dot). Needs `available()`
+    to run."""
+    if _one_kernel_dtype(dtypes) and 1 <= rows <= MATMUL_NT_MAX_ROWS and inner % 32 == 0:
+        return matmul_nt
+    return None
+
+
 def _xla_dot(x, w):
     return jnp.dot(x, w, preferred_element_type=jnp.float32)
 
 
-def _product(target: str, doc: str):
-    """x [M, K] @ w [K, N] -> [M, N] float32 by the FFI call `target`, with the VJP of XLA's dot."""
+def _xla_dot_nt(x, w):
+    return jnp.dot(x, w.T, preferred_element_type=jnp.float32)
+
+
+def _product(target: str, reference, columns_axis: int, doc: str):
+    """x [M, K] times w -> [M, w.shape[columns_axis]] float32 by the FFI call `target`, with the VJP of
+    `reference` (XLA's form of the same product)."""
 
     @jax.custom_vjp
     def product(x: jax.Array, w: jax.Array) -> jax.Array:
-        call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32),
+        call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], w.shape[columns_axis]), jnp.float32),
                                 vmap_method="sequential")
         return call(x, w)
 
-    product.defvjp(lambda x, w: (product(x, w), (x, w)), lambda res, g: jax.vjp(_xla_dot, *res)[1](g))
+    product.defvjp(lambda x, w: (product(x, w), (x, w)), lambda res, g: jax.vjp(reference, *res)[1](g))
     product.__doc__ = doc
     return product
 
 
-_PRODUCT_DOC = """x [M, K] @ w [K, N] accumulated and returned in float32 ({form}; `product_kernel` says which shapes,
-needs `available()`): XLA's `jnp.dot(x, w, preferred_element_type=float32)` up to float reassociation, and the same
+_PRODUCT_DOC = """{product} accumulated and returned in float32 ({form}; `{selector}` says which shapes,
+needs `available()`): XLA's `jnp.dot({dot}, preferred_element_type=float32)` up to float reassociation, and the same
 bits on every call. Its VJP is that dot's."""
-gemv = _product(GEMV_TARGET, _PRODUCT_DOC.format(form="cpu/gemv.cc: 1-2 rows, bound by reading w"))
-gemm = _product(GEMM_TARGET, _PRODUCT_DOC.format(form="cpu/gemm.cc: a few to 128 rows, bound by arithmetic"))
+gemv = _product(GEMV_TARGET, _xla_dot, 1, _PRODUCT_DOC.format(
+    product="x [M, K] @ w [K, N]", form="cpu/gemv.cc: 1-2 rows, bound by reading w", selector="product_kernel",
+    dot="x, w"))
+gemm = _product(GEMM_TARGET, _xla_dot, 1, _PRODUCT_DOC.format(
+    product="x [M, K] @ w [K, N]", form="cpu/gemm.cc: a few to 128 rows, bound by arithmetic",
+    selector="product_kernel", dot="x, w"))
+matmul_nt = _product(MATMUL_NT_TARGET, _xla_dot_nt, 0, _PRODUCT_DOC.format(
+    product="x [M, D] @ w.T for w [V, D]", form="cpu/matmul_nt.cc: up to 16 rows, bound by reading w",
+    selector="transposed_product_kernel", dot="x, w.T"))

@@ -30,24 +30,14 @@ namespace ffi = xla::ffi;
 namespace {
 
 using tidar::F16;
+using tidar::hsum;
 using tidar::load16;
 using tidar::U16;
 
-typedef float F8 __attribute__((vector_size(32)));
-typedef float F4 __attribute__((vector_size(16)));
 
 constexpr float kMaskedLogit = -0.7f * std::numeric_limits<float>::max();
 constexpr int64_t kMaxAccumulators = 16;  // float32 vectors one row block of the value pass keeps in registers
 
-inline float hsum(F16 x) {  // a tree of halvings: a few shuffles, no 16-step dependency chain
-  F8 halves[2];
-  std::memcpy(halves, &x, sizeof halves);
-  const F8 y = halves[0] + halves[1];
-  F4 quarters[2];
-  std::memcpy(quarters, &y, sizeof quarters);
-  const F4 z = quarters[0] + quarters[1];
-  return (z[0] + z[2]) + (z[1] + z[3]);
-}
 
 typedef int32_t I16 __attribute__((vector_size(64)));
 constexpr I16 kLaneBits = {1 << 0, 1 << 1, 1 << 2,  1 << 3,  1 << 4,  1 << 5,  1 << 6,  1 << 7,

@@ -23,6 +23,8 @@
 
 namespace ffi = xla::ffi;
 
+
+
 namespace {
 
 using tidar::F16;
@@ -30,7 +32,8 @@ using tidar::load16;
 
 constexpr int kRows = 6;          // rows of x per register block: kRows x 4 accumulators of 16 floats
 constexpr int64_t kPanel = 64;    // columns per work item
-constexpr int64_t kBlock = 64;    // k per weight tile: [64, 64] floats (16 KB) or bfloat16 (8 KB), in L1
+constexpr int64_t kBlock = 32;    // k per weight tile: [32, 64] floats (8 KB) or bfloat16 (4 KB), in L1
+constexpr int kPrefetchLocality = 2;  // next tile into L2: ~20% faster than into L1 for bfloat16 (one run)
 
 // A panel's partial sums, [M, kPanel] floats, live in the work item's stack frame.
 constexpr int64_t kMaxRows = 128;
@@ -154,6 +157,11 @@ void panel(const T* x, const T* w, int64_t M, int64_t K, int64_t N, int64_t n0, 
 #endif
   for (int64_t k0 = 0; k0 < K; k0 += kBlock) {
     const int64_t k1 = std::min(K, k0 + kBlock);
+    // The panel's rows are kPanel columns of w at a stride of N: no pattern the hardware prefetchers follow far
+    // enough ahead, so the next tile is requested while this one is multiplied.
+    for (int64_t k = k1; k < std::min(K, k1 + kBlock); ++k)
+      for (int64_t byte = 0; byte < width * static_cast<int64_t>(sizeof(T)); byte += 64)
+        __builtin_prefetch(reinterpret_cast<const char*>(w + k * N + n0) + byte, 0, kPrefetchLocality);
 #if defined(__AVX512BF16__)
     if constexpr (std::is_same_v<T, uint16_t>) pack(w + n0, N, k0, k1, width, packed);
 #endif

@@ -11,6 +11,8 @@ namespace tidar {
 typedef float F16 __attribute__((vector_size(64)));     // 16 float32 lanes
 typedef uint16_t H16 __attribute__((vector_size(32)));  // 16 bfloat16 bit patterns
 typedef uint32_t U16 __attribute__((vector_size(64)));
+typedef float F8 __attribute__((vector_size(32)));
+typedef float F4 __attribute__((vector_size(16)));
 
 inline F16 load16(const float* p) {
   F16 x;
@@ -28,6 +30,17 @@ inline F16 load16(const uint16_t* p) {  // bfloat16 -> float32 is exact: the bit
 }
 
 inline void store16(float* p, F16 x) { std::memcpy(p, &x, sizeof x); }
+
+// The sum of the lanes: a tree of halvings, a few shuffles and no 16-step dependency chain.
+inline float hsum(F16 x) {
+  F8 halves[2];
+  std::memcpy(halves, &x, sizeof halves);
+  const F8 y = halves[0] + halves[1];
+  F4 quarters[2];
+  std::memcpy(quarters, &y, sizeof quarters);
+  const F4 z = quarters[0] + quarters[1];
+  return (z[0] + z[2]) + (z[1] + z[3]);
+}
 
 inline float to_float(float x) { return x; }
 inline float to_float(uint16_t bits) {
