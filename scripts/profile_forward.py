@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", default="runs/smollm2")
     p.add_argument("--query-tokens", type=int, default=20, help="1 (an AR step) or K + K*K (a TiDAR step)")
+    p.add_argument("--batch", type=int, default=1, help="batch rows of the forward (not with --decode-loop)")
     p.add_argument("--dtype", default="float32", help="model.compute_dtype (params cast once, as a Generator does)")
     p.add_argument("--slots", type=int, default=640, help="cache slots (max_len)")
     p.add_argument("--prefix", type=int, default=512, help="committed tokens (cursor)")
@@ -99,8 +100,8 @@ def main(argv: list[str] | None = None) -> None:
         what = f"decode loop ({args.decode_loop}, K = {k}, {steps} forwards)"
     else:
         run, hlo, steps = _forward_runner(graphdef, params, cfg, args.query_tokens, args.slots, args.prefix,
-                                          args.steps)
-        what = f"{args.query_tokens} query tokens"
+                                          args.steps, args.batch)
+        what = f"batch {args.batch} x {args.query_tokens} query tokens"
     (out / "step.hlo.txt").write_text(hlo)
     with jax.profiler.trace(str(out), create_perfetto_trace=True):
         run()
@@ -131,11 +132,11 @@ def _compare_loop_with_forward(graphdef, params, cfg, args, loop_run, k: int) ->
           f"{forward / args.steps:.1f} ms per forward alone")
 
 
-def _forward_runner(graphdef, params, cfg, query_tokens: int, slots: int, prefix: int, steps: int):
+def _forward_runner(graphdef, params, cfg, query_tokens: int, slots: int, prefix: int, steps: int, batch: int = 1):
     """(run `steps` forwards, their optimized HLO, steps) for one cached forward (`make_step`), warmed up."""
     step = make_step(graphdef, query_tokens)
-    holder = {"cache": init_cache(cfg, 1, slots).replace(cursor=jnp.full((1,), prefix, jnp.int32))}
-    tokens = jnp.full((1, query_tokens), 3, jnp.int32)
+    holder = {"cache": init_cache(cfg, batch, slots).replace(cursor=jnp.full((batch,), prefix, jnp.int32))}
+    tokens = jnp.full((batch, query_tokens), 3, jnp.int32)
 
     def run(n=steps):
         for _ in range(n):

@@ -285,7 +285,7 @@ def test_gemm_equals_xla_dot(dtype, rows, inner, columns):
     (1, 32, 3),        # fewer rows of w than a work item, inner one bfloat16 pair-vector
     (3, 96, 515),      # inner % 64 == 32; a row block of 3; rows of w over two items
     (5, 576, 1000),    # 4 + 1 rows
-    (16, 128, 257),    # the most rows precision.matmul sends
+    (16, 128, 257),    # more rows than precision.matmul sends it (the kernel takes up to 32)
 ])
 def test_matmul_nt_equals_xla_dot(dtype, rows, inner, columns):
     """x @ w.T for w [columns, inner] as it lies (a tied LM head): row blocks, inner sizes, work-item edges."""

@@ -154,3 +154,25 @@ def test_every_param_has_logical_axes_of_its_rank(tiny_config, variant):
     per_layer += cfg.qkv_bias * cfg.head_dim * (cfg.n_heads + 2 * cfg.n_kv_heads) + cfg.qk_norm * 2 * cfg.head_dim
     expected = V * d * (1 if cfg.tie_embeddings else 2) + d + cfg.n_layers * per_layer
     assert count_params(state) == expected
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cache_rows_written_at_each_rows_own_slot(dtype, batch):
+    """_write_rows: every batch row's new K/V rows land at its own start slot and nothing else changes, whichever
+    form the write takes (one update at batch 1; on the CPU a select for 16-bit caches, which XLA:CPU would
+    otherwise scatter in float32 over the whole buffer; a scatter elsewhere)."""
+    from tidar_jax.model import _write_rows
+
+    rng = np.random.default_rng(batch)
+    buffer = jnp.asarray(rng.standard_normal((batch, 12, 2, 4)), dtype)
+    new = jnp.asarray(rng.standard_normal((batch, 3, 2, 4)), jnp.float32).astype(dtype)
+    start = jnp.asarray([5, 0, 9][:batch], jnp.int32)
+    out = jax.jit(_write_rows)(buffer, new, start)
+    expected = np.asarray(buffer).copy()
+    for b, s in enumerate(np.asarray(start)):
+        expected[b, s:s + 3] = np.asarray(new[b])
+    assert out.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(out), expected)
+    hlo = jax.jit(_write_rows).lower(buffer, new, start).compile().as_text()
+    assert "scatter" not in hlo or dtype == jnp.float32

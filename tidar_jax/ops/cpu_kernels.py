@@ -69,7 +69,7 @@ GEMV_MAX_COLUMNS = 16384
 GEMM_MAX_ROWS = 128
 # `matmul_nt` (a tied LM head on a decode step's rows: 1 for AR, 2K for TiDAR) re-reads x from L1 for every row of
 # w; measured faster than XLA's dot at 1-8 rows (docs/RESULTS.md section 5). Longer blocks keep XLA's dot.
-MATMUL_NT_MAX_ROWS = 16
+MATMUL_NT_MAX_ROWS = 8
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC",
          "-Wno-attributes", "-Wno-return-type")
 
@@ -228,5 +228,5 @@ gemm = _product(GEMM_TARGET, _xla_dot, 1, _PRODUCT_DOC.format(
     product="x [M, K] @ w [K, N]", form="cpu/gemm.cc: a few to 128 rows, bound by arithmetic",
     selector="product_kernel", dot="x, w"))
 matmul_nt = _product(MATMUL_NT_TARGET, _xla_dot_nt, 0, _PRODUCT_DOC.format(
-    product="x [M, D] @ w.T for w [V, D]", form="cpu/matmul_nt.cc: up to 16 rows, bound by reading w",
+    product="x [M, D] @ w.T for w [V, D]", form="cpu/matmul_nt.cc: up to 8 rows, bound by reading w",
     selector="transposed_product_kernel", dot="x, w.T"))
