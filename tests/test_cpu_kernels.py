@@ -221,7 +221,7 @@ def test_greedy_decoding_equals_decoding_without_the_kernels(decode_cfg, mode, p
     """A trained tiny model (drafts often accepted), a ragged batch and batch 1: the same tokens with the kernels on
     and off. The program cache keys on the switch, so "off" compiles anew, and only "on" traces kernel calls: the
     attention kernel always, gemv for the 1-row steps of AR at batch 1, gemm for TiDAR steps, batched AR steps
-    and prefill (at most 3 x 16 rows here), matmul_nt for the tied LM head on the rows a step reads."""
+    and prefill (at most 3 x 16 rows here), matmul_nt for the tied LM head on the rows an AR step reads."""
     graphdef, params = trained_model(decode_cfg.model, "tidar", seed=0, steps=100)
     traced = _count_kernel_calls(monkeypatch)
     outputs, kernel_calls = {}, {}
@@ -233,7 +233,8 @@ def test_greedy_decoding_equals_decoding_without_the_kernels(decode_cfg, mode, p
         outputs[switch] = generator.generate(prompts, mode=mode).tokens
         kernel_calls[switch] = set(traced[before:])
     one_row_steps = mode == "ar" and len(prompts) == 1
-    expected = {"cached_attention", "gemm", "matmul_nt"} | ({"gemv"} if one_row_steps else set())
+    expected = {"cached_attention", "gemm"} | ({"gemv"} if one_row_steps else set())
+    expected |= {"matmul_nt"} if mode == "ar" else set()  # TiDAR reads 2K = 8 rows per batch row: 24 > 8 here
     assert kernel_calls["on"] == expected
     assert not kernel_calls["off"]
     assert outputs["on"] == outputs["off"]

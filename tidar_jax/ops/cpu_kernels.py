@@ -52,7 +52,7 @@ from tidar_jax import caches
 
 ENV = "TIDAR_JAX_CPU_KERNELS"
 SOURCES = tuple(Path(__file__).parent / "cpu" / name for name in ("cached_attention.cc", "gemv.cc", "gemm.cc", "matmul_nt.cc"))
-HEADERS = tuple(Path(__file__).parent / "cpu" / name for name in ("vector.h", "work.h"))
+HEADERS = tuple(Path(__file__).parent / "cpu" / name for name in ("product.h", "vector.h", "work.h"))
 ATTENTION_TARGET, GEMV_TARGET, GEMM_TARGET = "tidar_cached_attention", "tidar_gemv", "tidar_gemm"  # FFI targets
 MATMUL_NT_TARGET = "tidar_matmul_nt"
 TARGETS = {ATTENTION_TARGET: "TidarCachedAttention", GEMV_TARGET: "TidarGemv", GEMM_TARGET: "TidarGemm",

@@ -13,6 +13,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "product.h"
 #include "vector.h"
 #include "work.h"
 #include "xla/ffi/api/ffi.h"
@@ -193,22 +194,12 @@ ffi::Error Gemm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::R
   if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0] || wd[1] % 32)
     return ffi::Error::InvalidArgument("gemm: x [M, K] and w [K, N] with N a multiple of 32");
   if (xd[0] < 1 || xd[0] > kMaxRows) return ffi::Error::InvalidArgument("gemm: x must have 1 to 128 rows");
-  if (x.element_type() != w.element_type()) return ffi::Error::InvalidArgument("gemm: x and w dtypes differ");
-  float* o = out->typed_data();
-  if (x.element_type() == ffi::DataType::F32)
-    run<float>(pool, x.untyped_data(), w.untyped_data(), xd[0], xd[1], wd[1], o);
-  else if (x.element_type() == ffi::DataType::BF16)
-    run<uint16_t>(pool, x.untyped_data(), w.untyped_data(), xd[0], xd[1], wd[1], o);
-  else
-    return ffi::Error::InvalidArgument("gemm: dtype must be float32 or bfloat16");
-  return ffi::Error::Success();
+  return tidar::by_dtype("gemm", x, w, [&](auto type) {
+    run<decltype(type)>(pool, x.untyped_data(), w.untyped_data(), xd[0], xd[1], wd[1], out->typed_data());
+    return ffi::Error::Success();
+  });
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(TidarGemm, Gemm,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()  // x
-                                  .Arg<ffi::AnyBuffer>()  // w
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+TIDAR_PRODUCT_HANDLER(TidarGemm, Gemm);

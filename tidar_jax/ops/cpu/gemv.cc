@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "product.h"
 #include "vector.h"
 #include "work.h"
 #include "xla/ffi/api/ffi.h"
@@ -79,20 +80,12 @@ ffi::Error Gemv(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::R
   const auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0] || wd[1] % 16)
     return ffi::Error::InvalidArgument("gemv: x [M, K] and w [K, N] with N a multiple of 16");
-  if (x.element_type() != w.element_type()) return ffi::Error::InvalidArgument("gemv: x and w dtypes differ");
-  float* o = out->typed_data();
-  if (x.element_type() == ffi::DataType::F32)
-    return dispatch<float>(pool, x.untyped_data(), w.untyped_data(), xd[0], xd[1], wd[1], o);
-  if (x.element_type() == ffi::DataType::BF16)
-    return dispatch<uint16_t>(pool, x.untyped_data(), w.untyped_data(), xd[0], xd[1], wd[1], o);
-  return ffi::Error::InvalidArgument("gemv: dtype must be float32 or bfloat16");
+  return tidar::by_dtype("gemv", x, w, [&](auto type) {
+    return dispatch<decltype(type)>(pool, x.untyped_data(), w.untyped_data(), xd[0], xd[1], wd[1],
+                                    out->typed_data());
+  });
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(TidarGemv, Gemv,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()  // x
-                                  .Arg<ffi::AnyBuffer>()  // w
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+TIDAR_PRODUCT_HANDLER(TidarGemv, Gemv);

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "product.h"
 #include "vector.h"
 #include "work.h"
 #include "xla/ffi/api/ffi.h"
@@ -103,22 +104,12 @@ ffi::Error MatmulNt(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ff
   if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1] || wd[1] % 32)
     return ffi::Error::InvalidArgument("matmul_nt: x [M, D] and w [V, D] with D a multiple of 32");
   if (xd[0] < 1 || xd[0] > kMaxRows) return ffi::Error::InvalidArgument("matmul_nt: x must have 1 to 32 rows");
-  if (x.element_type() != w.element_type()) return ffi::Error::InvalidArgument("matmul_nt: x and w dtypes differ");
-  float* o = out->typed_data();
-  if (x.element_type() == ffi::DataType::F32)
-    run<float>(pool, x.untyped_data(), w.untyped_data(), xd[0], xd[1], wd[0], o);
-  else if (x.element_type() == ffi::DataType::BF16)
-    run<uint16_t>(pool, x.untyped_data(), w.untyped_data(), xd[0], xd[1], wd[0], o);
-  else
-    return ffi::Error::InvalidArgument("matmul_nt: dtype must be float32 or bfloat16");
-  return ffi::Error::Success();
+  return tidar::by_dtype("matmul_nt", x, w, [&](auto type) {
+    run<decltype(type)>(pool, x.untyped_data(), w.untyped_data(), xd[0], xd[1], wd[0], out->typed_data());
+    return ffi::Error::Success();
+  });
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(TidarMatmulNt, MatmulNt,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()  // x
-                                  .Arg<ffi::AnyBuffer>()  // w
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+TIDAR_PRODUCT_HANDLER(TidarMatmulNt, MatmulNt);
