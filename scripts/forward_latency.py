@@ -15,7 +15,7 @@ the 1-token forward of the same batch, implementation and dtype. Params are cast
 
 `--layouts` compares the layer layouts (`decode.scan_layers`): the params converted as a Generator converts them,
 the cache stacked for "scanned". `--cpu-kernels on off` compares the CPU kernels (ops/cpu_kernels.py: attention,
-gemv) with plain XLA ($TIDAR_JAX_CPU_KERNELS set while each variant compiles):
+gemv, gemm, matmul_nt) with plain XLA ($TIDAR_JAX_CPU_KERNELS set while each variant compiles):
 
     python scripts/forward_latency.py --checkpoint runs/smollm2 --cpu-kernels on off --cases 1x1 1x20 16x1
 """
@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layouts", nargs="+", default=["unrolled"], choices=["unrolled", "scanned"],
                    help="layer layouts to compare (decode.scan_layers false / true)")
     p.add_argument("--cpu-kernels", nargs="+", default=[None], choices=["on", "off"],
-                   help="compare the CPU kernels (attention, gemv) on / off (default: as $TIDAR_JAX_CPU_KERNELS says)")
+                   help="compare the CPU kernels (attention, gemv, gemm, matmul_nt) on / off (default: as "
+                        "$TIDAR_JAX_CPU_KERNELS says)")
     p.add_argument("--cases", nargs="+", default=["1x1", "1x20", "16x1"], help="BATCHxQUERY_TOKENS")
     p.add_argument("--slots", type=int, default=392, help="cache slots (max_len)")
     p.add_argument("--prefix", type=int, default=300, help="committed tokens (cursor)")
