@@ -185,12 +185,15 @@ def test_builds_for_cpus_without_avx512_features_equal_xla(tmp_path, flag):
               "        out = jax.jit(kernel)(x, w.T if kernel is cpu_kernels.matmul_nt else w)\n"
               "        np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)\n"
               "    q, c = (jnp.asarray(rng.standard_normal(s), dtype) for s in ((1, 3, 4, 32), (1, 9, 2, 32)))\n"
-              "    mask = jnp.asarray(rng.random((1, 3, 12)) < 0.7).at[:, :, 9:].set(jnp.tril(jnp.ones((3, 3), bool)))\n"
-              "    out = jax.jit(cpu_kernels.cached_attention, static_argnums=6)(q, q[:, :, :2], q[:, :, 2:], c, c, mask, 0.2)\n"
+              "    causal = jnp.tril(jnp.ones((3, 3), bool))\n"
+              "    mask = jnp.asarray(rng.random((1, 3, 12)) < 0.7).at[:, :, 9:].set(causal)\n"
+              "    attend = jax.jit(cpu_kernels.cached_attention, static_argnums=6)\n"
+              "    out = attend(q, q[:, :, :2], q[:, :, 2:], c, c, mask, 0.2)\n"
               "    k = jnp.concatenate([c, q[:, :, :2]], 1).astype(jnp.float32)\n"
               "    v = jnp.concatenate([c, q[:, :, 2:]], 1).astype(jnp.float32)\n"
               "    ref = jax.nn.dot_product_attention(q.astype(jnp.float32), k, v, mask=mask[:, None], scale=0.2)\n"
-              "    np.testing.assert_allclose(out.astype(jnp.float32), ref, atol=1e-2 if dtype == jnp.bfloat16 else 1e-5)\n"
+              "    atol = 1e-2 if dtype == jnp.bfloat16 else 1e-5\n"
+              "    np.testing.assert_allclose(out.astype(jnp.float32), ref, atol=atol)\n"
               "print('ok')\n")
     env = dict(os.environ, CXX=f"{os.environ.get('CXX', 'g++')} {flag}", TIDAR_JAX_CACHE_DIR=str(tmp_path),
                JAX_PLATFORMS="cpu")

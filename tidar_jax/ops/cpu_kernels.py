@@ -51,7 +51,8 @@ import numpy as np
 from tidar_jax import caches
 
 ENV = "TIDAR_JAX_CPU_KERNELS"
-SOURCES = tuple(Path(__file__).parent / "cpu" / name for name in ("cached_attention.cc", "gemv.cc", "gemm.cc", "matmul_nt.cc"))
+SOURCES = tuple(Path(__file__).parent / "cpu" / name
+                for name in ("cached_attention.cc", "gemv.cc", "gemm.cc", "matmul_nt.cc"))
 HEADERS = tuple(Path(__file__).parent / "cpu" / name for name in ("product.h", "vector.h", "work.h"))
 ATTENTION_TARGET, GEMV_TARGET, GEMM_TARGET = "tidar_cached_attention", "tidar_gemv", "tidar_gemm"  # FFI targets
 MATMUL_NT_TARGET = "tidar_matmul_nt"

@@ -105,8 +105,10 @@ void dot_block(const uint16_t* x, int64_t K, const __m512i* packed, int64_t k0, 
 void unshuffle(float* group) {
   typedef int32_t I16 __attribute__((vector_size(64)));
   const F16 lo = load16(group), hi = load16(group + 16);
-  tidar::store16(group, __builtin_shuffle(lo, hi, I16{0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23}));
-  tidar::store16(group + 16, __builtin_shuffle(lo, hi, I16{8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31}));
+  constexpr I16 first = {0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23};
+  constexpr I16 second = {8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31};
+  tidar::store16(group, __builtin_shuffle(lo, hi, first));
+  tidar::store16(group + 16, __builtin_shuffle(lo, hi, second));
 }
 
 template <int R>
