@@ -33,25 +33,36 @@ def matmul(equation: str, x: Array, weight: Array, out_dtype=None) -> Array:
     out_dtype = x.dtype if out_dtype is None else out_dtype
     w = weight.astype(x.dtype)
     cpu = jax.default_backend() == "cpu"
-    contracted = _contracted_dims(equation)
-    if cpu and contracted is not None:
-        batch_shape, out_shape = x.shape[:x.ndim - contracted], w.shape[contracted:]
-        rows, inner, columns = math.prod(batch_shape), math.prod(w.shape[:contracted]), math.prod(out_shape)
-        kernel = cpu_kernels.product_kernel(rows, columns, x.dtype, w.dtype)
-        if kernel is not None and cpu_kernels.available():
-            out = kernel(x.reshape(rows, inner), w.reshape(inner, columns))
-            return out.reshape(batch_shape + out_shape).astype(out_dtype)
-    if cpu and _transposed_weight(equation):
-        rows, inner = math.prod(x.shape[:-1]), x.shape[-1]
-        kernel = cpu_kernels.transposed_product_kernel(rows, inner, x.dtype, w.dtype)
-        if kernel is not None and cpu_kernels.available():
-            out = kernel(x.reshape(rows, inner), w)
-            return out.reshape(x.shape[:-1] + w.shape[:1]).astype(out_dtype)
+    if cpu:
+        out = _kernel_product(equation, x, w)
+        if out is not None:
+            return out.astype(out_dtype)
     single_row = x.shape[0] * x.shape[1] == 1 and x.dtype != jnp.float32 and cpu
     if single_row:
         x = jnp.concatenate([x, x], axis=1)
     out = jnp.einsum(equation, x, w, preferred_element_type=jnp.float32)
     return (out[:, :1] if single_row else out).astype(out_dtype)
+
+
+def _kernel_product(equation: str, x: Array, w: Array) -> Array | None:
+    """`einsum(equation, x, w)` in float32 by the CPU product kernel that takes its form and shape (`gemv` /
+    `gemm` for "x's trailing dims times w's leading dims", `matmul_nt` for a 2-D weight used transposed), or None
+    when none does or the kernels are unavailable."""
+    contracted = _contracted_dims(equation)
+    if contracted is not None:
+        lead, out_shape = x.shape[:x.ndim - contracted], w.shape[contracted:]
+        rows, inner, columns = math.prod(lead), math.prod(w.shape[:contracted]), math.prod(out_shape)
+        kernel = cpu_kernels.product_kernel(rows, columns, x.dtype, w.dtype)
+        operands = (x.reshape(rows, inner), w.reshape(inner, columns))
+    elif _transposed_weight(equation):
+        lead, out_shape = x.shape[:-1], w.shape[:1]
+        kernel = cpu_kernels.transposed_product_kernel(math.prod(lead), x.shape[-1], x.dtype, w.dtype)
+        operands = (x.reshape(-1, x.shape[-1]), w)
+    else:
+        return None
+    if kernel is None or not cpu_kernels.available():
+        return None
+    return kernel(*operands).reshape(lead + out_shape)
 
 
 @functools.cache
