@@ -52,18 +52,18 @@ class _Measure:
         import jax
 
         from infer.common import decode_room
-        from tidar_jax import data
-        from tidar_jax.chat_prompts import encoded_chat_prompts
-        from tidar_jax.generation import Generator
-        from tidar_jax.trainer import objective_metrics
+        from tidar_jax.data import pipeline
+        from tidar_jax.data.chat_prompts import encoded_chat_prompts
+        from tidar_jax.decoding.generation import Generator
+        from tidar_jax.training.objective import objective_metrics
 
         self.args, self.cfg = args, run_cfg
         corpus_cfg = dataclasses.replace(run_cfg, data=dataclasses.replace(run_cfg.data, corpus=args.corpus,
                                                                            paths=()))
-        self.batches = {"distilled": data.make_eval_batches(run_cfg, base.tokenizer, args.eval_batches),
-                        args.corpus: data.make_eval_batches(corpus_cfg, base.tokenizer, args.eval_batches)}
+        self.batches = {"distilled": pipeline.make_eval_batches(run_cfg, base.tokenizer, args.eval_batches),
+                        args.corpus: pipeline.make_eval_batches(corpus_cfg, base.tokenizer, args.eval_batches)}
         self.prompts = {"chat": encoded_chat_prompts(args.base, "heldout", args.num_prompts),
-                        args.corpus: data.heldout_prompts(corpus_cfg, base.tokenizer, args.num_prompts, 32)}
+                        args.corpus: pipeline.heldout_prompts(corpus_cfg, base.tokenizer, args.num_prompts, 32)}
         longest = max(len(p) for ps in self.prompts.values() for p in ps)
         self.decode_cfg = decode_room(run_cfg.decode, longest, args.max_new_tokens, run_cfg.model.block_size)
         ar = Generator(base.graphdef, base.params, base.config.model, self.decode_cfg)
@@ -97,7 +97,8 @@ class _Measure:
 def measure(args) -> dict:
     import dataclasses
 
-    from tidar_jax.checkpoint import CHECKPOINT_DIR, load_for_inference
+    from tidar_jax.checkpoint.inference import load_for_inference
+    from tidar_jax.checkpoint.store import CHECKPOINT_DIR
 
     base = load_for_inference(args.base)
     steps = sorted(int(p.name) for p in (Path(args.run) / CHECKPOINT_DIR).iterdir() if p.name.isdigit())

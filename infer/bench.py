@@ -16,7 +16,7 @@ trained one needs --allow-block-size-mismatch. --proposal-sets adds TiDAR with s
 e.g. `tidar{1,2}`: each step computes proposal blocks only for those acceptance lengths (K + |A|*K query tokens);
 `infer.eval` suggests a set from the full set's acceptance histogram. "Same tokens as AR": True (every row exact),
 near-tie (each differing row first differs where AR's recomputed top-2 logit gap is below the --near-tie-epsilon
-tolerance: a low-precision argmax flip) or False (tidar_jax/agreement.py); float32 models decode at "highest"
+tolerance: a low-precision argmax flip) or False (tidar_jax/evals/agreement.py); float32 models decode at "highest"
 matmul precision (--matmul-precision), so that check stays strict on GPUs, whose float32 default is TF32.
 
 Latency curve: one cached forward of q causal query tokens (q = 1 .. 512) over a KV cache holding a prefix of 512
@@ -73,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--near-tie-epsilon", type=float, metavar="LOGITS",
                         help="a method's first divergence from AR's tokens counts as a near-tie when AR's top-2 "
                              "logit gap there is below this (default: 4 x the compute dtype's eps x max|logit|; "
-                             "tidar_jax/agreement.py)")
+                             "tidar_jax/evals/agreement.py)")
     parser.add_argument("--matmul-precision", choices=("default", "high", "highest"),
                         help="jax.default_matmul_precision of the generation runs (default: highest for float32 "
                              "models, so the strict float32 check is not judged on TF32 dots; the backend's "
@@ -140,7 +140,8 @@ def _set_name(lengths) -> str:
 def _load(path: str, mesh, step: int | None = None, overrides: list[str] = ()):
     """The checkpoint at `path` (its `step`, default the latest) running with the execution-only `overrides`."""
     from infer.common import MODEL_OVERRIDES
-    from tidar_jax.checkpoint import load_for_inference, step_path, with_model
+    from tidar_jax.checkpoint.inference import load_for_inference, with_model
+    from tidar_jax.checkpoint.store import step_path
     from tidar_jax.config import ConfigError, apply_overrides
 
     for item in overrides:
@@ -159,8 +160,8 @@ def _label(path: str, bundle) -> str:
 
 def _group(methods: dict, prompts: list[list[int]], batch: int, args) -> dict:
     """Interleaved timing of `methods` {name: (decoder, mode)} on `batch` prompts; one dict of summaries."""
-    from tidar_jax import benchmark
-    from tidar_jax.evaluation import summarize_generation
+    from tidar_jax.evals import benchmark
+    from tidar_jax.evals.likelihood import summarize_generation
 
     def runner(name):
         decoder, mode = methods[name]
@@ -198,7 +199,7 @@ def _group(methods: dict, prompts: list[list[int]], batch: int, args) -> dict:
 def _agreement(ar_generator, round_prompts, results, ar_results, epsilon) -> dict:
     """agreement.compare of a method's rows with AR's over every timed round (rows repeated across rounds judged
     once): exact_match_rows, near_tie_rows, mismatch_rows and the summary under "agreement"."""
-    from tidar_jax import agreement
+    from tidar_jax.evals import agreement
 
     rows = {}
     for prompts_r, (_, res), (_, ar) in zip(round_prompts, results, ar_results):
@@ -214,11 +215,12 @@ def _agreement(ar_generator, round_prompts, results, ar_results, epsilon) -> dic
 def run_generation(args, bundles: dict, draft, prompts: list[list[int]], progress) -> list[dict]:
     """Every (checkpoint, K, batch) group; returns one record per group."""
     from infer.common import decode_room
-    from tidar_jax import agreement, proposals
-    from tidar_jax.buckets import bucket_for
-    from tidar_jax.generation import Generator
-    from tidar_jax.spec_decode import SpecDecoder
-    from tidar_jax.step_cost import step_costs
+    from tidar_jax.decoding.buckets import bucket_for
+    from tidar_jax.decoding.generation import Generator
+    from tidar_jax.decoding.spec_decode import SpecDecoder
+    from tidar_jax.evals import agreement
+    from tidar_jax.evals.step_cost import step_costs
+    from tidar_jax.layout import proposals
 
     records = []
     for path, bundle in bundles.items():
@@ -258,7 +260,7 @@ def run_generation(args, bundles: dict, draft, prompts: list[list[int]], progres
 
 
 def run_latency(args, bundle, progress) -> dict:
-    from tidar_jax import benchmark
+    from tidar_jax.evals import benchmark
 
     queries = args.latency_queries or list(benchmark.DEFAULT_QUERY_COUNTS)
     for k in (4, 8, 16):  # the TiDAR step sizes the curve is read at
@@ -273,70 +275,14 @@ def run_latency(args, bundle, progress) -> dict:
     return {"query_tokens": queries, "curves": curves}
 
 
-def format_tables(report: dict) -> str:
-    from tidar_jax import agreement
-
-    lines = []
-    for g in report.get("generation", []):
-        ms = g["methods"]
-        w = max(8, *(len(name) + 1 for name in ms))
-        r = g["step_cost"]["tidar_over_ar"]
-        lines += ["", f"{g['label']}  decode K={g['block_size']}  batch {g['batch_size']}  (TiDAR step / AR step: "
-                      f"FLOPs {r['flops']:.2f}x, bytes {r['bytes']:.2f}x)",
-                  f"  {'method':<{w}}{'tokens/s':>10}{'speed-up vs AR':>16}{'tokens/forward':>16}{'forwards':>10}"
-                  f"{'draft fwd':>10}  same tokens as AR"]
-        for name, s in ms.items():
-            lines.append(f"  {name:<{w}}{s['tokens_per_second']:>10.1f}{s['speedup_vs_ar']:>15.2f}x"
-                         f"{s['tokens_per_forward']:>16.2f}{s['forwards']:>10}{s.get('draft_forwards', '-'):>10}"
-                         f"  {agreement.describe(s['agreement'])}")
-    lat = report.get("latency")
-    if lat:
-        prefixes = list(lat["curves"])
-        lines += ["", f"forward latency ({lat['label']}), ms (median) per forward of q query tokens",
-                  f"  {'q':>5}" + "".join(f"{'prefix ' + p:>14}{'x 1-token':>10}" for p in prefixes)]
-        for i, q in enumerate(lat["query_tokens"]):
-            row = f"  {q:>5}"
-            for p in prefixes:
-                c = lat["curves"][p]
-                row += f"{c[i]['median_ms']:>14.2f}{c[i]['median_ms'] / c[0]['median_ms']:>10.2f}"
-            lines.append(row)
-    return "\n".join(lines)
-
-
-def _plots(report: dict, plot_dir: str) -> list[str]:
-    from tidar_jax import benchmark
-
-    Path(plot_dir).mkdir(parents=True, exist_ok=True)
-    written = []
-    d = report["device"]
-    device = d["processor"] if d["backend"] == "cpu" else f"{d['backend']}: {d['device_kind']}"
-    if report.get("generation"):
-        rows = [{"label": f"{Path(g['checkpoint']).name} K={g['block_size']}", "batch_size": g["batch_size"],
-                 "speedup": {n: s["speedup_vs_ar"] for n, s in g["methods"].items() if n != "ar"},
-                 "tokens_per_forward": {n: s["tokens_per_forward"] for n, s in g["methods"].items()}}
-                for g in report["generation"]]
-        path = str(Path(plot_dir) / "bench_speedup.png")
-        benchmark.plot_speedups(rows, path, f"Greedy decoding, {report['settings']['max_new_tokens']} new tokens "
-                                            f"({device})")
-        written.append(path)
-    if report.get("latency"):
-        lat = report["latency"]
-        path = str(Path(plot_dir) / "bench_latency.png")
-        marks = {f"K={k}": k + k * k for k in (4, 8, 16) if k + k * k in lat["query_tokens"]}
-        benchmark.plot_latency({f"prefix {p}": c for p, c in lat["curves"].items()}, path,
-                               f"One forward with a KV cache, {lat['label']} ({device})", marks)
-        written.append(path)
-    return written
-
-
 def run_cost_only(args) -> int:
     """--cost-only: the step-cost table (and --json) for --config's model shape; no checkpoint. With
     --proposal-sets, one more table per set (its TiDAR step has K + |A|*K rows)."""
     from infer.common import USER_ERRORS, fail, write_json
-    from tidar_jax import proposals
-    from tidar_jax.benchmark import device_info
     from tidar_jax.config import load_config
-    from tidar_jax.step_cost import format_costs, step_costs, time_steps
+    from tidar_jax.evals.benchmark import device_info
+    from tidar_jax.evals.step_cost import format_costs, step_costs, time_steps
+    from tidar_jax.layout import proposals
 
     tables, report = [], {}
     try:
@@ -379,8 +325,9 @@ def main(argv=None) -> int:
     from tqdm.auto import tqdm
 
     from infer.common import USER_ERRORS, fail, prompt_set, write_json
-    from tidar_jax.benchmark import device_info
     from tidar_jax.config import ConfigError, MeshConfig
+    from tidar_jax.evals import bench_report
+    from tidar_jax.evals.benchmark import device_info
     from tidar_jax.sharding import make_mesh
 
     def progress(message: str) -> None:
@@ -415,8 +362,8 @@ def main(argv=None) -> int:
     except USER_ERRORS as e:
         return fail(e)
     if args.plot_dir:
-        report["plots"] = _plots(report, args.plot_dir)
-    print(format_tables(report))
+        report["plots"] = bench_report.write_plots(report, args.plot_dir)
+    print(bench_report.format_tables(report))
     if args.json:
         write_json(args.json, report)
     return 0

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from tidar_jax.checkpoint import CheckpointError
+from tidar_jax.checkpoint.store import CheckpointError
 
 # ConfigError, DataError, TokenizerError and ChatTemplateError are ValueErrors.
 USER_ERRORS = (ValueError, CheckpointError)
@@ -55,13 +55,13 @@ PROMPT_SETS = ("corpus", "chat")
 def prompt_set(kind: str, checkpoint: str | Path, bundle, n: int, prompt_len: int) -> list[list[int]]:
     """`n` held-out prompts of `kind`: "corpus" = windows of `prompt_len` tokens of the checkpoint's held-out
     documents; "chat" = the project's held-out-topic chat requests rendered with the checkpoint's chat template."""
-    from tidar_jax import data
-    from tidar_jax.chat_prompts import encoded_chat_prompts
-    from tidar_jax.checkpoint import locate_checkpoint
+    from tidar_jax.checkpoint.store import locate_checkpoint
+    from tidar_jax.data import pipeline
+    from tidar_jax.data.chat_prompts import encoded_chat_prompts
 
     if kind == "chat":
         return encoded_chat_prompts(locate_checkpoint(checkpoint)[2], "heldout", n)
-    return data.heldout_prompts(bundle.config, bundle.tokenizer, n, prompt_len)
+    return pipeline.heldout_prompts(bundle.config, bundle.tokenizer, n, prompt_len)
 
 
 def replace_marked(text: str, name: str, body: str, where: str = "the document") -> str:

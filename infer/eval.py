@@ -12,7 +12,7 @@ The held-out split is the checkpoint's own (its data config and WORKDIR/tokenize
 - greedy decoding of held-out prompts: TiDAR tokens per forward and acceptance histogram, the same prompts decoded
   AR, and whether the two outputs are identical (they must be at beta = 1; float32 decodes at "highest" matmul
   precision for it): exactly, up to near-ties (the first divergence where AR's top-2 logit gap is below a
-  tolerance: a low-precision flip, tidar_jax/agreement.py) or not;
+  tolerance: a low-precision flip, tidar_jax/evals/agreement.py) or not;
 - from that histogram (full proposal set), the best sparse proposal set of each size (proposals.best_sets: the
   fewest tokens per step lost to shorter draft blocks, modelling steps as independent) and a suggested
   `decode.proposal_lengths`: the smallest set losing at most --max-token-loss of the tokens per step (a model:
@@ -114,12 +114,16 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     import jax
 
     from infer.common import decode_room, prompt_set
-    from tidar_jax import agreement, data, evaluation, proposals
-    from tidar_jax.benchmark import device_info
-    from tidar_jax.checkpoint import load_for_inference, step_path, with_model
+    from tidar_jax.checkpoint.inference import load_for_inference, with_model
+    from tidar_jax.checkpoint.store import step_path
     from tidar_jax.config import ConfigError
-    from tidar_jax.generation import Generator
-    from tidar_jax.model import count_params
+    from tidar_jax.data import pipeline
+    from tidar_jax.decoding.generation import Generator
+    from tidar_jax.evals import agreement
+    from tidar_jax.evals import likelihood as evaluation
+    from tidar_jax.evals.benchmark import device_info
+    from tidar_jax.layout import proposals
+    from tidar_jax.model.transformer import count_params
     from tidar_jax.sharding import make_mesh
 
     mesh_cfg = _mesh_config(args)
@@ -135,7 +139,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
               "model": {k: getattr(m, k) for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
                                                    "d_ff")},
               "corpus": cfg.data.corpus, "device": device_info()}
-    batches = data.make_eval_batches(cfg, tok, args.eval_batches)
+    batches = pipeline.make_eval_batches(cfg, tok, args.eval_batches)
     report["heldout"] = evaluation.heldout_likelihood(bundle.graphdef, bundle.params, cfg, batches, mesh,
                                                       evaluation.token_byte_lengths(tok, m.vocab_size))
     report["heldout"].update(batches=len(batches), batch_size=cfg.data.global_batch_size, seq_len=cfg.data.seq_len)
@@ -169,7 +173,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
 
 def format_report(report: dict) -> str:
     """The readable table printed to stdout."""
-    from tidar_jax import agreement
+    from tidar_jax.evals import agreement
 
     h = report["heldout"]
     lines = [f"checkpoint {report['checkpoint']}  (step {report['step']}, objective {report['objective']}, "

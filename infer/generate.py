@@ -117,7 +117,7 @@ def _prompt_ids(args: argparse.Namespace, bundle) -> list[int]:
     if tokenizer is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer.json: pass the prompt as --prompt-ids")
     if args.chat:
-        from tidar_jax.chat import encode_chat
+        from tidar_jax.data.chat import encode_chat
 
         return encode_chat(tokenizer.path.parent, [{"role": "user", "content": args.prompt}])
     return tokenizer.encode(args.prompt)
@@ -143,10 +143,11 @@ class _TextStream:
 
 def run(args: argparse.Namespace) -> dict:
     """Loads the checkpoint, generates, streams unless --json; returns the JSON summary."""
-    from tidar_jax.checkpoint import load_for_inference, step_path, with_model
-    from tidar_jax.generation import Generator
-    from tidar_jax.model import resolved_config
-    from tidar_jax.masks import step_query_count
+    from tidar_jax.checkpoint.inference import load_for_inference, with_model
+    from tidar_jax.checkpoint.store import step_path
+    from tidar_jax.decoding.generation import Generator
+    from tidar_jax.layout.masks import step_query_count
+    from tidar_jax.model.transformer import resolved_config
     from tidar_jax.ops.attention import auto_uses_kernel
 
     mesh = _mesh(args)

@@ -77,11 +77,11 @@ def evaluate(args: argparse.Namespace) -> dict:
     _check_args(args)
     from tqdm import tqdm
 
-    from tidar_jax.checkpoint import load_for_inference
+    from tidar_jax.checkpoint.inference import load_for_inference
     from tidar_jax.config import apply_overrides
+    from tidar_jax.decoding.generation import Generator
     from tidar_jax.evals import executor, humaneval
     from tidar_jax.evals.batching import BatchDecoder, decode_config_for
-    from tidar_jax.generation import Generator
 
     problems = humaneval.load_problems(args.problems)[:args.limit]
     if not problems:

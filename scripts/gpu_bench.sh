@@ -10,7 +10,7 @@
 #    included) in float32 and bfloat16 (TIDAR_TEST_DTYPE, read by tests/conftest.py); 3. `infer.bench --cost-only`
 #    for qwen2.5-1.5b (K=16) and smollm2-135m (K=4) with --time-steps (random-init weights, no checkpoint); 4. the
 #    real train step (small preset, 2 layers, bf16, S = 2048) with attention_impl xla (dense), blockwise and
-#    cudnn_hybrid: time, temp memory and first-step loss side by side (scripts/train_step_speed.py). Output:
+#    cudnn_hybrid: time, temp memory and first-step loss side by side (benchmarks/train_step_speed.py). Output:
 #    docs/results/gpu/*.json and *.log (OUT_DIR overrides). A failing step is recorded in summary.txt and the script
 #    goes on.
 set -u
@@ -51,7 +51,7 @@ else
          tests/test_ops_hybrid.py::test_cudnn_kernel_equals_dense_reference_on_gpu)
   TRAIN_IMPLS=(xla blockwise cudnn_hybrid); TRAIN_SEQ=2048
 fi
-"$PY" -c "from tidar_jax.benchmark import device_info; import json; print(json.dumps(device_info()))" \
+"$PY" -c "from tidar_jax.evals.benchmark import device_info; import json; print(json.dumps(device_info()))" \
   > "$OUT_DIR/device.json" 2>/dev/null
 
 for dtype in float32 bfloat16; do
@@ -65,7 +65,7 @@ step cost_qwen2.5-1.5b_k16 90 "$PY" -m infer.bench --cost-only "${QWEN_TIME[@]}"
 step cost_smollm2-135m_k4 60 "$PY" -m infer.bench --cost-only --time-steps --repeats "$REPEATS" \
   --config configs/smollm2-135m.yaml --block-size 4 --cache-len "$SMOL_CACHE" --prompt-bucket "$BUCKET" \
   --batch-size 1 --json "$OUT_DIR/cost_smollm2-135m_k4.json"
-step train_step_attention 40 "$PY" scripts/train_step_speed.py --config configs/small.yaml \
+step train_step_attention 40 "$PY" benchmarks/train_step_speed.py --config configs/small.yaml \
   --impls "${TRAIN_IMPLS[@]}" --repeats "$REPEATS" model.n_layers=2 model.compute_dtype=bfloat16 \
   data.seq_len="$TRAIN_SEQ" data.global_batch_size=4
 echo "done: $OUT_DIR" | tee -a "$SUMMARY"

@@ -23,10 +23,10 @@ import threading
 import jax
 from orbax.checkpoint._src.path import atomicity
 
-from tidar_jax import trainer
 from tidar_jax.config import config_from_dict
-from tidar_jax.run_setup import plan_run
 from tidar_jax.sharding import make_mesh
+from tidar_jax.training import loop
+from tidar_jax.training.run_setup import plan_run
 
 POINTS = ("batch_drawn", "logged", "save_in_flight", "save_uncommitted", "save_committed")
 
@@ -59,13 +59,13 @@ class _KillingIterator:
 
 
 def _saves_complete_at_once() -> None:
-    save = trainer.Checkpointer.save
+    save = loop.Checkpointer.save
 
     def save_and_wait(self, *args, **kwargs):
         started = save(self, *args, **kwargs)
         self.wait()
         return started
-    trainer.Checkpointer.save = save_and_wait
+    loop.Checkpointer.save = save_and_wait
 
 
 def install(point: str, step: int) -> None:
@@ -73,19 +73,19 @@ def install(point: str, step: int) -> None:
     if point in ("batch_drawn", "logged"):
         _saves_complete_at_once()
     if point == "batch_drawn":
-        make = trainer.make_train_iterator
-        trainer.make_train_iterator = lambda *a, **k: _KillingIterator(make(*a, **k), step)
+        make = loop.make_train_iterator
+        loop.make_train_iterator = lambda *a, **k: _KillingIterator(make(*a, **k), step)
     elif point == "logged":
-        write = trainer.MetricsLog.write
+        write = loop.MetricsLog.write
 
         def write_then_die(self, at, metrics):
             record = write(self, at, metrics)
             if at == step:
                 die()
             return record
-        trainer.MetricsLog.write = write_then_die
+        loop.MetricsLog.write = write_then_die
     elif point == "save_in_flight":
-        save, finalize = trainer.Checkpointer.save, atomicity.AtomicRenameTemporaryPath.finalize
+        save, finalize = loop.Checkpointer.save, atomicity.AtomicRenameTemporaryPath.finalize
 
         def save_then_die(self, at, *args, **kwargs):
             started = save(self, at, *args, **kwargs)
@@ -97,7 +97,7 @@ def install(point: str, step: int) -> None:
             if self._final_path.name == "state" and self._final_path.parent.name.startswith(f"{step}."):
                 threading.Event().wait()
             return await finalize(self)
-        trainer.Checkpointer.save = save_then_die
+        loop.Checkpointer.save = save_then_die
         atomicity.AtomicRenameTemporaryPath.finalize = hold_state_item
     elif point in ("save_uncommitted", "save_committed"):
         finalize = atomicity.AtomicRenameTemporaryPath.finalize
@@ -120,7 +120,7 @@ def main() -> None:
     cfg = config_from_dict(json.loads(open(config_path).read()))
     install(point, step)
     # One device, as the test's reference run uses (same program, so the same bits).
-    trainer.train(plan_run(workdir, config=cfg), progress=False, mesh=make_mesh(cfg.mesh, jax.devices()[:1]))
+    loop.train(plan_run(workdir, config=cfg), progress=False, mesh=make_mesh(cfg.mesh, jax.devices()[:1]))
     sys.exit("the run was expected to be killed")
 
 

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tidar_jax import masks
+from tidar_jax.layout import masks
 
 
 def layout_mask(valid, block_size):

@@ -12,8 +12,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from tidar_jax import losses, masks
-from tidar_jax.model import create_model, forward
+from tidar_jax.layout import masks
+from tidar_jax.model.transformer import create_model, forward
+from tidar_jax.training import losses
 
 CHAIN_STATES = np.arange(3, 11)
 MAIN_PROB = 0.9

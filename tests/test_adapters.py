@@ -9,15 +9,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tidar_jax import adapters, losses, masks
-from tidar_jax.checkpoint import load_for_inference, save_inference_checkpoint
+from tidar_jax.checkpoint.inference import load_for_inference, save_inference_checkpoint
 from tidar_jax.config import MeshConfig, load_config, replace
-from tidar_jax.draft_loss import diffusion_metrics
-from tidar_jax.generation import Generator
-from tidar_jax.model import create_model, forward
-from tidar_jax.run_setup import plan_run
+from tidar_jax.decoding.generation import Generator
+from tidar_jax.layout import masks
+from tidar_jax.model import adapters
+from tidar_jax.model.transformer import create_model, forward
 from tidar_jax.sharding import make_mesh
-from tidar_jax.trainer import train
+from tidar_jax.training import losses
+from tidar_jax.training.draft_loss import diffusion_metrics
+from tidar_jax.training.loop import train
+from tidar_jax.training.run_setup import plan_run
 
 S = 16
 
@@ -95,7 +97,7 @@ def adapted_run(tiny_config, tmp_path_factory):
     """A tiny base checkpoint, then 3 adapter-training steps started from it (train.init_from)."""
     root = tmp_path_factory.mktemp("adapters")
     base = create_model(tiny_config.model, seed=0)
-    from tidar_jax.data import load_or_train_tokenizer
+    from tidar_jax.data.pipeline import load_or_train_tokenizer
 
     tok_file = root / "tok.json"
     load_or_train_tokenizer(tiny_config).save(tok_file)
@@ -144,13 +146,13 @@ def test_adapted_tidar_reproduces_the_base_models_greedy_output(adapted_run, tin
 
 def test_adapters_export_and_reimport(adapted_run, tmp_path):
     pytest.importorskip("safetensors")
-    from tidar_jax import convert
+    from tidar_jax.interop import hf
 
     root, _ = adapted_run
     bundle = load_for_inference(root / "run")
-    out = convert.export_hf_checkpoint(tmp_path / "hf", bundle.config.model, bundle.params)
-    assert (out / convert.ADAPTERS_FILE).is_file()
-    again = convert.import_hf_checkpoint(out)
+    out = hf.export_hf_checkpoint(tmp_path / "hf", bundle.config.model, bundle.params)
+    assert (out / hf.ADAPTERS_FILE).is_file()
+    again = hf.import_hf_checkpoint(out)
     assert again.config.adapter_rank == bundle.config.model.adapter_rank
     for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(again.params)), jax.tree.leaves(nnx.to_pure_dict(bundle.params))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

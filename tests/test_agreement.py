@@ -1,4 +1,4 @@
-"""tidar_jax/agreement.py: first divergences, near-tie vs mismatch, and AR's top-2 gap checked against an independent
+"""tidar_jax/evals/agreement.py: first divergences, near-tie vs mismatch, and AR's top-2 gap checked against an independent
 numpy reading of a plain unpadded full forward (one prompt + AR prefix at a time).
 
 The near-tie is constructed: after AR decoding, token B's (tied) embedding is set to (1 - 1e-7) x that of AR's token
@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tidar_jax import agreement, masks
-from tidar_jax.generation import Generator
-from tidar_jax.model import create_model, forward
+from tidar_jax.decoding.generation import Generator
+from tidar_jax.evals import agreement
+from tidar_jax.layout import masks
+from tidar_jax.model.transformer import create_model, forward
 
 PROMPTS = [[5, 17, 99, 3, 250, 41], [8, 300, 12, 77], [60, 61, 62, 63, 64, 65, 66, 67, 68]]
 NEW_TOKENS = 8

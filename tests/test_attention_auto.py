@@ -5,14 +5,14 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from test_ops_blockwise import padding  # tests/ is on sys.path under pytest
 
 from tidar_jax import config as config_lib
-from tidar_jax.checkpoint import runtime_record
-from tidar_jax.config import ATTENTION_IMPLS, ModelConfig, MeshConfig, replace, resolve_attention_impl
-from tidar_jax.model import create_model, resolved_config
+from tidar_jax.checkpoint.store import runtime_record
+from tidar_jax.config import ATTENTION_IMPLS, MeshConfig, ModelConfig, replace, resolve_attention_impl
+from tidar_jax.model.transformer import create_model, resolved_config
 from tidar_jax.sharding import make_global_batch, make_mesh
-from tidar_jax.trainer import Trainer
-from test_ops_blockwise import padding  # tests/ is on sys.path under pytest
+from tidar_jax.training.trainer import Trainer
 
 # The documented table (README, config.AUTO_ATTENTION_IMPL), restated here so that a change to it is deliberate.
 EXPECTED = {"cpu": "blockwise", "gpu": "blockwise", "tpu": "splash", "METAL": "xla", "rocm": "xla", "": "xla"}

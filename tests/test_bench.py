@@ -1,4 +1,4 @@
-"""infer/bench.py and tidar_jax/benchmark.py: one smoke run of the CLI on tiny random checkpoints (TiDAR, AR and an
+"""infer/bench.py and tidar_jax/evals/benchmark.py: one smoke run of the CLI on tiny random checkpoints (TiDAR, AR and an
 AR draft model), the latency curve's contract, and the interleaving order of timed runs."""
 
 import json
@@ -8,11 +8,11 @@ import shutil
 import numpy as np
 import pytest
 from flax import nnx
+from test_eval import corpus, make_run, token_cache  # noqa: F401  (fixtures shared with the eval tests)
 
 from infer import bench
-from tidar_jax import benchmark
-from tidar_jax.model import create_model
-from test_eval import corpus, make_run, token_cache  # noqa: F401  (fixtures shared with the eval tests)
+from tidar_jax.evals import benchmark
+from tidar_jax.model.transformer import create_model
 
 
 @pytest.fixture(scope="module")

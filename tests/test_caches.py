@@ -34,7 +34,7 @@ def _entries(cache, kind: str = "cache") -> dict[str, int]:
 def test_cache_dir_resolution(monkeypatch, tmp_path):
     monkeypatch.delenv(caches.ENV, raising=False)
     monkeypatch.setenv("TIDAR_JAX_CACHE_DIR", str(tmp_path / "root"))
-    assert caches.root() == tmp_path / "root"  # the token cache's folder (data.py)
+    assert caches.root() == tmp_path / "root"  # the token cache's folder (data/pipeline.py)
     assert caches.compile_cache_dir() == tmp_path / "root" / "xla"  # beside the token arrays
     monkeypatch.setenv("TIDAR_JAX_CACHE_DIR", "off")
     assert caches.root() is None and caches.compile_cache_dir() is None  # the tools' caches are off

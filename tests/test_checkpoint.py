@@ -18,13 +18,14 @@ import optax
 import pytest
 import tensorstore as ts
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from tidar_jax import masks
-from tidar_jax.checkpoint import (CheckpointError, Checkpointer, load_for_inference,
-                                  read_checkpoint_config, save_inference_checkpoint)
+from tidar_jax.checkpoint.inference import load_for_inference, save_inference_checkpoint
+from tidar_jax.checkpoint.store import Checkpointer, CheckpointError, read_checkpoint_config
 from tidar_jax.config import ConfigError, load_config, replace
-from tidar_jax.model import create_model, forward
+from tidar_jax.layout import masks
+from tidar_jax.model.transformer import create_model, forward
 from tidar_jax.sharding import param_shardings
 
 AXES = ("data", "fsdp", "tensor")
@@ -209,7 +210,7 @@ def test_load_for_inference_matches_original_forward(tmp_path, tiny_config):
 
 
 def test_load_for_inference_reads_workdir_tokenizer(tmp_path, tiny_config):
-    tokenizer_mod = pytest.importorskip("tidar_jax.tokenizer")
+    tokenizer_mod = pytest.importorskip("tidar_jax.data.tokenizer")
     tokenizers = pytest.importorskip("tokenizers")
     hf = tokenizers.Tokenizer(tokenizers.models.BPE())
     hf.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -227,8 +228,8 @@ def test_load_for_inference_reads_workdir_tokenizer(tmp_path, tiny_config):
 
 
 def test_resume_refuses_a_different_run(tmp_path, tiny_config):
-    from tidar_jax.data import load_or_train_tokenizer
-    from tidar_jax.run_setup import plan_run
+    from tidar_jax.data.pipeline import load_or_train_tokenizer
+    from tidar_jax.training.run_setup import plan_run
 
     assert not plan_run(tmp_path / "fresh", config=tiny_config).resume  # nothing there yet: a new run
     assert not (tmp_path / "fresh").exists()
@@ -325,7 +326,7 @@ CHILD = textwrap.dedent("""
     import os, signal, sys, threading
     import numpy as np
     from orbax.checkpoint._src.path import atomicity
-    from tidar_jax.checkpoint import Checkpointer
+    from tidar_jax.checkpoint.store import Checkpointer
     from tidar_jax.config import load_config
 
     finalize = atomicity.AtomicRenameTemporaryPath.finalize
@@ -378,7 +379,7 @@ def test_sigkill_during_async_save_keeps_previous_step(tmp_path, repo_root):
 def test_load_for_inference_accepts_a_relative_path(tmp_path, monkeypatch, tiny_config):
     from flax import nnx
 
-    from tidar_jax.model import create_model
+    from tidar_jax.model.transformer import create_model
 
     _, params = nnx.split(create_model(tiny_config.model, seed=1))
     save_inference_checkpoint(tmp_path / "run", tiny_config, params)

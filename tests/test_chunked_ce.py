@@ -5,13 +5,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from tidar_jax import losses
-from tidar_jax.config import MeshConfig, load_config, replace
-from tidar_jax.ops import row_ce
-from tidar_jax.sharding import init_sharded_model, make_global_batch, make_mesh
-from tidar_jax.trainer import Trainer
 from flax import nnx
+
+from tidar_jax.config import MeshConfig, load_config, replace
+from tidar_jax.model.init import init_sharded_model
+from tidar_jax.ops import row_ce
+from tidar_jax.sharding import make_global_batch, make_mesh
+from tidar_jax.training import losses
+from tidar_jax.training.trainer import Trainer
 
 SEQ = 16
 

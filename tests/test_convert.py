@@ -13,8 +13,9 @@ transformers = pytest.importorskip("transformers")
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from tidar_jax import convert, masks  # noqa: E402
-from tidar_jax.model import Transformer, forward  # noqa: E402
+from tidar_jax.interop import hf, hf_config  # noqa: E402
+from tidar_jax.layout import masks
+from tidar_jax.model.transformer import Transformer, forward  # noqa: E402
 
 VOCAB, ATOL = 512, 1e-4
 SHAPE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -72,7 +73,7 @@ def test_import_matches_transformers_logits(hf_dir):
     if "sharded" in name:
         assert (path / "model.safetensors.index.json").is_file()
         assert len(list(path.glob("*.safetensors"))) > 1
-    cfg, params = convert.load_hf_checkpoint(path)
+    cfg, params = hf.load_hf_checkpoint(path)
     assert (cfg.qkv_bias, cfg.qk_norm) == (name.startswith("qwen2"), name.startswith("qwen3"))
     assert cfg.tie_embeddings == ("untied" not in name)
     assert cfg.head_dim == (getattr(model.config, "head_dim", None) or 16)
@@ -87,8 +88,8 @@ def test_import_matches_transformers_logits(hf_dir):
 
 def test_export_roundtrip_reloads_in_transformers(hf_dir, tmp_path):
     name, model, path = hf_dir
-    imported = convert.import_hf_checkpoint(path, block_size=8)
-    out = convert.export_hf_checkpoint(tmp_path / "export", imported.config, imported.params)
+    imported = hf.import_hf_checkpoint(path, block_size=8)
+    out = hf.export_hf_checkpoint(tmp_path / "export", imported.config, imported.params)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(reloaded) is type(model)
     original, exported = model.state_dict(), reloaded.state_dict()
@@ -100,7 +101,7 @@ def test_export_roundtrip_reloads_in_transformers(hf_dir, tmp_path):
             got = got[:VOCAB]
         np.testing.assert_array_equal(got, value.numpy(), err_msg=key)
     # Re-importing our export keeps the mask row and block size instead of growing again.
-    again = convert.import_hf_checkpoint(out)
+    again = hf.import_hf_checkpoint(out)
     assert again.config == imported.config
     for a, b in zip(nnx.to_flat_state(again.params), nnx.to_flat_state(imported.params)):
         assert a[0] == b[0]
@@ -117,12 +118,12 @@ def _word_tokenizer(n_words: int, specials=("<|endoftext|>",)):
 
 
 def test_unused_embedding_row_becomes_mask_token(tmp_path):
-    from tidar_jax.tokenizer import Tokenizer
+    from tidar_jax.data.tokenizer import Tokenizer
 
     model = make_hf_model("qwen2-tied")
     path = save_hf(model, tmp_path / "hf")
     _word_tokenizer(300).save(str(path / "tokenizer.json"))
-    imported = convert.import_hf_checkpoint(path)
+    imported = hf.import_hf_checkpoint(path)
     cfg = imported.config
     assert (cfg.vocab_size, cfg.mask_token_id, cfg.pad_token_id) == (VOCAB, 300, 301)  # rows 300.. were unused
     (tmp_path / "tok.json").write_text(imported.tokenizer_json)
@@ -136,8 +137,8 @@ def test_unused_embedding_row_becomes_mask_token(tmp_path):
 def test_tokenizer_that_already_has_a_mask_token_is_refused(tmp_path):
     path = save_hf(make_hf_model("qwen2-tied"), tmp_path / "hf")
     _word_tokenizer(300, specials=("<|endoftext|>", "<|mask|>")).save(str(path / "tokenizer.json"))
-    with pytest.raises(convert.ConversionError, match="already defines '<\\|mask\\|>'"):
-        convert.import_hf_checkpoint(path)
+    with pytest.raises(hf.ConversionError, match="already defines '<\\|mask\\|>'"):
+        hf.import_hf_checkpoint(path)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -150,23 +151,23 @@ def test_tokenizer_that_already_has_a_mask_token_is_refused(tmp_path):
     (dict(eos_token_id=None), "no eos_token_id"),
 ])
 def test_unsupported_configs_are_rejected(change, message):
-    hf = dict(SHAPE, model_type="qwen2", hidden_act="silu") | change
-    with pytest.raises(convert.ConversionError, match=message):
-        convert.model_config_from_hf(hf, VOCAB)
+    config_json = dict(SHAPE, model_type="qwen2", hidden_act="silu") | change
+    with pytest.raises(hf_config.ConversionError, match=message):
+        hf_config.model_config_from_hf(config_json, VOCAB)
 
 
 def test_missing_and_unexpected_tensors_are_named(tmp_path):
     model = make_hf_model("llama-untied")
     tensors = {k: v.numpy() for k, v in model.state_dict().items()}
-    hf = json.loads(model.config.to_json_string())
-    with pytest.raises(convert.ConversionError, match="lacks tensor 'lm_head.weight'"):
-        convert.convert_hf(hf, {k: v for k, v in tensors.items() if k != "lm_head.weight"})
-    with pytest.raises(convert.ConversionError, match="o_proj.bias"):
-        convert.convert_hf(hf, tensors | {"model.layers.0.self_attn.o_proj.bias": np.zeros(64, np.float32)})
+    config_json = json.loads(model.config.to_json_string())
+    with pytest.raises(hf.ConversionError, match="lacks tensor 'lm_head.weight'"):
+        hf.convert_hf(config_json, {k: v for k, v in tensors.items() if k != "lm_head.weight"})
+    with pytest.raises(hf.ConversionError, match="o_proj.bias"):
+        hf.convert_hf(config_json, tensors | {"model.layers.0.self_attn.o_proj.bias": np.zeros(64, np.float32)})
     path = save_hf(model, tmp_path / "hf")
     (path / "model.safetensors").unlink()
-    with pytest.raises(convert.ConversionError, match="no \\*.safetensors"):
-        convert.import_hf_checkpoint(path)
+    with pytest.raises(hf.ConversionError, match="no \\*.safetensors"):
+        hf.import_hf_checkpoint(path)
 
 
 def _greedy_reference(model, prompt, n):
@@ -177,11 +178,11 @@ def _greedy_reference(model, prompt, n):
 
 def test_greedy_generation_matches_transformers(tmp_path):
     from tidar_jax.config import DecodeConfig
-    from tidar_jax.generation import Generator
+    from tidar_jax.decoding.generation import Generator
 
     # A larger init spreads the logits, so greedy choices are not near-ties decided by rounding.
     model = make_hf_model("qwen3-untied", init_std=0.3)
-    cfg, params = convert.load_hf_checkpoint(save_hf(model, tmp_path / "hf"), block_size=4)
+    cfg, params = hf.load_hf_checkpoint(save_hf(model, tmp_path / "hf"), block_size=4)
     # eos outside the original vocabulary: rows run to max_new_tokens, like transformers with eos disabled.
     cfg = dataclasses.replace(cfg, eos_token_id=cfg.vocab_size - 1)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
@@ -264,8 +265,8 @@ def write_tiny_gguf(path):
 
 
 def test_gguf_import_matches_transformers(tmp_path):
-    from tidar_jax.chat import apply_chat_template, encode_chat
-    from tidar_jax.gguf_import import import_gguf_checkpoint
+    from tidar_jax.data.chat import apply_chat_template, encode_chat
+    from tidar_jax.interop.gguf import import_gguf_checkpoint
 
     model = write_tiny_gguf(tmp_path / "tiny.gguf")
     imported, hf_config = import_gguf_checkpoint(tmp_path / "tiny.gguf", tmp_path / "tok")
@@ -291,7 +292,7 @@ def test_gguf_import_matches_transformers(tmp_path):
 
 
 def test_chat_template_matches_transformers(tmp_path):
-    from tidar_jax.chat import ChatTemplateError, apply_chat_template
+    from tidar_jax.data.chat import ChatTemplateError, apply_chat_template
 
     hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=_word_tokenizer(20), bos_token="<s>",
                                                   eos_token="</s>")
@@ -309,7 +310,7 @@ def test_chat_template_matches_transformers(tmp_path):
 
 
 def test_import_cli_checkpoint_and_export(tmp_path):
-    from tidar_jax.checkpoint import load_for_inference
+    from tidar_jax.checkpoint.inference import load_for_inference
     from train import import_checkpoint
 
     model = make_hf_model("llama-untied")

@@ -13,17 +13,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from markov import trained_model
+from test_ops_attention import reference
 
 from tidar_jax import config as config_lib
 from tidar_jax.config import MeshConfig
-from tidar_jax.generation import Generator
+from tidar_jax.decoding.generation import Generator
+from tidar_jax.decoding.program_cache import ProgramCache
 from tidar_jax.ops import cached_attention, cpu_kernels
 from tidar_jax.ops.attention import KERNEL_MAX_COLUMNS, auto_uses_kernel
-from tidar_jax.program_cache import ProgramCache
 from tidar_jax.sharding import make_mesh
-
-from markov import trained_model
-from test_ops_attention import reference
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="CPU kernel not built (no C++ compiler?)")
 
@@ -312,7 +311,7 @@ def test_matmul_uses_the_product_kernels_for_decode_rows_of_a_projection():
     leading dims" form (several contracted / output dims included); matmul_nt for up to MATMUL_NT_MAX_ROWS rows
     times a 2-D weight used transposed (a tied LM head); XLA otherwise (more rows, columns or inner sizes the
     kernels do not tile); always equal to einsum."""
-    from tidar_jax.precision import matmul
+    from tidar_jax.model.precision import matmul
 
     rng = np.random.default_rng(0)
     gemv, gemm, nt = cpu_kernels.GEMV_TARGET, cpu_kernels.GEMM_TARGET, cpu_kernels.MATMUL_NT_TARGET
@@ -351,7 +350,7 @@ def test_product_gradients_are_xla_dots(rows, transposed):
 def test_step_costs_count_the_work_the_kernels_do(tiny_config, monkeypatch):
     """XLA's cost analysis cannot see into a custom call: step_cost.step_costs costs plain-XLA programs, so its
     figures are the same with the kernels on and off."""
-    from tidar_jax.step_cost import step_costs
+    from tidar_jax.evals.step_cost import step_costs
 
     costs = {}
     for switch in ("on", "off"):

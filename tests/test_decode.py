@@ -14,14 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from markov import CHAIN_STATES, SUCCESSORS, scaled_random_model, trained_model
 
 from tidar_jax import config as config_lib
-from tidar_jax import decode, generation, masks, sampling
-from tidar_jax.generation import Generator
-from tidar_jax.kv_cache import init_cache
-from tidar_jax.model import create_model, forward
-
-from markov import CHAIN_STATES, SUCCESSORS, scaled_random_model, trained_model
+from tidar_jax.decoding import decode, generation, sampling
+from tidar_jax.decoding.generation import Generator
+from tidar_jax.layout import masks
+from tidar_jax.model.kv_cache import init_cache
+from tidar_jax.model.transformer import create_model, forward
 
 RAGGED = [[3, 4, 5], [7, 3, 9, 4, 10, 5, 6, 8, 3, 9, 4, 7, 5], [9, 8, 7, 6, 5, 4, 3]]  # bucket 16
 MAX_NEW = 12

@@ -11,14 +11,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from markov import scaled_random_model
 
 from tidar_jax import config as config_lib
-from tidar_jax import generation, masks
-from tidar_jax.generation import Generator
-from tidar_jax.model import forward
-from tidar_jax.program_cache import ProgramCache
-
-from markov import scaled_random_model
+from tidar_jax.decoding import generation
+from tidar_jax.decoding.generation import Generator
+from tidar_jax.decoding.program_cache import ProgramCache
+from tidar_jax.layout import masks
+from tidar_jax.model.transformer import forward
 
 PROMPTS = [[3, 4, 5], [7, 3, 9, 4, 10], [9, 8, 7, 6]]
 # (rows, max_new_tokens): every batch in batch bucket 4, every limit in capacity bucket 8 (= decode.max_new_tokens).

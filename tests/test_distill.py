@@ -6,13 +6,13 @@ import json
 import pytest
 from flax import nnx
 
-from tidar_jax.checkpoint import load_for_inference, save_inference_checkpoint
-from tidar_jax.chat_prompts import chat_prompts, encoded_chat_prompts
+from tidar_jax.checkpoint.inference import load_for_inference, save_inference_checkpoint
 from tidar_jax.config import ConfigError, replace
-from tidar_jax.data import load_or_train_tokenizer, split_token_stream
-from tidar_jax.distill import DistillSpec, distill
-from tidar_jax.generation import Generator
-from tidar_jax.model import create_model
+from tidar_jax.data.chat_prompts import chat_prompts, encoded_chat_prompts
+from tidar_jax.data.pipeline import load_or_train_tokenizer, split_token_stream
+from tidar_jax.decoding.generation import Generator
+from tidar_jax.model.transformer import create_model
+from tidar_jax.training.distill import DistillSpec, distill
 from train.distill import main as distill_main
 
 

@@ -1,4 +1,4 @@
-"""infer/eval.py and tidar_jax/evaluation.py on tiny random checkpoints written with save_inference_checkpoint.
+"""infer/eval.py and tidar_jax/evals/likelihood.py on tiny random checkpoints written with save_inference_checkpoint.
 
 References: a direct causal forward + losses.ar_loss and a direct 2S-layout forward + losses.tidar_loss over the
 same held-out batches (summed by target counts here), the byte length of the decoded held-out text, and Generator's
@@ -16,12 +16,14 @@ import pytest
 from flax import nnx
 
 from infer import eval as eval_cli
-from tidar_jax import data, losses, masks, proposals
-from tidar_jax.checkpoint import save_inference_checkpoint
+from tidar_jax.checkpoint.inference import save_inference_checkpoint
 from tidar_jax.config import replace
-from tidar_jax.evaluation import token_byte_lengths
-from tidar_jax.model import create_model, forward
-from tidar_jax.tokenizer import Tokenizer, train_bpe
+from tidar_jax.data import pipeline
+from tidar_jax.data.tokenizer import Tokenizer, train_bpe
+from tidar_jax.evals.likelihood import token_byte_lengths
+from tidar_jax.layout import masks, proposals
+from tidar_jax.model.transformer import create_model, forward
+from tidar_jax.training import losses
 
 EVAL_ARGS = ["--eval-batches", "3", "--num-prompts", "2", "--prompt-len", "8", "--max-new-tokens", "8",
              "--samples", "1"]
@@ -72,7 +74,7 @@ def _reference(cfg, params, tokenizer):
     """Count-weighted held-out metrics from direct forwards, and the bytes of the decoded target text."""
     graphdef = nnx.graphdef(create_model(cfg.model))
     sums = dict(ar=0.0, ar_n=0.0, diff=0.0, diff_n=0.0, bytes=0)
-    for batch in data.make_eval_batches(cfg, tokenizer, 3):
+    for batch in pipeline.make_eval_batches(cfg, tokenizer, 3):
         tokens, valid = jnp.asarray(batch["tokens"]), jnp.asarray(batch["valid"])
         b, s = tokens.shape
         causal = masks.with_key_padding(masks.causal_mask(s), valid)

@@ -10,12 +10,13 @@ import pytest
 from flax import nnx
 
 from infer.generate import main
-from tidar_jax.checkpoint import CheckpointError, load_for_inference, save_inference_checkpoint, with_model
+from tidar_jax.checkpoint.inference import load_for_inference, save_inference_checkpoint, with_model
+from tidar_jax.checkpoint.store import CheckpointError
 from tidar_jax.config import replace
-from tidar_jax.generation import Generator
-from tidar_jax.model import create_model, resolved_config
+from tidar_jax.data.tokenizer import train_bpe
+from tidar_jax.decoding.generation import Generator
+from tidar_jax.model.transformer import create_model, resolved_config
 from tidar_jax.ops import cpu_kernels
-from tidar_jax.tokenizer import train_bpe
 
 OVERRIDES = ["decode.max_cache_len=48", "decode.prompt_buckets=[16,32]"]
 NEW = 12  # also the reference Generator's capacity, so that it reuses the CLI's compiled programs
@@ -102,7 +103,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
 def test_chat_wraps_the_prompt_in_the_checkpoint_template(checkpoint, capsys, tmp_path):
     import shutil
 
-    from tidar_jax.chat import encode_chat
+    from tidar_jax.data.chat import encode_chat
 
     workdir, _, generator, _ = checkpoint
     code, out, err = _run(["--checkpoint", str(workdir), "--chat", "--prompt", "hi", *OVERRIDES], capsys)

@@ -16,13 +16,13 @@ import yaml
 from flax import nnx
 
 from infer import humaneval as cli
-from tidar_jax.checkpoint import load_for_inference, save_inference_checkpoint
+from tidar_jax.checkpoint.inference import load_for_inference, save_inference_checkpoint
 from tidar_jax.config import replace
+from tidar_jax.data.tokenizer import train_bpe
+from tidar_jax.decoding.generation import Generator
 from tidar_jax.evals import executor, humaneval
 from tidar_jax.evals.batching import BatchDecoder, cut_at_eos, decode_config_for, length_buckets
-from tidar_jax.generation import Generator
-from tidar_jax.model import create_model
-from tidar_jax.tokenizer import train_bpe
+from tidar_jax.model.transformer import create_model
 
 NEW = 16
 BUCKET_ARGS = ["decode.prompt_buckets=[512]", "decode.max_cache_len=600"]  # every HumanEval prompt here fits 512

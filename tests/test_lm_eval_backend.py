@@ -23,11 +23,11 @@ from flax import nnx
 
 pytest.importorskip("lm_eval")
 
-from tidar_jax import masks  # noqa: E402
-from tidar_jax.checkpoint import save_inference_checkpoint  # noqa: E402
+from tidar_jax.checkpoint.inference import save_inference_checkpoint  # noqa: E402
 from tidar_jax.config import replace  # noqa: E402
-from tidar_jax.model import create_model, forward  # noqa: E402
-from tidar_jax.tokenizer import Tokenizer, train_bpe  # noqa: E402
+from tidar_jax.data.tokenizer import Tokenizer, train_bpe  # noqa: E402
+from tidar_jax.layout import masks  # noqa: E402
+from tidar_jax.model.transformer import create_model, forward  # noqa: E402
 
 MAX_LENGTH = 32   # the backend's context window (model_args max_length)
 MAX_GEN = 6

@@ -7,9 +7,9 @@ import optax
 import pytest
 from flax import nnx
 
-from tidar_jax import masks
-from tidar_jax.losses import ar_loss, tidar_loss
-from tidar_jax.model import create_model, forward
+from tidar_jax.layout import masks
+from tidar_jax.model.transformer import create_model, forward
+from tidar_jax.training.losses import ar_loss, tidar_loss
 
 
 def reference(logits, tokens, valid, block, alpha):

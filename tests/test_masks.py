@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tidar_jax import masks
+from tidar_jax.layout import masks
 
 # design.md section 2, S = 6, K = 3: columns [clean 0..5 | mask 0..5].
 GOLDEN_TRAINING_S6_K3 = np.array([

@@ -3,7 +3,7 @@ the resumed run's truncation, which rewrites the file atomically."""
 
 import json
 
-from tidar_jax.metrics_log import MetricsLog, read_metrics
+from tidar_jax.training.metrics_log import MetricsLog, read_metrics
 
 
 def test_a_write_cut_short_is_skipped_and_dropped_on_resume(tmp_path):

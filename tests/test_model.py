@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tidar_jax import masks
 from tidar_jax.config import replace
-from tidar_jax.kv_cache import init_cache
-from tidar_jax.model import Transformer, count_params, create_model, forward
-from tidar_jax.precision import inference_params, matmul
+from tidar_jax.layout import masks
+from tidar_jax.model.kv_cache import init_cache
+from tidar_jax.model.precision import inference_params, matmul
+from tidar_jax.model.transformer import Transformer, count_params, create_model, forward
 
 VARIANTS = {
     "llama": {},
@@ -162,7 +162,7 @@ def test_cache_rows_written_at_each_rows_own_slot(dtype, batch):
     """_write_rows: every batch row's new K/V rows land at its own start slot and nothing else changes, whichever
     form the write takes (one update at batch 1; on the CPU a select for 16-bit caches, which XLA:CPU would
     otherwise scatter in float32 over the whole buffer; a scatter elsewhere)."""
-    from tidar_jax.model import _write_rows
+    from tidar_jax.model.layers import _write_rows
 
     rng = np.random.default_rng(batch)
     buffer = jnp.asarray(rng.standard_normal((batch, 12, 2, 4)), dtype)

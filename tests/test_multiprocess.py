@@ -1,7 +1,7 @@
 """Two processes on localhost joined by jax.distributed.initialize (CPU collectives "gloo", one CPU device each)
 run `python -m train.train --distributed` on one shared workdir and match a single-process run's losses.
 
-Each process feeds its rows p::2 of every global batch (tidar_jax.data) into one global array, so the global batch
+Each process feeds its rows p::2 of every global batch (tidar_jax.data.pipeline) into one global array, so the global batch
 is a row permutation of the single-process one: losses agree up to float32 summation order (rtol 1e-5).
 """
 
@@ -14,13 +14,13 @@ import jax
 import numpy as np
 import pytest
 
-from tidar_jax.checkpoint import load_for_inference
+from tidar_jax.checkpoint.inference import load_for_inference
 from tidar_jax.config import MeshConfig, load_config
-from tidar_jax.data import load_or_train_tokenizer
-from tidar_jax.run_setup import plan_run
-from tidar_jax.metrics_log import read_metrics
+from tidar_jax.data.pipeline import load_or_train_tokenizer
 from tidar_jax.sharding import make_mesh
-from tidar_jax.trainer import train
+from tidar_jax.training.loop import train
+from tidar_jax.training.metrics_log import read_metrics
+from tidar_jax.training.run_setup import plan_run
 
 OVERRIDES = ["data.seq_len=16", "train.steps=3", "train.warmup_steps=1", "train.log_every=1", "train.eval_every=3",
              "train.eval_batches=1", "train.checkpoint_every=2"]

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tidar_jax import masks
 from tidar_jax.config import ATTENTION_IMPLS, MeshConfig, replace
-from tidar_jax.kv_cache import init_cache
-from tidar_jax.model import create_model, forward
+from tidar_jax.layout import masks
+from tidar_jax.model.kv_cache import init_cache
+from tidar_jax.model.transformer import create_model, forward
 from tidar_jax.ops import cached_attention
 from tidar_jax.ops.attention import CHUNK, DENSE_MAX_COLUMNS, filled_slots, windows
 from tidar_jax.sharding import make_mesh

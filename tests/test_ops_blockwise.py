@@ -5,20 +5,19 @@ and the model / train step with attention_impl=blockwise (splash, cudnn_hybrid) 
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import jax.extend.core as jex_core
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from attention_cases import assert_outputs_and_grads_close, inputs, layout_mask, outputs_and_grads
 from flax import nnx
 
-from tidar_jax import masks
 from tidar_jax.config import replace
-from tidar_jax.model import create_model, forward
+from tidar_jax.layout import masks
+from tidar_jax.model.transformer import create_model, forward
 from tidar_jax.ops import hybrid
 from tidar_jax.ops.blockwise import blockwise_attention, tile_schedule
-from tidar_jax.trainer import _target_counts, weighted_loss
-
-from attention_cases import assert_outputs_and_grads_close, inputs, layout_mask, outputs_and_grads
+from tidar_jax.training.objective import target_counts, weighted_loss
 
 
 def dense_layout_mask(seq_len, block_size):
@@ -189,7 +188,7 @@ def test_train_loss_and_grads_equal_xla(tiny_config, mode, impl, monkeypatch):
         c = _with_impl(cfg, name)
         graphdef = nnx.graphdef(create_model(c.model))
         fn = jax.jit(jax.value_and_grad(
-            lambda p: weighted_loss(graphdef, p, tokens, valid, _target_counts(valid), c)[0]))
+            lambda p: weighted_loss(graphdef, p, tokens, valid, target_counts(valid), c)[0]))
         results.append(fn(params))
     (ref_loss, ref_grads), (loss, grads) = results
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)

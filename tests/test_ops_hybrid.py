@@ -10,14 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from attention_cases import assert_outputs_and_grads_close, inputs, layout_mask, outputs_and_grads
 
-from tidar_jax import masks
 from tidar_jax.config import ConfigError, load_config
+from tidar_jax.layout import masks
 from tidar_jax.ops import hybrid
 from tidar_jax.ops.hybrid import hybrid_attention, suffix_lengths
 from tidar_jax.sharding import check_runtime
-
-from attention_cases import assert_outputs_and_grads_close, inputs, layout_mask, outputs_and_grads
 
 
 def padding(kind, batch, seq_len, block_size):
@@ -114,9 +113,9 @@ def test_sharded_scanned_remat_train_step_equals_xla(tiny_config, monkeypatch):
     device takes the blockwise fallback while the others take the fused kernel."""
     import dataclasses
 
-    from tidar_jax import trainer as trainer_module
     from tidar_jax.config import MeshConfig, replace
     from tidar_jax.sharding import make_global_batch, make_mesh
+    from tidar_jax.training import trainer as trainer_module
 
     monkeypatch.setattr(hybrid, "FUSED_IMPLEMENTATION", "xla")
     monkeypatch.setattr(trainer_module, "check_runtime", lambda *args: None)

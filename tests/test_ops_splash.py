@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tidar_jax import masks
-from tidar_jax.masks import TrainingLayout
+from tidar_jax.layout import masks
+from tidar_jax.layout.masks import TrainingLayout
 from tidar_jax.ops.splash import LayoutSplashMask, splash_attention
 
 HEADS, KV_HEADS, HEAD_DIM = 4, 2, 16

@@ -6,7 +6,7 @@ import pytest
 
 from infer import paper_table
 from tidar_jax.config import DataConfig
-from tidar_jax.corpora import load_corpus_documents, split_documents
+from tidar_jax.data.corpora import load_corpus_documents, split_documents
 from tidar_jax.evals import local_tasks
 
 

@@ -14,13 +14,13 @@ from flax import nnx
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from tidar_jax.checkpoint import load_for_inference, save_inference_checkpoint
+from tidar_jax.checkpoint.inference import load_for_inference, save_inference_checkpoint
 from tidar_jax.config import Config, ConfigError, MeshConfig, ModelConfig, load_config
-from tidar_jax.data import load_corpus_documents, make_train_iterator, split_documents, split_token_stream
-from tidar_jax.model import create_model
-from tidar_jax.run_setup import plan_run
+from tidar_jax.data.pipeline import load_corpus_documents, make_train_iterator, split_documents, split_token_stream
+from tidar_jax.model.transformer import create_model
 from tidar_jax.sharding import make_mesh
-from tidar_jax.trainer import train
+from tidar_jax.training.loop import train
+from tidar_jax.training.run_setup import plan_run
 
 GGUF_EPS = float(np.float32(1e-5))  # 9.999999747378752e-06, what a GGUF file stores
 WORDS = [f"{a}{b}" for a in "bcdfghklmnprst" for b in "aeiou"]

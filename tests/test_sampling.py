@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tidar_jax import sampling
-from tidar_jax.sampling import SamplingParams
+from tidar_jax.decoding import sampling
+from tidar_jax.decoding.sampling import SamplingParams
 
 # With >= 100k draws per distribution over 5 tokens, sampling noise gives a TV distance around 0.002-0.003; a
 # wrong sampler (e.g. accepting every draft, or resampling from p instead of the residual) is off by > 0.05 here.

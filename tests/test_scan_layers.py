@@ -17,16 +17,20 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from tidar_jax import adapters, convert, masks
-from tidar_jax.checkpoint import load_for_inference, save_inference_checkpoint
+from tidar_jax.checkpoint.inference import load_for_inference, save_inference_checkpoint
 from tidar_jax.config import MeshConfig, replace
-from tidar_jax.generation import Generator
-from tidar_jax.kv_cache import init_cache
-from tidar_jax.layer_stacking import is_stacked, to_layout
-from tidar_jax.model import create_model, forward
-from tidar_jax.sharding import abstract_model, make_global_batch, make_mesh, param_shardings
-from tidar_jax.spec_decode import SpecDecoder
-from tidar_jax.trainer import Trainer, _target_counts, weighted_loss
+from tidar_jax.decoding.generation import Generator
+from tidar_jax.decoding.spec_decode import SpecDecoder
+from tidar_jax.interop import hf
+from tidar_jax.layout import masks
+from tidar_jax.model import adapters
+from tidar_jax.model.init import abstract_model
+from tidar_jax.model.kv_cache import init_cache
+from tidar_jax.model.layer_stacking import is_stacked, to_layout
+from tidar_jax.model.transformer import create_model, forward
+from tidar_jax.sharding import make_global_batch, make_mesh, param_shardings
+from tidar_jax.training.objective import target_counts, weighted_loss
+from tidar_jax.training.trainer import Trainer
 
 S = 16
 TOL = dict(rtol=1e-5, atol=1e-6)
@@ -137,7 +141,7 @@ def test_loss_and_gradients_equal(cfgs, params):
     """`weighted_loss` (what the trainer differentiates) of a padded batch, and its gradient (every leaf trains here,
     adapters included); the scanned model rematerialises with a policy, the unrolled one does not."""
     batch = _batch(batch=2)
-    totals = _target_counts(batch["valid"])
+    totals = target_counts(batch["valid"])
     out = []
     for c, p in zip(_trainer_configs(cfgs, "full"), (params, to_layout(params, True))):
         graphdef = _graphdef(c.model)
@@ -272,17 +276,17 @@ def test_hf_tensors_round_trip_with_scan_layers(cfgs, params, tmp_path):
     cfg, scfg = cfgs
     stacked_state = abstract_model(scfg.model)[1]
     nnx.replace_by_pure_dict(stacked_state, to_layout(params, True))
-    tensors = convert.hf_tensors_from_params(scfg.model, stacked_state)
-    assert tensors.keys() == convert.hf_tensors_from_params(cfg.model, params).keys()
-    jax.tree.map(np.testing.assert_array_equal, tensors, convert.hf_tensors_from_params(cfg.model, params))
-    back = nnx.to_pure_dict(convert.params_from_hf_tensors(dataclasses.replace(scfg.model, adapter_rank=0), tensors))
+    tensors = hf.hf_tensors_from_params(scfg.model, stacked_state)
+    assert tensors.keys() == hf.hf_tensors_from_params(cfg.model, params).keys()
+    jax.tree.map(np.testing.assert_array_equal, tensors, hf.hf_tensors_from_params(cfg.model, params))
+    back = nnx.to_pure_dict(hf.params_from_hf_tensors(dataclasses.replace(scfg.model, adapter_rank=0), tensors))
     assert is_stacked(back)
     want = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(to_layout(params, True))}
     for path, leaf in jax.tree_util.tree_leaves_with_path(back):  # the base model's leaves, stacked
         np.testing.assert_array_equal(leaf, want[jax.tree_util.keystr(path)])
     # With adapters: export (adapters go to their own file) and re-import as a scanned model.
-    out = convert.export_hf_checkpoint(tmp_path / "hf", scfg.model, stacked_state)
-    imported = convert.convert_hf(json.loads((out / "config.json").read_text()), convert.SafetensorsCheckpoint(out))
+    out = hf.export_hf_checkpoint(tmp_path / "hf", scfg.model, stacked_state)
+    imported = hf.convert_hf(json.loads((out / "config.json").read_text()), hf.SafetensorsCheckpoint(out))
     again = to_layout(nnx.to_pure_dict(imported.params), True)
     jax.tree.map(np.testing.assert_array_equal, again, to_layout(params, True))
 

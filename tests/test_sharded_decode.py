@@ -5,14 +5,13 @@
 import jax
 import numpy as np
 import pytest
+from markov import scaled_random_model
 
 from tidar_jax import config as config_lib
-from tidar_jax.checkpoint import load_for_inference, save_inference_checkpoint
+from tidar_jax.checkpoint.inference import load_for_inference, save_inference_checkpoint
 from tidar_jax.config import MeshConfig
-from tidar_jax.generation import Generator
+from tidar_jax.decoding.generation import Generator
 from tidar_jax.sharding import make_mesh
-
-from markov import scaled_random_model
 
 PROMPTS = [[3, 4, 5], [7, 3, 9, 4, 10, 5], [9, 8, 7, 6]]  # 3 rows: padded to 4, two per data shard
 NEW = 6

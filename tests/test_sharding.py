@@ -6,12 +6,22 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import AxisType, PartitionSpec as P
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
 
 from tidar_jax.config import ConfigError, MeshConfig
-from tidar_jax.model import create_model
-from tidar_jax.sharding import (MESH_AXES, abstract_model, batch_sharding, check_batch_blocks, init_sharded_model,
-                                logical_to_mesh, make_global_batch, make_mesh, mesh_shape, param_shardings)
+from tidar_jax.model.init import abstract_model, init_sharded_model
+from tidar_jax.model.transformer import create_model
+from tidar_jax.sharding import (
+    MESH_AXES,
+    batch_sharding,
+    check_batch_blocks,
+    logical_to_mesh,
+    make_global_batch,
+    make_mesh,
+    mesh_shape,
+    param_shardings,
+)
 
 
 def test_mesh_shape_resolves_the_free_axis_and_rejects_bad_sizes():

@@ -16,8 +16,8 @@ pytest.importorskip("gguf")
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from tidar_jax import masks  # noqa: E402
-from tidar_jax.model import Transformer, forward  # noqa: E402
+from tidar_jax.layout import masks  # noqa: E402
+from tidar_jax.model.transformer import Transformer, forward  # noqa: E402
 
 # Both sides dequantise the same Q4_1 weights to float32; logits reach |27|, observed max difference ~2e-4.
 ATOL = 2e-3
@@ -36,7 +36,7 @@ def _gguf_path() -> Path:
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    from tidar_jax.gguf_import import import_gguf_checkpoint
+    from tidar_jax.interop.gguf import import_gguf_checkpoint
 
     path = _gguf_path()
     imported, _ = import_gguf_checkpoint(path, tmp_path_factory.mktemp("tok"))
@@ -64,7 +64,7 @@ def test_logits_match_transformers_gguf_loading(smollm2):
 
 def test_greedy_continuation_knows_paris(smollm2):
     from tidar_jax.config import DecodeConfig
-    from tidar_jax.generation import Generator
+    from tidar_jax.decoding.generation import Generator
 
     imported, graphdef, reference, tokenizer = smollm2
     prompt = tokenizer("The capital of France is")["input_ids"]

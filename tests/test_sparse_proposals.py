@@ -12,17 +12,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from markov import CHAIN_STATES, SUCCESSORS
+from test_decode import MAX_NEW, RAGGED, _full_logits, _generator, _pad, _tv_noise_bound, cfg, trained_params  # noqa: F401  (module fixtures shared with the decode tests)
+from test_masks import reference_step
 
 from tidar_jax import config as config_lib
-from tidar_jax import decode, generation, proposals, sampling
-from tidar_jax.generation import Generator
-from tidar_jax.kv_cache import init_cache
-from tidar_jax.model import forward
-
-from markov import CHAIN_STATES, SUCCESSORS
-from test_decode import MAX_NEW, RAGGED, _full_logits, _generator, _pad, _tv_noise_bound
-from test_decode import cfg, trained_params  # noqa: F401  (module fixtures shared with the decode tests)
-from test_masks import reference_step
+from tidar_jax.decoding import decode, generation, sampling
+from tidar_jax.decoding.generation import Generator
+from tidar_jax.layout import proposals
+from tidar_jax.model.kv_cache import init_cache
+from tidar_jax.model.transformer import forward
 
 BATCH1 = [[3, 4, 5, 6, 7]]
 SLOW = pytest.mark.slow

@@ -9,13 +9,12 @@ which every guess must be accepted, greedy or sampled.
 import dataclasses
 
 import pytest
+from markov import scaled_random_model, trained_model
 
 from tidar_jax import config as config_lib
-from tidar_jax import generation
-from tidar_jax.generation import Generator
-from tidar_jax.spec_decode import SpecDecoder
-
-from markov import scaled_random_model, trained_model
+from tidar_jax.decoding import generation
+from tidar_jax.decoding.generation import Generator
+from tidar_jax.decoding.spec_decode import SpecDecoder
 
 PROMPTS = [[3, 4, 5], [7, 3, 9, 4, 10, 5, 6, 8, 3, 9, 4, 7, 5], [9, 8, 7, 6, 5, 4, 3]]
 MAX_NEW = 12

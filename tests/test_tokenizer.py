@@ -7,7 +7,7 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models
 
-from tidar_jax.tokenizer import SPECIAL_TOKENS, Tokenizer, TokenizerError, train_bpe
+from tidar_jax.data.tokenizer import SPECIAL_TOKENS, Tokenizer, TokenizerError, train_bpe
 from train import train_tokenizer
 
 

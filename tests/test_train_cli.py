@@ -14,14 +14,16 @@ import jax
 import numpy as np
 import pytest
 
-from tidar_jax.checkpoint import Checkpointer, load_for_inference, read_runtime, save_inference_checkpoint
+from tidar_jax.checkpoint.inference import load_for_inference, save_inference_checkpoint
+from tidar_jax.checkpoint.store import Checkpointer, read_runtime
 from tidar_jax.config import ConfigError, MeshConfig, load_config, replace, to_dict
-from tidar_jax.data import load_or_train_tokenizer, make_train_iterator
-from tidar_jax.metrics_log import read_metrics
+from tidar_jax.data.pipeline import load_or_train_tokenizer, make_train_iterator
+from tidar_jax.data.tokenizer import Tokenizer
 from tidar_jax.sharding import make_global_batch, make_mesh
-from tidar_jax.tokenizer import Tokenizer
-from tidar_jax.run_setup import plan_run
-from tidar_jax.trainer import train, trainer_for
+from tidar_jax.training.loop import train
+from tidar_jax.training.metrics_log import read_metrics
+from tidar_jax.training.run_setup import plan_run
+from tidar_jax.training.trainer import trainer_for
 from train.train import main
 
 STEPS = 4

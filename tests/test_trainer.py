@@ -12,12 +12,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tidar_jax import losses, masks
 from tidar_jax.config import ConfigError, MeshConfig, load_config, replace
-from tidar_jax.model import forward
-from tidar_jax.optim import learning_rate_schedule
-from tidar_jax.sharding import init_sharded_model, make_global_batch, make_mesh
-from tidar_jax.trainer import Trainer, _target_counts, weighted_loss
+from tidar_jax.layout import masks
+from tidar_jax.model.init import init_sharded_model
+from tidar_jax.model.transformer import forward
+from tidar_jax.sharding import make_global_batch, make_mesh
+from tidar_jax.training import losses
+from tidar_jax.training.objective import target_counts, weighted_loss
+from tidar_jax.training.optim import learning_rate_schedule
+from tidar_jax.training.trainer import Trainer
 
 SEQ = 16  # tiny preset, one layer, short sequences: few and cheap compiles
 
@@ -122,7 +125,7 @@ def test_ar_objective_is_the_clean_half_of_tidar(cfg, single_device_run):
     trainer, state, _ = single_device_run
     params = jax.device_put(state["params"], trainer.param_shardings)
     batch = make_global_batch(synthetic_batches(1, seed=4)[0], trainer.mesh)
-    totals = _target_counts(batch["valid"])
+    totals = target_counts(batch["valid"])
 
     def both(p, b):
         ar_cfg = replace(cfg, train={"objective": "ar"})
@@ -173,7 +176,7 @@ def test_microbatch_must_divide_over_the_batch_axes(cfg):
 def test_configs_the_run_cannot_execute_are_refused_before_compiling(tiny_config):
     """cudnn attention on this CPU backend, and bfloat16 params for training without the opt-in, stop in the
     Trainer / Generator constructors with the reason instead of deep inside a trace."""
-    from tidar_jax.generation import Generator
+    from tidar_jax.decoding.generation import Generator
 
     mesh = make_mesh(MeshConfig(data=-1))
     cudnn = replace(tiny_config, model={"attention_impl": "cudnn", "compute_dtype": "bfloat16"})

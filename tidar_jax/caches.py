@@ -1,7 +1,7 @@
 """Where the tools cache on disk, and the command-line tools' persistent XLA compilation cache.
 
 The root is `$TIDAR_JAX_CACHE_DIR` (default ~/.cache/tidar_jax; "off" disables every cache below it): token arrays
-(data.py) lie there, compiled programs in its `xla` folder.
+(data/pipeline.py) lie there, compiled programs in its `xla` folder.
 
 Every CLI run is a new process, so without it each one compiles its programs again: on a 2-core CPU a 30-layer
 unrolled decode loop (prefill + loop) takes 16-20 s, a 28-layer train step 13-72 s. With the cache a repeated run of

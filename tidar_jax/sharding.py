@@ -1,7 +1,7 @@
 """Device mesh, the logical-axis rules table, and shardings for params and batches.
 
 The mesh has three `AxisType.Auto` axes `(data, fsdp, tensor)`. Parameters carry logical axis names in their
-`out_sharding` metadata (see model.py); `LOGICAL_AXIS_RULES` is the one place that maps those names (and `batch`) to
+`out_sharding` metadata (see model/layers.py); `LOGICAL_AXIS_RULES` is the one place that maps those names (and `batch`) to
 mesh axes. A dimension that the mesh axes do not divide is replicated instead of failing, so a tiny model still runs
 on a large mesh (e.g. 2 KV heads on tensor=4).
 
@@ -19,16 +19,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from tidar_jax.config import ConfigError, MeshConfig, ModelConfig, validate_backend
-from tidar_jax.kv_cache import KVCache
-from tidar_jax.model import Transformer
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -46,6 +45,8 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 BATCH_AXES = dict(LOGICAL_AXIS_RULES)["batch"]
 # Logical names of the decoding arrays, mapped to mesh axes by the rules above. A KV-cache buffer (one per layer):
 KV_CACHE_AXES = ("batch", None, "kv_heads", "head_dim")
+# The KVCache fields that hold such buffers (a tuple per layer, or one stacked array).
+CACHE_BUFFER_FIELDS = ("keys", "values")
 # Loop-state fields (decode.DecodeState, spec_decode.SpecState) by name; fields not named here (counters, the
 # acceptance histogram, the PRNG key, sampling knobs) are replicated.
 DECODE_STATE_AXES: dict[str, tuple[str | None, ...]] = {
@@ -144,13 +145,10 @@ def decode_shardings(tree: Any, mesh: Mesh) -> Any:
     def leaf(name: str | None, x: Any) -> Any:
         if x is None:
             return None
-        if isinstance(x, KVCache):
+        if name in CACHE_BUFFER_FIELDS:
             # Per-layer buffers, or stacked ones (model.scan_layers) whose leading layer axis is replicated.
-            def buffer(b: Any) -> NamedSharding:
-                return named_sharding((None,) * (b.ndim - len(KV_CACHE_AXES)) + KV_CACHE_AXES, b.shape, mesh)
-
-            return x.replace(keys=jax.tree.map(buffer, x.keys), values=jax.tree.map(buffer, x.values),
-                             cursor=leaf("cursor", x.cursor))
+            return jax.tree.map(
+                lambda b: named_sharding((None,) * (b.ndim - len(KV_CACHE_AXES)) + KV_CACHE_AXES, b.shape, mesh), x)
         if dataclasses.is_dataclass(x):
             return x.replace(**{f.name: leaf(f.name, getattr(x, f.name)) for f in dataclasses.fields(x)})
         logical = DECODE_STATE_AXES.get(name, ())
@@ -226,44 +224,3 @@ def check_runtime(model_cfg: ModelConfig, tensor: int) -> None:
     capability = getattr(jax.devices()[0], "compute_capability", None) if backend == "gpu" else None
     cuda = isinstance(capability, str) and capability.replace(".", "").isdigit()  # ROCm names gfx targets instead
     validate_backend(model_cfg, backend, tensor, capability if cuda else None)
-
-
-def abstract_model(model_cfg: ModelConfig, seed: int = 0) -> tuple[nnx.GraphDef, nnx.State]:
-    """(graphdef, abstract state of ShapeDtypeStructs with logical-name metadata); allocates nothing.
-
-    Uses `jax.eval_shape` rather than `nnx.eval_shape`, which under an active mesh would try to turn the logical
-    names into mesh axes.
-    """
-    graphdefs = []
-
-    def build() -> nnx.State:
-        graphdef, state = nnx.split(Transformer(model_cfg, rngs=nnx.Rngs(params=seed)))
-        graphdefs.append(graphdef)
-        return state
-
-    state = jax.eval_shape(build)
-    return graphdefs[0], state
-
-
-@functools.lru_cache(maxsize=8)
-def _jitted_init(model_cfg: ModelConfig, mesh: Mesh, seed: int) -> Callable[[], dict]:
-    """The constructor traced under jit with the params' shardings (cached: a second init does not recompile)."""
-    shardings = param_shardings(abstract_model(model_cfg, seed)[1], mesh)
-
-    def init() -> dict:
-        return nnx.to_pure_dict(nnx.split(Transformer(model_cfg, rngs=nnx.Rngs(params=seed)))[1])
-
-    return jax.jit(init, out_shardings=shardings)
-
-
-def init_sharded_model(model_cfg: ModelConfig, mesh: Mesh, seed: int = 0) -> tuple[nnx.GraphDef, nnx.State]:
-    """Randomly initialised (graphdef, params) with every param created directly in its mesh sharding.
-
-    The values equal `create_model(model_cfg, seed)` on one device up to the last bit (threefry is
-    partitionable, so sharding does not change the random bits).
-    """
-    with jax.set_mesh(mesh):
-        pure = _jitted_init(model_cfg, mesh, seed)()
-    graphdef, params = abstract_model(model_cfg, seed)
-    nnx.replace_by_pure_dict(params, pure)
-    return graphdef, params

@@ -55,7 +55,7 @@ def main(argv=None) -> int:
 
     caches.enable_compile_cache()  # before anything compiles: a repeated run loads its programs from disk
     from infer.common import USER_ERRORS, fail
-    from tidar_jax.distill import DistillSpec, distill
+    from tidar_jax.training.distill import DistillSpec, distill
 
     spec = DistillSpec(checkpoint=args.checkpoint, chat=args.chat, corpus=args.corpus,
                        corpus_prompts=args.corpus_prompts, prompt_tokens=args.prompt_tokens,

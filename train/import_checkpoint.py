@@ -9,7 +9,7 @@ OUT/tokenizer.json (with the added <|mask|> / <|pad|> tokens), OUT/tokenizer_con
 (when the model has a chat template) and OUT/hf_config.json (the source architecture, reused by --export-hf).
 Supported: Qwen2 / Qwen2.5 / Qwen3 / Llama (config.json + safetensors, sharded or not) and llama-architecture GGUF
 files (dequantised to float32). The diffusion mask token takes the first unused embedding row, or the embedding
-grows to the next multiple of 64 (see tidar_jax/convert.py). Export writes config.json + model.safetensors (every
+grows to the next multiple of 64 (see tidar_jax/interop/hf.py). Export writes config.json + model.safetensors (every
 embedding row, mask included) + the tokenizer files, loadable by transformers.AutoModelForCausalLM. Needs the
 `interop` extra (transformers, torch CPU, safetensors, gguf); transformers is run offline.
 """
@@ -92,8 +92,8 @@ def _run_config(model_cfg):
 
 
 def run_import(args: argparse.Namespace) -> Path:
-    from tidar_jax import convert
-    from tidar_jax.checkpoint import save_inference_checkpoint
+    from tidar_jax.checkpoint.inference import save_inference_checkpoint
+    from tidar_jax.interop import hf
 
     out = Path(args.out)
     _require_fresh(out)
@@ -104,11 +104,11 @@ def run_import(args: argparse.Namespace) -> Path:
         scratch = Path(scratch)
         if args.source == "hf":
             src = Path(args.path)
-            imported = convert.import_hf_checkpoint(src, **kwargs)
+            imported = hf.import_hf_checkpoint(src, **kwargs)
             hf_config = json.loads((src / "config.json").read_text())
             extras_dir = src
         else:
-            from tidar_jax.gguf_import import import_gguf_checkpoint
+            from tidar_jax.interop.gguf import import_gguf_checkpoint
 
             imported, hf_config = import_gguf_checkpoint(args.path, scratch, **kwargs)
             extras_dir = scratch
@@ -128,7 +128,7 @@ def run_import(args: argparse.Namespace) -> Path:
                 shutil.rmtree(out, ignore_errors=True)
             raise
     m = config.model
-    from tidar_jax.model import count_params
+    from tidar_jax.model.transformer import count_params
 
     print(f"wrote {out}: {count_params(imported.params) / 1e6:.1f}M params, {m.n_layers} layers, vocab {m.vocab_size}, "
           f"mask id {m.mask_token_id}, eos id {m.eos_token_id}, block size {m.block_size} "
@@ -137,8 +137,8 @@ def run_import(args: argparse.Namespace) -> Path:
 
 
 def run_export(args: argparse.Namespace) -> Path:
-    from tidar_jax import convert
-    from tidar_jax.checkpoint import load_for_inference
+    from tidar_jax.checkpoint.inference import load_for_inference
+    from tidar_jax.interop import hf
 
     out = Path(args.export_hf)
     _require_fresh(out)
@@ -147,7 +147,7 @@ def run_export(args: argparse.Namespace) -> Path:
     workdir = Path(args.checkpoint)
     workdir = next((p for p in (workdir, *workdir.parents) if (p / "checkpoints").is_dir()), workdir)
     base = workdir / HF_CONFIG_FILE
-    convert.export_hf_checkpoint(out, bundle.config.model, bundle.params, args.dtype,
+    hf.export_hf_checkpoint(out, bundle.config.model, bundle.params, args.dtype,
                                  json.loads(base.read_text()) if base.is_file() else None)
     if (workdir / "tokenizer.json").is_file():
         shutil.copyfile(workdir / "tokenizer.json", out / "tokenizer.json")
@@ -159,9 +159,9 @@ def run_export(args: argparse.Namespace) -> Path:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from tidar_jax.checkpoint import CheckpointError
+    from tidar_jax.checkpoint.store import CheckpointError
     from tidar_jax.config import ConfigError
-    from tidar_jax.convert import ConversionError
+    from tidar_jax.interop.hf import ConversionError
 
     try:
         run_export(args) if args.export_hf else run_import(args)

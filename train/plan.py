@@ -44,7 +44,7 @@ def memory_plan(cfg, devices=None) -> dict:
     device: arguments, outputs, temp, alias (donated, counted once), total = arguments + outputs + temp - alias,
     and compile_s."""
     from tidar_jax.sharding import make_mesh
-    from tidar_jax.trainer import Trainer
+    from tidar_jax.training.trainer import Trainer
 
     mesh = make_mesh(cfg.mesh, devices)
     trainer = Trainer(cfg, mesh)

@@ -99,13 +99,13 @@ def main(argv=None) -> int:
     if distributed:
         _start_distributed(args)  # before any other jax call (plan_run reads checkpoints via Orbax)
 
-    from tidar_jax.checkpoint import CheckpointError
+    from tidar_jax.checkpoint.store import CheckpointError
     from tidar_jax.config import to_yaml
-    from tidar_jax.corpora import DataError
-    from tidar_jax.tokenizer import TokenizerError
+    from tidar_jax.data.corpora import DataError
+    from tidar_jax.data.tokenizer import TokenizerError
 
     try:
-        from tidar_jax.run_setup import plan_run
+        from tidar_jax.training.run_setup import plan_run
 
         plan = plan_run(args.workdir, preset=args.config, overrides=args.overrides, step=args.step)
         cfg = plan.config
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
-        from tidar_jax.trainer import train
+        from tidar_jax.training.loop import train
 
         result = train(plan, stop_at_step=args.stop_at_step, progress=not args.no_progress)
     except (ConfigError, CheckpointError, DataError, TokenizerError) as e:

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from tidar_jax.config import DataConfig
-from tidar_jax.corpora import CORPORA, DataError, load_corpus_documents, split_documents
-from tidar_jax.tokenizer import TokenizerError, train_bpe
+from tidar_jax.data.corpora import CORPORA, DataError, load_corpus_documents, split_documents
+from tidar_jax.data.tokenizer import TokenizerError, train_bpe
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -21,10 +21,10 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from tidar_jax import decode
-from tidar_jax.buckets import bucket_for, length_buckets
 from tidar_jax.config import DecodeConfig
-from tidar_jax.generation import Generator
+from tidar_jax.decoding import decode
+from tidar_jax.decoding.buckets import bucket_for, length_buckets
+from tidar_jax.decoding.generation import Generator
 
 
 def decode_config_for(dec: DecodeConfig, max_prompt_len: int, max_new_tokens: int, block_size: int) -> DecodeConfig:

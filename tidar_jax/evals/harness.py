@@ -50,9 +50,9 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import normalize_gen_kwargs
 from tqdm import tqdm
 
-from tidar_jax import masks
 from tidar_jax.evals.batching import BatchDecoder, bucket_for, cut_at_eos, decode_config_for, length_buckets
-from tidar_jax.model import forward
+from tidar_jax.layout import masks
+from tidar_jax.model.transformer import forward
 
 log = logging.getLogger(__name__)
 MODES = ("tidar", "ar")
@@ -95,7 +95,7 @@ class TidarLM(TemplateLM):
                  chunk_forwards: int = 16, max_batch_size: int | None = None, device: str | None = None,
                  **unused: Any):
         super().__init__()
-        from tidar_jax.checkpoint import load_for_inference
+        from tidar_jax.checkpoint.inference import load_for_inference
         from tidar_jax.config import apply_overrides
 
         if checkpoint is None:
@@ -159,14 +159,14 @@ class TidarLM(TemplateLM):
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
     def chat_template(self, chat_template: bool | str = False) -> str | None:
-        from tidar_jax.chat import load_chat_template
+        from tidar_jax.data.chat import load_chat_template
 
         if not chat_template or self.tokenizer.path is None:
             return None
         return load_chat_template(self.tokenizer.path.parent)
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        from tidar_jax.chat import apply_chat_template
+        from tidar_jax.data.chat import apply_chat_template
 
         if self.tokenizer.path is None:
             raise ValueError("the checkpoint's tokenizer has no directory to read a chat template from")
@@ -230,7 +230,7 @@ class TidarLM(TemplateLM):
     def _decoder(self, max_gen_toks: int) -> BatchDecoder:
         """One Generator per generation limit (its capacity), prompt buckets up to max_length."""
         if max_gen_toks not in self._decoders:
-            from tidar_jax.generation import Generator
+            from tidar_jax.decoding.generation import Generator
 
             m = self.config.model
             k = self.config.decode.block_size or m.block_size

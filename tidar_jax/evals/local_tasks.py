@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from tidar_jax.config import DataConfig
-from tidar_jax.corpora import load_corpus_documents, split_documents
+from tidar_jax.data.corpora import load_corpus_documents, split_documents
 
 TASK_NAME = "tidar_bbc_heldout"
 

@@ -1,7 +1,7 @@
 """Attention kernels beyond `jax.nn.dot_product_attention`, each tested against it (tests/test_ops_attention.py).
 
 `model.attention_impl` picks among them; its default `"auto"` is resolved per backend when the model is built
-(`config.AUTO_ATTENTION_IMPL`: `"blockwise"` on CPU and GPU, `"splash"` on TPU, `"xla"` elsewhere).
+(`config.schema.AUTO_ATTENTION_IMPL`: `"blockwise"` on CPU and GPU, `"splash"` on TPU, `"xla"` elsewhere).
 
 - `cached_attention`: the current block's queries over a read-only KV cache plus the block itself, merged by a
   shared softmax max instead of concatenating `[cache | current]` (the cached forward's default for

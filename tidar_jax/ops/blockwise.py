@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tidar_jax.masks import TrainingLayout
+from tidar_jax.layout.masks import TrainingLayout
 
 Array = jax.Array
 

@@ -51,8 +51,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from tidar_jax.masks import TrainingLayout
+from tidar_jax.layout.masks import TrainingLayout
 from tidar_jax.ops.blockwise import BLOCK_K, BLOCK_Q, blockwise_attention
+from tidar_jax.sharding import BATCH_AXES
 
 Array = jax.Array
 
@@ -124,7 +125,6 @@ def hybrid_attention(q: Array, k: Array, v: Array, layout: TrainingLayout, key_v
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return body(q, k, v, key_valid)
-    from tidar_jax.sharding import BATCH_AXES  # noqa: PLC0415  (sharding imports the config; keep ops light)
 
     batch = _axis_if_divides(mesh, BATCH_AXES, q.shape[0])
     heads = _axis_if_divides(mesh, ("tensor",), q.shape[2], k.shape[2])

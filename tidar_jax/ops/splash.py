@@ -27,7 +27,8 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 from jax.sharding import PartitionSpec as P
 
-from tidar_jax.masks import TrainingLayout
+from tidar_jax.layout.masks import TrainingLayout
+from tidar_jax.sharding import BATCH_AXES
 
 Array = jax.Array
 
@@ -115,7 +116,6 @@ def splash_attention(q: Array, k: Array, v: Array, layout: TrainingLayout, key_v
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return body(q, k, v, key_valid)
-    from tidar_jax.sharding import BATCH_AXES  # noqa: PLC0415  (sharding imports the config; keep ops light)
 
     batch = tuple(a for a in BATCH_AXES if a in mesh.axis_names) or None
     heads = "tensor" if "tensor" in mesh.axis_names else None

@@ -1,0 +1,2 @@
+"""Data: the embedded corpora, tokenizers, chat templates and prompt sets, and the Grain input pipeline.
+"""

@@ -1,0 +1,2 @@
+"""Interop: Hugging Face (safetensors, config.json) import and export, and GGUF import.
+"""

@@ -1,0 +1,101 @@
+"""config.json <-> `ModelConfig` for the Hugging Face architectures our model computes exactly (Llama, Qwen2 / Qwen2.5,
+Qwen3); anything else is refused, naming the field."""
+
+from __future__ import annotations
+
+from tidar_jax.config import ModelConfig, validate_model
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+DEFAULT_BLOCK_SIZE = 4
+
+
+class ConversionError(ValueError):
+    """A checkpoint cannot be converted (unsupported architecture, missing or unexpected tensors, bad shapes)."""
+
+
+def _first(value):
+    return value[0] if isinstance(value, (list, tuple)) else value
+
+
+def _rope(hf: dict) -> tuple[float, str | None]:
+    """(rope_theta, rope type) from transformers v4 (`rope_theta`, `rope_scaling`) or v5 (`rope_parameters`)."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    kind = params.get("rope_type") or params.get("type") or scaling.get("rope_type") or scaling.get("type")
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    return float(theta), (None if kind in (None, "default") else kind)
+
+
+def model_config_from_hf(hf: dict, vocab_size: int, *, block_size: int = DEFAULT_BLOCK_SIZE,
+                         param_dtype: str = "float32", compute_dtype: str | None = None,
+                         mask_token_id: int | None = None, eos_token_id: int | None = None,
+                         pad_token_id: int | None = None) -> ModelConfig:
+    """ModelConfig from a config.json dict. `vocab_size` is our (possibly grown) embedding row count.
+
+    Raises ConversionError for an architecture our model does not compute exactly: another model_type, rope
+    scaling, sliding-window layers, partial rotary, a non-SiLU MLP, output-projection or MLP biases.
+    """
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConversionError(f"unsupported model_type {model_type!r} (architectures {hf.get('architectures')}); "
+                              f"supported: {SUPPORTED_MODEL_TYPES}")
+    theta, rope_kind = _rope(hf)
+    problems = []
+    if rope_kind is not None:
+        problems.append(f"rope scaling {rope_kind!r} (only plain RoPE is implemented)")
+    if hf.get("partial_rotary_factor", 1.0) != 1.0:
+        problems.append(f"partial_rotary_factor {hf['partial_rotary_factor']}")
+    if hf.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act {hf['hidden_act']!r} (only SwiGLU with silu)")
+    if hf.get("use_sliding_window") or any(t != "full_attention" for t in hf.get("layer_types") or ()):
+        problems.append("sliding-window attention layers")
+    if model_type != "qwen2" and hf.get("attention_bias"):
+        problems.append("attention_bias (this family also biases o_proj, which our model lacks)")
+    if hf.get("mlp_bias"):
+        problems.append("mlp_bias")
+    if problems:
+        raise ConversionError(f"unsupported {model_type} checkpoint: " + "; ".join(problems))
+    n_heads = hf["num_attention_heads"]
+    eos = eos_token_id if eos_token_id is not None else _first(hf.get("eos_token_id"))
+    if eos is None:
+        raise ConversionError("config.json has no eos_token_id; pass one explicitly (--eos-token-id)")
+    pad = pad_token_id if pad_token_id is not None else _first(hf.get("pad_token_id"))
+    cfg = ModelConfig(
+        vocab_size=vocab_size, d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads, d_ff=hf["intermediate_size"],
+        rope_theta=theta, rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), qkv_bias=model_type == "qwen2",
+        qk_norm=model_type == "qwen3", tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        mask_token_id=vocab_size if mask_token_id is None else mask_token_id, eos_token_id=int(eos),
+        pad_token_id=int(eos if pad is None else pad), block_size=block_size, param_dtype=param_dtype,
+        compute_dtype=compute_dtype or param_dtype)
+    try:
+        validate_model(cfg)
+    except ValueError as e:
+        raise ConversionError(f"config.json gives an invalid model: {e}") from None
+    return cfg
+
+
+def hf_config_from_model_config(cfg: ModelConfig, dtype: str = "float32", base: dict | None = None) -> dict:
+    """config.json for `cfg` (Qwen2 if qkv_bias, Qwen3 if qk_norm, else Llama); `base` keys not set here are kept
+    (e.g. max_position_embeddings, bos_token_id of the imported model)."""
+    if cfg.qkv_bias and cfg.qk_norm:
+        raise ConversionError("no Hugging Face architecture has both QKV bias without o_proj bias and QK-norm")
+    model_type = "qwen2" if cfg.qkv_bias else "qwen3" if cfg.qk_norm else "llama"
+    arch = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}[model_type]
+    out = {k: v for k, v in (base or {}).items() if k not in ("rope_scaling", "quantization_config", "torch_dtype")}
+    out.update({
+        "architectures": [arch], "model_type": model_type, "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+        "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "tie_word_embeddings": cfg.tie_embeddings, "eos_token_id": cfg.eos_token_id,
+        "pad_token_id": cfg.pad_token_id, "dtype": dtype, "attention_bias": False, "mlp_bias": False,
+        "use_sliding_window": False, "tidar_mask_token_id": cfg.mask_token_id, "tidar_block_size": cfg.block_size,
+    })
+    if cfg.adapter_rank > 0:
+        out.update(tidar_adapter_rank=cfg.adapter_rank, tidar_adapter_alpha=cfg.adapter_alpha)
+    out.setdefault("max_position_embeddings", 32768)
+    out.pop("layer_types", None)  # rebuilt by transformers from num_hidden_layers
+    return out

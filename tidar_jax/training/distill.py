@@ -1,0 +1,113 @@
+"""Self-distillation data: the verifier's own continuations of chat and corpus prompts, as token-id documents.
+
+TiDAR's drafts are accepted when they equal what the AR model would say next, so the most useful drafting data is
+the AR model's own output. `distill` renders chat prompts (chat_prompts.py, through the checkpoint's chat template)
+and corpus prompts (the first tokens of train-split documents), continues them with our batched jitted decoding
+(AR mode, greedy by default; one compiled program per bucket), and appends one JSON line per prompt to OUT:
+`{"ids": prompt + continuation (an ending eos kept), "source": "chat" | corpus name, "prompt_tokens": n}`, which
+`data.corpus=files data.paths=[OUT]` trains on. OUT.meta.json records the settings; running again with the same
+settings resumes after the last complete line (nothing is regenerated), different settings are refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from tqdm.auto import tqdm
+
+from tidar_jax.checkpoint.inference import load_for_inference
+from tidar_jax.checkpoint.store import locate_checkpoint
+from tidar_jax.config import ConfigError, DataConfig, DecodeConfig
+from tidar_jax.data.chat_prompts import encoded_chat_prompts
+from tidar_jax.data.corpora import load_corpus_documents, split_documents
+from tidar_jax.decoding.generation import Generator
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillSpec:
+    """What to generate: `chat` chat prompts (train topics), `corpus_prompts` prompts of `prompt_tokens` tokens from
+    the train split of `corpus`, each continued by up to `max_new_tokens` tokens; temperature 0 = greedy."""
+
+    checkpoint: str
+    chat: int = 256
+    corpus: str = "bbc-news"
+    corpus_prompts: int = 256
+    prompt_tokens: int = 32
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    seed: int = 0
+    batch_size: int = 16
+
+
+def _prompts(spec: DistillSpec, bundle, workdir: Path) -> list[tuple[str, list[int]]]:
+    """(source, prompt ids) pairs: chat prompts first, then corpus prompts."""
+    out = [("chat", ids) for ids in (encoded_chat_prompts(workdir, "train", spec.chat, spec.seed) if spec.chat else [])]
+    if spec.corpus_prompts:
+        data = DataConfig(corpus=spec.corpus)
+        train_docs, _ = split_documents(load_corpus_documents(data), data.holdout_fraction, data.seed)
+        encoded = bundle.tokenizer.encode_batch([d for d in train_docs if isinstance(d, str)])
+        long_enough = [ids[:spec.prompt_tokens] for ids in encoded if len(ids) >= spec.prompt_tokens]
+        if len(long_enough) < spec.corpus_prompts:
+            raise ConfigError(f"corpus {spec.corpus!r} has {len(long_enough)} train documents of >= "
+                              f"{spec.prompt_tokens} tokens, {spec.corpus_prompts} requested")
+        out += [(spec.corpus, ids) for ids in long_enough[:spec.corpus_prompts]]
+    return out
+
+
+def _done_lines(path: Path) -> int:
+    """Complete JSON lines already in `path` (a line cut by a crash is dropped by truncating the file)."""
+    if not path.is_file():
+        return 0
+    lines = path.read_bytes().split(b"\n")
+    complete = lines[:-1]  # everything before the last newline
+    with path.open("r+b") as f:
+        f.truncate(sum(len(line) + 1 for line in complete))
+    return len(complete)
+
+
+def _batches(items: Sequence, size: int) -> Iterator[tuple[int, list]]:
+    for start in range(0, len(items), size):
+        yield start, list(items[start:start + size])
+
+
+def distill(spec: DistillSpec, out: str | Path, progress: bool = True) -> Path:
+    """Generates (or resumes) the self-distillation file OUT; returns its path. Raises ConfigError on bad input or
+    when OUT was generated with other settings."""
+    out = Path(out)
+    meta_path = out.with_name(out.name + ".meta.json")
+    meta = dataclasses.asdict(spec)
+    if meta_path.is_file() and json.loads(meta_path.read_text()) != meta:
+        raise ConfigError(f"{out} was generated with other settings ({meta_path}); choose another --out")
+    _, _, workdir = locate_checkpoint(spec.checkpoint)
+    bundle = load_for_inference(spec.checkpoint)
+    if bundle.tokenizer is None:
+        raise ConfigError(f"{spec.checkpoint} has no tokenizer.json")
+    prompts = _prompts(spec, bundle, workdir)
+    longest = max(len(ids) for _, ids in prompts)
+    buckets = tuple(sorted({64, 256, max(64, -(-longest // 64) * 64)}))
+    decode_cfg = DecodeConfig(max_new_tokens=spec.max_new_tokens, prompt_buckets=buckets,
+                              max_cache_len=buckets[-1] + spec.max_new_tokens + 2 * bundle.config.model.block_size)
+    generator = Generator(bundle.graphdef, bundle.params, bundle.config.model, decode_cfg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    done = _done_lines(out)
+    bar = tqdm(total=len(prompts), initial=done, unit="prompt", desc="distill", disable=not progress,
+               dynamic_ncols=True)
+    generated, start_time = 0, time.perf_counter()
+    with out.open("a", encoding="utf-8") as f:
+        for start, batch in _batches(prompts[done:], spec.batch_size):
+            rows = [ids for _, ids in batch]
+            rows += [rows[-1]] * (spec.batch_size - len(rows))  # a full batch: one compiled program
+            result = generator.generate(rows, mode="ar", temperature=spec.temperature, seed=spec.seed + done + start)
+            for (source, ids), new in zip(batch, result.tokens):
+                f.write(json.dumps({"ids": ids + new, "source": source, "prompt_tokens": len(ids)}) + "\n")
+                generated += len(new)
+            f.flush()
+            bar.update(len(batch))
+            bar.set_postfix(tok_s=f"{generated / max(time.perf_counter() - start_time, 1e-9):.0f}")
+    bar.close()
+    return out
