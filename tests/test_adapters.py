@@ -62,8 +62,8 @@ def test_ar_path_is_bit_identical_to_the_base_model(models):
     assert float(jnp.max(jnp.abs(joint0[:, S:] - joint1[:, S:]))) > 1e-2
 
 
-@pytest.mark.parametrize("chunk_rows", [0, 5])  # 5: ops.row_ce over row chunks (last one padded)
-def test_two_pass_drafting_loss_equals_the_joint_forward(models, chunk_rows):
+@pytest.mark.parametrize("chunk_rows,soft", [(0, False), (5, False), (0, True)])  # 5: ops.row_ce, row chunks
+def test_two_pass_drafting_loss_equals_the_joint_forward(models, chunk_rows, soft):
     _, _, _, cfg, g1, p1 = models
     tokens = _tokens(seed=1)
     valid = jnp.ones(tokens.shape, bool).at[1, 11:].set(False)  # a padded row
@@ -73,10 +73,10 @@ def test_two_pass_drafting_loss_equals_the_joint_forward(models, chunk_rows):
         positions = jnp.broadcast_to(masks.training_positions(S)[None], inputs.shape)
         mask = masks.with_key_padding(masks.training_mask(S, cfg.block_size), jnp.concatenate([valid, valid], 1))
         logits, _ = forward(g1, params, inputs, positions, mask)
-        return losses.diffusion_terms(logits[:, S:], tokens, valid, cfg.block_size)
+        return losses.diffusion_terms(logits[:, S:], tokens, valid, cfg.block_size, logits[:, :S] if soft else None)
 
     def two_pass(params):
-        return diffusion_metrics(g1, params, tokens, valid, cfg, chunk_rows)
+        return diffusion_metrics(g1, params, tokens, valid, cfg, chunk_rows, soft)
 
     ref, got = jax.jit(joint)(p1), jax.jit(two_pass)(p1)
     for key in ("diff_loss", "diff_accuracy", "diff_count", "diff_slot_accuracy"):

@@ -46,6 +46,53 @@ def test_tidar_loss_matches_reference_with_padding(alpha):
     assert metrics["ar_count"] == 7 + 4 + 1 and metrics["diff_count"] == 8 + 5 + 2
 
 
+def soft_reference(logits, tokens, valid):
+    """Diffusion loss with soft targets, looped: mask row i is scored against softmax(clean row i-1) (the AR
+    prediction of position i) where that row is a valid position, else against tokens[i]."""
+    logits, tokens, valid = np.asarray(logits, np.float64), np.asarray(tokens), np.asarray(valid)
+    batch, seq = tokens.shape
+
+    def log_softmax(x):
+        return x - x.max() - np.log(np.exp(x - x.max()).sum())
+
+    terms = []
+    for b in range(batch):
+        for i in range(seq):
+            if not valid[b, i]:
+                continue
+            draft = log_softmax(logits[b, seq + i])
+            if i > 0 and valid[b, i - 1]:
+                teacher = np.exp(log_softmax(logits[b, i - 1]))
+                terms.append(-(teacher * draft).sum())
+            else:
+                terms.append(-draft[tokens[b, i]])
+    return np.mean(terms)
+
+
+def test_soft_draft_targets_match_a_looped_reference_in_value_and_gradient():
+    batch, seq, vocab, block = 3, 8, 11, 4
+    logits = jax.random.normal(jax.random.key(7), (batch, 2 * seq, vocab)) * 2
+    tokens = jax.random.randint(jax.random.key(8), (batch, seq), 0, vocab)
+    valid = jnp.arange(seq)[None] < jnp.array([[8], [5], [1]])  # the last row has no teacher at all
+    _, metrics = tidar_loss(logits, tokens, valid, block, soft_targets=True)
+    np.testing.assert_allclose(metrics["diff_loss"], soft_reference(logits, tokens, valid), rtol=1e-5)
+    _, hard = tidar_loss(logits, tokens, valid, block)
+    assert abs(float(metrics["diff_loss"]) - float(hard["diff_loss"])) > 1e-2  # the targets really changed
+    np.testing.assert_array_equal(metrics["diff_slot_accuracy"], hard["diff_slot_accuracy"])  # still vs tokens
+
+    # Gradient: the draft rows get d/dq of the soft CE; the teacher (clean) rows get none from the diffusion term.
+    grad = jax.grad(lambda x: tidar_loss(x, tokens, valid, block, soft_targets=True)[1]["diff_loss"])(logits)
+    eps, probe = 1e-3, [(0, seq + 3, 5), (1, seq + 0, 2), (2, seq + 0, 7), (1, seq + 6, 1)]
+    for b, i, v in probe:
+        up = np.asarray(logits, np.float64).copy()
+        down = up.copy()
+        up[b, i, v] += eps
+        down[b, i, v] -= eps
+        numeric = (soft_reference(up, tokens, valid) - soft_reference(down, tokens, valid)) / (2 * eps)
+        np.testing.assert_allclose(grad[b, i, v], numeric, rtol=2e-3, atol=1e-6)
+    assert float(jnp.max(jnp.abs(grad[:, :seq]))) == 0.0
+
+
 def test_padding_values_do_not_matter():
     logits = jax.random.normal(jax.random.key(2), (1, 8, 7))
     tokens = jnp.array([[1, 2, 3, 0]])

@@ -15,6 +15,7 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn", "xla_reference", "blockwise", "splash
 AUTO_ATTENTION_IMPL = {"cpu": "blockwise", "gpu": "blockwise", "tpu": "splash"}
 OBJECTIVES = ("tidar", "ar")
 ADAPTATIONS = ("full", "adapters")
+DRAFT_TARGETS = ("hard", "soft")
 # model.remat_policy -> what a rematerialised layer keeps from its forward pass: "full" keeps only the layer's
 # inputs (everything is recomputed in the backward pass); the others are `jax.checkpoint_policies` of that name.
 REMAT_POLICIES = ("full", "dots_saveable", "dots_with_no_batch_dims_saveable")
@@ -97,8 +98,10 @@ class TrainConfig:
 
     `adaptation` is `full` (every parameter trains) or `adapters` (needs model.adapter_rank > 0 and the tidar
     objective: only the mask-gated adapters train, on the diffusion loss; the base model and so its AR output stay
-    bit-identical). `init_from` is a checkpoint (e.g. an imported model) whose params, architecture, tokenizer and
-    chat template a new run starts from.
+    bit-identical). `draft_targets` is what the mask rows learn: `hard` (the data's tokens) or `soft` (the model's
+    own next-token distribution at that position, from the AR logits of the same step's clean rows: distillation
+    from the verifier itself, so corpus text needs no generated answers). `init_from` is a checkpoint (e.g. an
+    imported model) whose params, architecture, tokenizer and chat template a new run starts from.
     """
 
     objective: str = "tidar"
@@ -120,6 +123,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     init_from: str = ""
     adaptation: str = "full"
+    draft_targets: str = "hard"
     loss_chunk_rows: int = 0  # > 0: CE from hidden states in chunks of this many rows (ops.row_ce); 0: dense
     allow_low_precision_params: bool = False  # train with model.param_dtype other than float32 (see validate_training)
 

@@ -5,17 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from tidar_jax.config.schema import (
-    ADAPTATIONS,
-    ATTENTION_IMPLS,
-    AUTO_ATTENTION_IMPL,
-    DTYPES,
-    OBJECTIVES,
-    REMAT_POLICIES,
-    Config,
-    ConfigError,
-    ModelConfig,
-)
+from tidar_jax.config.schema import (ADAPTATIONS, ATTENTION_IMPLS, AUTO_ATTENTION_IMPL, DRAFT_TARGETS, DTYPES,
+                                     OBJECTIVES, REMAT_POLICIES, Config, ConfigError, ModelConfig)
 from tidar_jax.layout import proposals
 
 
@@ -147,6 +138,12 @@ def validate(cfg: Config) -> Config:
              f"data.separator_token_id ({d.separator_token_id}) must be -1 (resolved from the tokenizer) or a token "
              f"id inside the vocabulary [0, {m.vocab_size})")
     _require(t.loss_chunk_rows >= 0, f"train.loss_chunk_rows must be >= 0, got {t.loss_chunk_rows}")
+    _require(t.draft_targets in DRAFT_TARGETS,
+             f"train.draft_targets must be one of {DRAFT_TARGETS}, got {t.draft_targets!r}")
+    if t.draft_targets == "soft":
+        _require(t.objective == "tidar", "train.draft_targets=soft distils the drafts: it needs train.objective=tidar")
+        _require(t.loss_chunk_rows == 0, "train.draft_targets=soft needs the full AR distributions: set "
+                                         "train.loss_chunk_rows=0")
     _require(t.alpha >= 0, f"train.alpha must be >= 0, got {t.alpha}")
     _require(t.steps > 0, f"train.steps must be positive, got {t.steps}")
     _require(t.learning_rate > 0, f"train.learning_rate must be positive, got {t.learning_rate}")

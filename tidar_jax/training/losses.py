@@ -54,13 +54,31 @@ def ar_terms(clean_logits: Array, tokens: Array, valid: Array) -> dict[str, Arra
     return _ar_metrics(*_ce_and_hits(clean_logits[:, :-1], tokens[:, 1:]), valid)
 
 
-def diffusion_terms(mask_logits: Array, tokens: Array, valid: Array, block_size: int) -> dict[str, Array]:
+def diffusion_terms(mask_logits: Array, tokens: Array, valid: Array, block_size: int,
+                    teacher_logits: Array | None = None) -> dict[str, Array]:
     """mask_logits: [batch, S, vocab]; mask position i predicts tokens[i] (no shift).
 
     Returns scalar `diff_loss`, `diff_accuracy`, `diff_count`, and `diff_slot_accuracy` [K]: top-1 accuracy of
-    slot r = i % K within each block (slot 0 is the token right after the visible prefix).
+    slot r = i % K within each block (slot 0 is the token right after the visible prefix). With `teacher_logits`
+    (the clean rows' AR logits [batch, S, vocab], row i predicting position i+1), `diff_loss` is the soft-target
+    loss of `soft_draft_ce` instead; accuracies stay against tokens.
     """
-    return _diff_metrics(*_ce_and_hits(mask_logits, tokens), valid, block_size)
+    ce, hits = _ce_and_hits(mask_logits, tokens)
+    if teacher_logits is not None:
+        ce = soft_draft_ce(mask_logits, teacher_logits, ce, valid)
+    return _diff_metrics(ce, hits, valid, block_size)
+
+
+def soft_draft_ce(mask_logits: Array, teacher_logits: Array, hard_ce: Array, valid: Array) -> Array:
+    """Per-row draft loss [batch, S] against the verifier's own distribution: mask row i (predicting position i) is
+    scored by the cross-entropy to softmax(teacher_logits[i-1]), the AR prediction for position i, which gets no
+    gradient; row 0 and rows whose previous position is padding have no teacher and keep `hard_ce` [batch, S]. The
+    cross-entropy differs from KL(teacher || draft) by the teacher's entropy, a constant, so their gradients agree.
+    mask_logits, teacher_logits: [batch, S, vocab]; valid: [batch, S]."""
+    teacher = jax.nn.softmax(jax.lax.stop_gradient(teacher_logits[:, :-1]).astype(jnp.float32), axis=-1)
+    soft = optax.softmax_cross_entropy(mask_logits[:, 1:].astype(jnp.float32), teacher)
+    has_teacher = valid[:, :-1] & valid[:, 1:]
+    return hard_ce.at[:, 1:].set(jnp.where(has_teacher, soft, hard_ce[:, 1:]))
 
 
 def _next_token_targets(tokens: Array) -> Array:
@@ -74,14 +92,16 @@ def _with_total_loss(metrics: dict[str, Array], alpha: float) -> tuple[Array, di
     return loss, metrics
 
 
-def tidar_loss(logits: Array, tokens: Array, valid: Array, block_size: int,
-               alpha: float = 1.0) -> tuple[Array, dict[str, Array]]:
-    """logits: [batch, 2S, vocab] float32; tokens, valid: [batch, S]. Returns (scalar loss, metrics)."""
+def tidar_loss(logits: Array, tokens: Array, valid: Array, block_size: int, alpha: float = 1.0,
+               soft_targets: bool = False) -> tuple[Array, dict[str, Array]]:
+    """logits: [batch, 2S, vocab] float32; tokens, valid: [batch, S]. Returns (scalar loss, metrics). With
+    `soft_targets` the mask rows learn the clean rows' own AR distributions (`soft_draft_ce`)."""
     seq = tokens.shape[1]
     if logits.shape[1] != 2 * seq:
         raise ValueError(f"TiDAR logits must cover 2S = {2 * seq} positions, got {logits.shape[1]}")
     metrics = ar_terms(logits[:, :seq], tokens, valid)
-    metrics.update(diffusion_terms(logits[:, seq:], tokens, valid, block_size))
+    metrics.update(diffusion_terms(logits[:, seq:], tokens, valid, block_size,
+                                   logits[:, :seq] if soft_targets else None))
     return _with_total_loss(metrics, alpha)
 
 

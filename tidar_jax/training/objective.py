@@ -23,8 +23,9 @@ Array = jax.Array
 
 
 def objective_metrics(graphdef: nnx.GraphDef, params: dict, tokens: Array, valid: Array, cfg: Config,
-                       objective: str) -> dict[str, Array]:
-    """One forward of `objective` on tokens, valid: [batch, S]; returns losses.* metrics (scalars, slot acc [K])."""
+                      objective: str, soft_targets: bool = False) -> dict[str, Array]:
+    """One forward of `objective` on tokens, valid: [batch, S]; returns losses.* metrics (scalars, slot acc [K]).
+    `soft_targets`: the diffusion loss against the same forward's AR distributions (dense path only)."""
     m = cfg.model
     batch, seq = tokens.shape
     if objective == "tidar":
@@ -45,7 +46,7 @@ def objective_metrics(graphdef: nnx.GraphDef, params: dict, tokens: Array, valid
         return losses.ar_loss_from_hidden(hidden, head, tokens, valid, m.compute_dtype, chunk)[1]
     logits, _ = forward(graphdef, params, inputs, positions, mask)
     if objective == "tidar":
-        return losses.tidar_loss(logits, tokens, valid, m.block_size, cfg.train.alpha)[1]
+        return losses.tidar_loss(logits, tokens, valid, m.block_size, cfg.train.alpha, soft_targets)[1]
     return losses.ar_loss(logits, tokens, valid)[1]
 
 
@@ -63,11 +64,12 @@ def weighted_loss(graphdef: nnx.GraphDef, params: dict, tokens: Array, valid: Ar
     scale is exactly 1, so the value is bit-identical to calling the loss directly).
     """
     ar_total, diff_total = totals
+    soft = cfg.train.draft_targets == "soft"
     if cfg.train.adaptation == "adapters":  # the AR path is frozen: only the drafting loss has a gradient
-        metrics = diffusion_metrics(graphdef, params, tokens, valid, cfg.model, cfg.train.loss_chunk_rows)
+        metrics = diffusion_metrics(graphdef, params, tokens, valid, cfg.model, cfg.train.loss_chunk_rows, soft)
         diff = metrics["diff_loss"] * (metrics["diff_count"] / jnp.maximum(diff_total, 1.0))
         return diff, {"loss": diff, "diff_loss": diff}
-    metrics = objective_metrics(graphdef, params, tokens, valid, cfg, cfg.train.objective)
+    metrics = objective_metrics(graphdef, params, tokens, valid, cfg, cfg.train.objective, soft)
     ar = metrics["ar_loss"] * (metrics["ar_count"] / jnp.maximum(ar_total, 1.0))
     if cfg.train.objective == "ar":
         return ar, {"loss": ar, "ar_loss": ar}
