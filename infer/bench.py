@@ -46,6 +46,8 @@ from pathlib import Path
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from infer.common import PROMPT_SET_HELP, PROMPT_SETS
+
     parser = argparse.ArgumentParser(prog="python -m infer.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", nargs="+",
@@ -63,9 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "for them)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="batch sizes to decode")
     parser.add_argument("--prompt-len", type=int, default=32, help="tokens per held-out corpus prompt")
-    parser.add_argument("--prompts", choices=("corpus", "chat"), default="corpus",
-                        help="held-out document windows (corpus) or held-out-topic chat requests in the first "
-                             "checkpoint's chat template (chat)")
+    parser.add_argument("--prompts", choices=PROMPT_SETS, default="corpus", help=PROMPT_SET_HELP)
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt")
     parser.add_argument("--proposal-sets", nargs="+", metavar="J,J,..",
                         help="also decode TiDAR with these sparse proposal sets (comma-separated acceptance lengths "
@@ -348,8 +348,9 @@ def main(argv=None) -> int:
         report = {"device": device_info(), "settings": dict(vars(args))}
         with jax.set_mesh(mesh):
             if not args.skip_generation:
-                # Batch 1 cycles through the same prompts, one per round.
-                prompts = prompt_set(args.prompts, args.checkpoint[0], first, max(args.batch_sizes), args.prompt_len)
+                # Batch 1 takes another prompt each round (so --repeats rounds see --repeats prompts).
+                prompts = prompt_set(args.prompts, args.checkpoint[0], first, max(*args.batch_sizes, args.repeats),
+                                     args.prompt_len)
                 report["prompts"] = {"kind": args.prompts, "count": len(prompts), "prompt_len": max(map(len, prompts)),
                                      "first": first.tokenizer.decode(prompts[0])}
                 gen_bundles = {p: bundles[p] for p in args.checkpoint}

@@ -49,19 +49,36 @@ def decode_room(dec, prompt_len: int, max_new_tokens: int, block_size: int):
                                max_cache_len=cache)
 
 
-PROMPT_SETS = ("corpus", "chat")
+PROMPT_SETS = ("corpus", "chat", "unseen", "humaneval")
+PROMPT_SET_HELP = ("held-out document windows (corpus), held-out-topic chat requests from the training templates "
+                   "(chat), hand-written requests in shapes no training prompt has (unseen), or the HumanEval "
+                   "problems' prompts as raw text (humaneval); chat and unseen use the checkpoint's chat template")
 
 
 def prompt_set(kind: str, checkpoint: str | Path, bundle, n: int, prompt_len: int) -> list[list[int]]:
-    """`n` held-out prompts of `kind`: "corpus" = windows of `prompt_len` tokens of the checkpoint's held-out
-    documents; "chat" = the project's held-out-topic chat requests rendered with the checkpoint's chat template."""
+    """The first `n` held-out prompts of `kind` (see PROMPT_SET_HELP) as token-id lists; "corpus" windows have
+    `prompt_len` tokens, the others their own length. Raises ValueError when the set has fewer than `n`."""
     from tidar_jax.checkpoint.store import locate_checkpoint
     from tidar_jax.data import pipeline
+    from tidar_jax.data.chat import encode_chat
     from tidar_jax.data.chat_prompts import encoded_chat_prompts
+    from tidar_jax.data.prompt_sets import unseen_style_prompts
+    from tidar_jax.evals.humaneval import load_problems
 
+    if kind == "corpus":
+        return pipeline.heldout_prompts(bundle.config, bundle.tokenizer, n, prompt_len)
+    workdir = locate_checkpoint(checkpoint)[2]
     if kind == "chat":
-        return encoded_chat_prompts(locate_checkpoint(checkpoint)[2], "heldout", n)
-    return pipeline.heldout_prompts(bundle.config, bundle.tokenizer, n, prompt_len)
+        return encoded_chat_prompts(workdir, "heldout", n)
+    texts = ([p["prompt"] for p in unseen_style_prompts()] if kind == "unseen"
+             else [p["prompt"] for p in load_problems()])
+    if not 0 < n <= len(texts):
+        raise ValueError(f"{n} {kind} prompts requested; the set has {len(texts)}")
+    if kind == "unseen":
+        return [encode_chat(workdir, [{"role": "user", "content": text}]) for text in texts[:n]]
+    if bundle.tokenizer is None:
+        raise ValueError(f"{checkpoint} has no tokenizer.json to encode the HumanEval prompts")
+    return [bundle.tokenizer.encode(text) for text in texts[:n]]
 
 
 def replace_marked(text: str, name: str, body: str, where: str = "the document") -> str:

@@ -29,6 +29,8 @@ import sys
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from infer.common import PROMPT_SET_HELP, PROMPT_SETS
+
     parser = argparse.ArgumentParser(prog="python -m infer.eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True,
@@ -44,9 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num-prompts", type=int, default=8,
                         help="held-out prompts decoded as one batch for tokens per forward (0 = skip decoding)")
     parser.add_argument("--prompt-len", type=int, default=32, help="tokens per held-out corpus prompt")
-    parser.add_argument("--prompts", choices=("corpus", "chat"), default="corpus",
-                        help="what the decoded prompts are: windows of held-out documents (corpus) or the "
-                             "project's held-out-topic chat requests in the checkpoint's chat template (chat)")
+    parser.add_argument("--prompts", choices=PROMPT_SETS, default="corpus", help=PROMPT_SET_HELP)
     parser.add_argument("--max-new-tokens", type=int, help="tokens generated per prompt (default: "
                                                            "decode.max_new_tokens of the checkpoint)")
     parser.add_argument("--samples", type=int, default=3, help="generations printed (and stored) as text")

