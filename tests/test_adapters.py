@@ -156,3 +156,64 @@ def test_adapters_export_and_reimport(adapted_run, tmp_path):
     assert again.config.adapter_rank == bundle.config.model.adapter_rank
     for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(again.params)), jax.tree.leaves(nnx.to_pure_dict(bundle.params))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_adapter_pack_attaches_onto_the_base_exactly(adapted_run, tiny_config, tmp_path, dtype):
+    pytest.importorskip("safetensors")
+    from tidar_jax.interop.adapter_pack import attach_adapter_pack, export_adapter_pack
+
+    root, _ = adapted_run
+    base, adapted = load_for_inference(root / "base"), load_for_inference(root / "run")
+    pack = export_adapter_pack(adapted, tmp_path / "pack", dtype=dtype)
+    attached = attach_adapter_pack(base, pack)
+    assert attached.config.model == adapted.config.model
+    tol = 0 if dtype == "float32" else 1e-2  # bf16 keeps 8 significant bits of each adapter weight
+    got, want = nnx.to_pure_dict(attached.params), nnx.to_pure_dict(adapted.params)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol if adapters.is_trainable(path) else 0,
+                                   atol=0, err_msg=jax.tree_util.keystr(path))
+    # The base model's AR path is untouched: AR decoding equals the base's, and TiDAR (beta = 1) equals AR.
+    prompts = [[5, 9, 33, 7], [12, 40, 41, 42, 43, 44, 45]]
+    ar = Generator(base.graphdef, base.params, base.config.model, tiny_config.decode).generate(
+        prompts, mode="ar", max_new_tokens=24)
+    gen = Generator(attached.graphdef, attached.params, attached.config.model, tiny_config.decode)
+    assert gen.generate(prompts, mode="tidar", max_new_tokens=24).tokens == ar.tokens
+    assert gen.generate(prompts, mode="ar", max_new_tokens=24).tokens == ar.tokens
+
+
+def test_adapter_pack_refuses_what_does_not_fit(adapted_run, tmp_path):
+    pytest.importorskip("safetensors")
+    from safetensors.numpy import load_file, save_file
+
+    from tidar_jax.interop.adapter_pack import (META_FILE, TENSORS_FILE, attach_adapter_pack, export_adapter_pack)
+    from tidar_jax.interop.hf_config import ConversionError
+
+    root, _ = adapted_run
+    base, adapted = load_for_inference(root / "base"), load_for_inference(root / "run")
+    pack = export_adapter_pack(adapted, tmp_path / "pack", dtype="float32")
+    with pytest.raises(FileExistsError):
+        export_adapter_pack(adapted, pack)
+    with pytest.raises(ConversionError, match="no adapters"):
+        export_adapter_pack(base, tmp_path / "none")
+    with pytest.raises(ConversionError, match="already has adapters"):
+        attach_adapter_pack(adapted, pack)
+    other = dataclasses.replace(base, config=replace(base.config, model={"eos_token_id": 3}))
+    with pytest.raises(ConversionError, match="another base model: eos_token_id"):
+        attach_adapter_pack(other, pack)
+    tensors = load_file(str(pack / TENSORS_FILE))
+    name = sorted(tensors)[0]
+    for label, change, message in (("missing", lambda t: t.pop(name), "lacks tensor"),
+                                   ("nan", lambda t: t[name].fill(np.nan), "NaN"),
+                                   ("shape", lambda t: t.update({name: t[name][:1]}), "has shape"),
+                                   ("extra", lambda t: t.update(stray=np.zeros(2, np.float32)), "does not")):
+        broken = tmp_path / label
+        broken.mkdir()
+        (broken / META_FILE).write_text((pack / META_FILE).read_text())
+        copy = {k: v.copy() for k, v in tensors.items()}
+        change(copy)
+        save_file(copy, str(broken / TENSORS_FILE))
+        with pytest.raises(ConversionError, match=message):
+            attach_adapter_pack(base, broken)
+    with pytest.raises(ConversionError, match="not an adapter pack"):
+        attach_adapter_pack(base, tmp_path / "missing-dir")

@@ -21,6 +21,13 @@ DRAFT_TARGETS = ("hard", "soft")
 REMAT_POLICIES = ("full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 
+# Model fields that a model's weights and tokenizer fix: a run from `train.init_from` may only restate them, and an
+# adapter pack records them to refuse a base it was not trained on.
+ARCHITECTURE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "rope_theta",
+                       "rms_norm_eps", "qkv_bias", "qk_norm", "tie_embeddings", "mask_token_id", "eos_token_id",
+                       "pad_token_id")
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the offending field."""
 

@@ -32,14 +32,11 @@ from tidar_jax.checkpoint.store import (
     read_step_config,
     run_fields,
 )
-from tidar_jax.config import Config, ConfigError, config_layers, merge_layers, to_dict, validate, validate_training
+from tidar_jax.config import (ARCHITECTURE_FIELDS, Config, ConfigError, config_layers, merge_layers, to_dict, validate,
+                              validate_training)
 from tidar_jax.data.pipeline import check_tokenizer_matches, load_or_train_tokenizer, separator_id
 from tidar_jax.data.tokenizer import Tokenizer
 
-# Model fields an init checkpoint fixes: its weights and its tokenizer only make sense with these values.
-INIT_FIXED_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "rope_theta",
-                     "rms_norm_eps", "qkv_bias", "qk_norm", "tie_embeddings", "mask_token_id", "eos_token_id",
-                     "pad_token_id")
 # Files of an imported model's workdir that a run started from it carries along (chat template, HF export info).
 CARRIED_FILES = ("tokenizer_config.json", "chat_template.jinja", "hf_config.json")
 _REL_TOL = 1e-6
@@ -132,7 +129,7 @@ def plan_run(workdir: str | Path, *, preset: str | Path | None = None, overrides
             init_dir, init_cfg = _init_dir(wanted.train.init_from)
             base = dataclasses.replace(Config(), model=init_cfg.model)
             wanted = merge_layers(base, layers)
-            fixed = {f"model.{k}": getattr(init_cfg.model, k) for k in INIT_FIXED_FIELDS}
+            fixed = {f"model.{k}": getattr(init_cfg.model, k) for k in ARCHITECTURE_FIELDS}
             try:
                 wanted = _restate(wanted, fixed, "checkpoint")
             except ConfigError as e:
