@@ -1,13 +1,13 @@
 """Counts the compilations (traces) and compile time of a sweep of batch sizes x max_new_tokens, greedy TiDAR and
 AR, with a random-init model of a preset on the local device: what a caller with varying request shapes pays.
 
-    python benchmarks/compile_count.py --config configs/tiny.yaml --batch-sizes 1 2 3 4 5 6 7 8 \
+    python benchmarks/compile_count.py --config configs/tiny.yaml --batch-sizes 1 2 3 4 5 6 7 8 \\
         --max-new-tokens 8 12 16 24 32
 
 Prints one line per mode: calls, traces of each decode function, total compile seconds (from GenerationResult).
 Dotted `--override`s change the preset, e.g. the decoding layer layout of a deep model:
 
-    python benchmarks/compile_count.py --config configs/smollm2-135m.yaml --batch-sizes 1 --max-new-tokens 8 \
+    python benchmarks/compile_count.py --config configs/smollm2-135m.yaml --batch-sizes 1 --max-new-tokens 8 \\
         --override decode.scan_layers=true
 """
 

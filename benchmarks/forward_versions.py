@@ -33,7 +33,7 @@ VARIANTS = {"float32": ("float32", False), "bfloat16": ("bfloat16", True), "bf16
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="runs/smollm2")
     p.add_argument("--queries", nargs="+", type=int, default=[1, 20], help="query tokens: 1 or K + K*K")
     p.add_argument("--slots", type=int, default=640, help="cache slots (max_len)")

@@ -41,7 +41,7 @@ def time_dot(rows: int, k: int, n: int, operand, result, repeats: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", nargs=2, type=int, default=[576, 1536], metavar=("K", "N"), help="weight shape")
     p.add_argument("--rows", nargs="+", type=int, default=[1, 2, 8, 20, 72, 128])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))

@@ -9,6 +9,9 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 # The CLIs turn on JAX's persistent compilation cache (tidar_jax/caches.py), a process-wide setting: the
 # in-process CLI tests must not switch it on for the whole session, nor read executables left by an earlier run.
 os.environ["TIDAR_JAX_COMPILE_CACHE"] = "off"
+# The CPU kernels run every shape they take, as the kernel tests expect: the default mode "auto" would time each
+# shape on this machine (tests/test_kernel_choice.py covers it with injected timings).
+os.environ.setdefault("TIDAR_JAX_CPU_KERNELS", "on")
 
 import jax  # noqa: E402  (must come after the environment above)
 import pytest  # noqa: E402

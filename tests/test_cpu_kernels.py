@@ -336,10 +336,10 @@ def test_product_gradients_are_xla_dots(rows, transposed):
     x, w = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((rows, 64), (64, 96)))
     weights = jnp.asarray(rng.standard_normal((rows, 96)), jnp.float32)
     if transposed:
-        kernel, w = cpu_kernels.transposed_product_kernel(rows, 64, jnp.float32), w.T
+        kernel, w = cpu_kernels.transposed_product_kernel(rows, 64, 96, jnp.float32), w.T
         reference = lambda a, b: jnp.dot(a, b.T, precision="highest")  # noqa: E731
     else:
-        kernel = cpu_kernels.product_kernel(rows, 96, jnp.float32)
+        kernel = cpu_kernels.product_kernel(rows, 64, 96, jnp.float32)
         reference = lambda a, b: jnp.dot(a, b, precision="highest")  # noqa: E731
     grads = [jax.jit(jax.grad(lambda a, b, f=f: jnp.sum(f(a, b) * weights), argnums=(0, 1)))(x, w)
              for f in (kernel, reference)]

@@ -7,7 +7,7 @@ run trained on is scored) and from the project's held-out chat prompts. The data
 caller's directory and never committed.
 
     python -m tidar_jax.evals.local_tasks --out /tmp/tasks --docs 64
-    python -m tidar_jax.evals.lm_eval_cli --model tidar_jax --model_args checkpoint=runs/smollm2 \
+    python -m tidar_jax.evals.lm_eval_cli --model tidar_jax --model_args checkpoint=runs/smollm2 \\
         --include_path /tmp/tasks --tasks tidar_bbc_heldout --output_path results/
 """
 

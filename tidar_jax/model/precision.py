@@ -52,15 +52,16 @@ def _kernel_product(equation: str, x: Array, w: Array) -> Array | None:
     if contracted is not None:
         lead, out_shape = x.shape[:x.ndim - contracted], w.shape[contracted:]
         rows, inner, columns = math.prod(lead), math.prod(w.shape[:contracted]), math.prod(out_shape)
-        kernel = cpu_kernels.product_kernel(rows, columns, x.dtype, w.dtype)
+        kernel = cpu_kernels.product_kernel(rows, inner, columns, x.dtype, w.dtype)
         operands = (x.reshape(rows, inner), w.reshape(inner, columns))
     elif _transposed_weight(equation):
         lead, out_shape = x.shape[:-1], w.shape[:1]
-        kernel = cpu_kernels.transposed_product_kernel(math.prod(lead), x.shape[-1], x.dtype, w.dtype)
+        kernel = cpu_kernels.transposed_product_kernel(math.prod(lead), x.shape[-1], w.shape[0], x.dtype,
+                                                       w.dtype)
         operands = (x.reshape(-1, x.shape[-1]), w)
     else:
         return None
-    if kernel is None or not cpu_kernels.available():
+    if kernel is None:
         return None
     return kernel(*operands).reshape(lead + out_shape)
 

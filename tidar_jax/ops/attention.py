@@ -26,8 +26,9 @@ A third, "kernel", is not XLA: the CPU kernel of `ops.cpu_kernels` (one FFI call
 row once in place and skips the slots no row may see), differentiated through the plain-XLA "grouped" form.
 
 `"auto"` picks "kernel" on the CPU backend when `cpu_kernels.available()`, it takes the operands (head_dim 16, 32,
-64 or 128; float32 or bfloat16) and `kv * g * t` (the query columns per batch row) is at most `KERNEL_MAX_COLUMNS`:
-an AR step, a TiDAR step up to K = 4 on SmolLM2's 9 heads, a batch of decode rows. Longer blocks (a prefill, K = 8)
+64 or 128; float32 or bfloat16), `kv * g * t` (the query columns per batch row) is at most `KERNEL_MAX_COLUMNS` (an
+AR step, a TiDAR step up to K = 4 on SmolLM2's 9 heads, a batch of decode rows) and the kernel mode lets it
+(kernel_choice.py: in the default mode "auto", where it was measured faster than the XLA form on this machine). Longer blocks (a prefill, K = 8)
 keep XLA, whose matmuls do the many-row products faster (SmolLM2, cursor 512, per layer: 128 tokens 4.0 ms XLA vs
 6.9 kernel, 72 tokens equal). Otherwise, on the CPU, "dense" when the query columns are at most
 `DENSE_MAX_COLUMNS`, else "grouped". On GPU / TPU it always picks "grouped": their transposes are
@@ -62,7 +63,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tidar_jax.ops import cpu_kernels
+from tidar_jax.ops import cpu_kernels, kernel_choice
 
 Array = jax.Array
 
@@ -171,10 +172,10 @@ def cached_attention(q: Array, k: Array, v: Array, cache_k: Array, cache_v: Arra
                          f"{cpu_kernels.HEAD_DIMS}); got backend {jax.default_backend()!r}, head_dim {d}, dtypes "
                          f"{sorted(map(str, dtypes))}")
     if formulation == "auto":
-        if auto_uses_kernel(d, h, t, *dtypes):
-            formulation = "kernel"
-        else:  # h * t = kv * g * t
-            formulation = "dense" if jax.default_backend() == "cpu" and h * t <= DENSE_MAX_COLUMNS else "grouped"
+        xla = "dense" if jax.default_backend() == "cpu" and h * t <= DENSE_MAX_COLUMNS else "grouped"  # h*t = kv*g*t
+        kernel = auto_uses_kernel(d, h, t, *dtypes) and _kernel_chosen(q.shape, kv, s, mask.shape[0], dtypes[0], xla,
+                                                                       chunk, scale)
+        formulation = "kernel" if kernel else xla
     sc = _scale(d, scale)
     if formulation == "kernel":
         return _kernel_attention(*args[:5], mask.astype(bool), sc)
@@ -188,6 +189,28 @@ def auto_uses_kernel(head_dim: int, heads: int, query_tokens: int, *dtypes) -> b
     operands of these dtypes (the rule in the module docstring), when traced now (`cpu_kernels.enabled()`)."""
     return (jax.default_backend() == "cpu" and heads * query_tokens <= KERNEL_MAX_COLUMNS
             and cpu_kernels.supports(head_dim, *dtypes) and cpu_kernels.available())
+
+
+def _kernel_chosen(q_shape: tuple, kv: int, slots: int, mask_rows: int, dtype, xla: str, chunk: int,
+                   scale: float | None) -> bool:
+    """Whether the kernel runs this block in the current kernel mode (kernel_choice.py): in mode auto, whether it
+    was measured faster than the `xla` formulation on operands of these shapes, with a half-filled cache."""
+    b, t, h, d = q_shape
+    key = f"attention q{list(q_shape)} kv{kv} slots{slots} {jnp.dtype(dtype).name}"
+
+    def timings() -> dict:
+        keys = jax.random.split(jax.random.key(0), 5)
+        q = jax.random.normal(keys[0], q_shape, dtype)
+        k, v = (jax.random.normal(keys[i], (b, t, kv, d), dtype) for i in (1, 2))
+        ck, cv = (jax.random.normal(keys[i], (b, slots, kv, d), dtype) for i in (3, 4))
+        cols = jnp.arange(slots + t)
+        mask = (cols[None] < slots // 2) | ((cols[None] >= slots) & (cols[None] - slots <= jnp.arange(t)[:, None]))
+        mask = jnp.broadcast_to(mask, (mask_rows, t, slots + t))
+        fast, plain = (jax.jit(functools.partial(cached_attention, formulation=f, chunk=chunk, scale=scale))
+                       for f in ("kernel", xla))
+        return kernel_choice.measure(lambda: fast(q, k, v, ck, cv, mask), lambda: plain(q, k, v, ck, cv, mask))
+
+    return kernel_choice.use_kernel(key, cpu_kernels.build_key(), timings)
 
 
 def _attention(q: Array, k: Array, v: Array, cache_k: Array, cache_v: Array, mask: Array, sc: float,

@@ -24,8 +24,10 @@ the flags, the jaxlib version and this CPU's feature flags, so a later process o
 cache root it is built in a temporary directory each process. If there is no compiler or the build fails,
 `available()` is False after one warning and every caller keeps plain XLA.
 
-`TIDAR_JAX_CPU_KERNELS=off` turns the kernels off (for A/B timing or to rule them out while debugging). It is read
-when a program is traced: set it before the first forward.
+Which shapes run on a kernel: `$TIDAR_JAX_CPU_KERNELS` = `auto` (the default: each shape a kernel takes runs on it
+only where it was measured faster than XLA's op on this machine; kernel_choice.py), `on` (every shape a kernel
+takes) or `off` (plain XLA, e.g. for A/B timing or to rule the kernels out while debugging). It is read when a
+program is traced: set it before the first forward.
 """
 
 from __future__ import annotations
@@ -49,8 +51,9 @@ import jaxlib
 import numpy as np
 
 from tidar_jax import caches
+from tidar_jax.ops import kernel_choice
 
-ENV = "TIDAR_JAX_CPU_KERNELS"
+ENV = kernel_choice.ENV
 SOURCES = tuple(Path(__file__).parent / "cpu" / name
                 for name in ("cached_attention.cc", "gemv.cc", "gemm.cc", "matmul_nt.cc"))
 HEADERS = tuple(Path(__file__).parent / "cpu" / name for name in ("product.h", "vector.h", "work.h"))
@@ -80,7 +83,7 @@ _SUSPENDED = contextvars.ContextVar("tidar_jax_cpu_kernels_suspended", default=F
 
 def enabled() -> bool:
     """False when `$TIDAR_JAX_CPU_KERNELS` is "off" (or "0" / "false") or inside `suspended()`."""
-    return not _SUSPENDED.get() and os.environ.get(ENV, "on").strip().lower() not in ("off", "0", "false")
+    return not _SUSPENDED.get() and kernel_choice.mode() != "off"
 
 
 @contextlib.contextmanager
@@ -108,12 +111,18 @@ def _compiler() -> list[str]:
     return shlex.split(os.environ.get("CXX", "g++"))
 
 
+@functools.cache
+def build_key() -> str:
+    """What a built library is valid for: the sources, the compiler and flags, jaxlib and this CPU's model and
+    feature flags (16 hex digits). Measured kernel choices (kernel_choice.py) are keyed on it too."""
+    code = b"\0".join(p.read_bytes() for p in SOURCES + HEADERS)
+    return hashlib.sha256(b"\0".join([code, " ".join(_compiler() + list(FLAGS)).encode(),
+                                      jaxlib.__version__.encode(), _cpu_signature().encode()])).hexdigest()[:16]
+
+
 def _build(out_dir: Path) -> Path:
     """Compiles SOURCES into one library in out_dir (atomically: other processes may build it at once); returns it."""
-    code = b"\0".join(p.read_bytes() for p in SOURCES + HEADERS)
-    key = hashlib.sha256(b"\0".join([code, " ".join(_compiler() + list(FLAGS)).encode(),
-                                     jaxlib.__version__.encode(), _cpu_signature().encode()])).hexdigest()[:16]
-    library = out_dir / f"tidar_cpu_kernels-{key}.so"
+    library = out_dir / f"tidar_cpu_kernels-{build_key()}.so"
     if library.exists():
         return library
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -174,26 +183,44 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Arra
     return call(q, k, v, cache_k, cache_v, mask, scale=np.float32(scale))
 
 
-def product_kernel(rows: int, columns: int, *dtypes):
-    """The kernel that computes x [rows, K] @ w [K, columns] in these dtypes (one of DTYPES, all alike): `gemv`
-    for 1 to GEMV_MAX_ROWS rows, `gemm` for up to GEMM_MAX_ROWS rows, else None (XLA's dot). Needs
-    `available()` to run."""
+def product_kernel(rows: int, inner: int, columns: int, *dtypes):
+    """The kernel that runs x [rows, inner] @ w [inner, columns] in these dtypes (one of DTYPES, all alike) when it
+    is available and the kernel mode lets it (`kernel_choice.use_kernel`): `gemv` for 1 to GEMV_MAX_ROWS rows,
+    `gemm` for up to GEMM_MAX_ROWS rows; else None (XLA's dot)."""
     if not _one_kernel_dtype(dtypes):
         return None
     if 1 <= rows <= GEMV_MAX_ROWS and columns % 16 == 0 and columns <= GEMV_MAX_COLUMNS:
-        return gemv
-    if GEMV_MAX_ROWS < rows <= GEMM_MAX_ROWS and columns % 32 == 0:
-        return gemm
-    return None
+        kernel = gemv
+    elif GEMV_MAX_ROWS < rows <= GEMM_MAX_ROWS and columns % 32 == 0:
+        kernel = gemm
+    else:
+        return None
+    return kernel if _chosen(kernel, _xla_dot, (rows, inner), (inner, columns), dtypes[0]) else None
 
 
-def transposed_product_kernel(rows: int, inner: int, *dtypes):
-    """The kernel that computes x [rows, inner] @ w.T for w [V, inner] in these dtypes (one of DTYPES, all alike):
-    `matmul_nt` for 1 to MATMUL_NT_MAX_ROWS rows and inner % 32 == 0, else None (XLA's dot). Needs `available()`
-    to run."""
+def transposed_product_kernel(rows: int, inner: int, columns: int, *dtypes):
+    """The kernel that runs x [rows, inner] @ w.T for w [columns, inner] in these dtypes (one of DTYPES, all
+    alike): `matmul_nt` for 1 to MATMUL_NT_MAX_ROWS rows and inner % 32 == 0, when it is available and the kernel
+    mode lets it; else None (XLA's dot)."""
     if _one_kernel_dtype(dtypes) and 1 <= rows <= MATMUL_NT_MAX_ROWS and inner % 32 == 0:
-        return matmul_nt
+        return matmul_nt if _chosen(matmul_nt, _xla_dot_nt, (rows, inner), (columns, inner), dtypes[0]) else None
     return None
+
+
+def _chosen(kernel, reference, x_shape: tuple, w_shape: tuple, dtype) -> bool:
+    """Whether `kernel` runs this product (it is available, and measured faster than `reference` in mode auto)."""
+    if not available():
+        return False
+    name = {gemv: "gemv", gemm: "gemm", matmul_nt: "matmul_nt"}[kernel]
+    key = f"{name} x{list(x_shape)} w{list(w_shape)} {jnp.dtype(dtype).name}"
+
+    def timings() -> dict:
+        x = jax.random.normal(jax.random.key(0), x_shape, dtype)
+        w = jax.random.normal(jax.random.key(1), w_shape, dtype)
+        fast, plain = jax.jit(kernel), jax.jit(reference)
+        return kernel_choice.measure(lambda: fast(x, w), lambda: plain(x, w))
+
+    return kernel_choice.use_kernel(key, build_key(), timings)
 
 
 def _xla_dot(x, w):
