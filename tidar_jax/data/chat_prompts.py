@@ -50,12 +50,20 @@ TOPICS = (
 _HELDOUT_EVERY = 6  # every 6th topic is held out
 
 
+def _topics(held: bool) -> list[str]:
+    return [t for i, t in enumerate(TOPICS) if (i % _HELDOUT_EVERY == _HELDOUT_EVERY - 1) == held]
+
+
+def training_topics() -> list[str]:
+    """The topics of the "train" split (no held-out topic), in TOPICS order."""
+    return _topics(False)
+
+
 def chat_prompts(split: str, seed: int = 0) -> list[str]:
     """All template x topic requests of `split` ("train" or "heldout"), in a seeded shuffled order."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
-    held = split == "heldout"
-    topics = [t for i, t in enumerate(TOPICS) if (i % _HELDOUT_EVERY == _HELDOUT_EVERY - 1) == held]
+    topics = _topics(split == "heldout")
     prompts = [template.format(t=topic) for topic in topics for template in TEMPLATES]
     random.Random(seed).shuffle(prompts)
     return prompts
