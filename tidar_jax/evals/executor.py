@@ -1,28 +1,26 @@
-"""Runs model-written programs in separate, limited processes; never in the evaluator's own process.
+"""Runs model-written HumanEval completions so that their verdict cannot be forged and their code cannot reach out.
 
-Each program gets a fresh `python -I -B` (isolated: no PYTHON* variables, no user site, no script directory on
-sys.path, no bytecode written) started through `_sandbox_runner.py` in its own temporary working directory, which is
-deleted afterwards. Limits:
-- wall clock: the whole process group is SIGKILLed after `timeout` seconds (status "timeout");
-- CPU seconds (RLIMIT_CPU = ceil(timeout) + 1), address space (RLIMIT_AS, `memory_mb`), largest written file
-  (RLIMIT_FSIZE, `max_output_mb`, which also bounds what stdout / stderr can fill), no core dumps;
-- no network: inside `unshare -n` (an empty network namespace, loopback down) when this machine allows it (root,
-  or unprivileged user namespaces through `unshare -r -n`), and in any case an audit hook in the child refuses
-  every socket operation, new processes, signals to other processes, ctypes, and writes outside its directory;
-- a minimal environment (PATH, LANG, HOME / TMPDIR = the sandbox directory, one thread for numeric libraries).
+For each (problem, completion), `run_problem` starts a fresh trusted judge process (sandbox_judge.py), which runs
+the problem's own test code and calls the completion's entry point in a sandboxed runner (_sandbox_runner.py)
+through a proxy that passes only plain builtin values (sandbox_codec.py). Nothing the model's code does decides the
+verdict: it passes only when the problem's `check(candidate)` returns in the judge. The runner is isolated by the
+operating system (sandbox_isolation.py: bubblewrap; an unprivileged user, a read-only mount view with a private
+/tmp, its own PID and network namespaces, no new privileges), and limited in wall clock (`timeout` for the whole
+program, optionally `call_timeout` per call), CPU seconds, address space, size of any file written (its printed
+output included) and number of processes. Without a working sandbox nothing runs (SandboxUnavailable) unless the
+caller passes `sandbox_isolation.choose(allow_unsafe=True)` as `isolation`.
 
-A program passes when it exits 0 after running to its end: the runner writes a per-run nonce (sent over stdin)
-to a result file only then, so `sys.exit()` and `os._exit(0)` part-way both count as failures.
+The judge itself is killed `GRACE_S` after `timeout` (status "timeout"), together with everything it started; each
+run's temporary directory is deleted afterwards.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import json
 import math
 import os
-import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -31,75 +29,43 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-RUNNER = Path(__file__).with_name("_sandbox_runner.py")
+from tidar_jax.evals import sandbox_isolation
+from tidar_jax.evals.sandbox_isolation import Isolation
+
+JUDGE = Path(__file__).with_name("sandbox_judge.py")
 DEFAULT_TIMEOUT_S = 10.0
 DEFAULT_MEMORY_MB = 2048
 DEFAULT_MAX_OUTPUT_MB = 16
-_TAIL = 2000  # characters of stdout / stderr kept in a result
+GRACE_S = 5.0  # the judge's own start and the test code's work between calls, beyond `timeout`
+_TAIL = 2000  # characters of the program's output kept in a result
+_FIELDS = ("task_id", "prompt", "entry_point", "test")
 
 
 @dataclasses.dataclass
 class ExecutionResult:
-    """status: "passed" | "failed" (raised, exited early or non-zero) | "timeout" (killed at the wall-clock limit);
-    returncode: the child's exit status (negative = killed by that signal; None when killed at the timeout);
-    stdout / stderr: their last characters; duration_s: wall-clock seconds."""
+    """status: "passed" (the problem's check returned) | "failed" | "timeout"; detail: why, decided by the trusted
+    judge (empty when passed); duration_s: wall-clock seconds; output: the last characters the program printed
+    (stdout and stderr together; written by the model's code, so for diagnosis only)."""
 
     status: str
-    returncode: int | None
+    detail: str
     duration_s: float
-    stdout: str = ""
-    stderr: str = ""
+    output: str = ""
 
     @property
     def passed(self) -> bool:
         return self.status == "passed"
 
 
-_NETWORK_PREFIX: list[str] | None = None
+def _check_job(problem: dict, completion: str) -> None:
+    for field in _FIELDS:
+        if type(problem.get(field)) is not str:
+            raise ValueError(f"problem {problem.get('task_id', '?')!r}: {field} must be a string")
+    if type(completion) is not str:
+        raise ValueError(f"the completion of {problem['task_id']} must be a string, got {type(completion).__name__}")
 
 
-def network_isolation() -> list[str]:
-    """The command prefix that runs a child without network: ["unshare", "-n"], ["unshare", "-r", "-n"] or []
-    (then only the child's audit hook blocks sockets). Probed once per process."""
-    global _NETWORK_PREFIX
-    if _NETWORK_PREFIX is None:
-        _NETWORK_PREFIX = []
-        unshare = shutil.which("unshare")
-        if unshare and sys.platform.startswith("linux"):
-            for prefix in ([unshare, "-n"], [unshare, "-r", "-n"]):
-                try:
-                    probe = subprocess.run([*prefix, sys.executable, "-I", "-c", "pass"], stdin=subprocess.DEVNULL,
-                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)
-                except (OSError, subprocess.SubprocessError):
-                    continue
-                if probe.returncode == 0:
-                    _NETWORK_PREFIX = prefix
-                    break
-    return list(_NETWORK_PREFIX)
-
-
-def describe_isolation() -> str:
-    prefix = network_isolation()
-    return " ".join(["unshare"] + prefix[1:]) if prefix else "audit hook only (unshare unavailable)"
-
-
-def _child_env(sandbox: str) -> dict[str, str]:
-    # (python -I ignores PYTHON* variables, so none are set here)
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
-           "HOME": sandbox, "TMPDIR": sandbox}
-    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        env[name] = "1"
-    return env
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _tail(path: Path) -> str:
+def _tail(path: str) -> str:
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
@@ -109,66 +75,73 @@ def _tail(path: Path) -> str:
         return ""
 
 
-def run_program(source: str, timeout: float = DEFAULT_TIMEOUT_S, memory_mb: int = DEFAULT_MEMORY_MB,
-                max_output_mb: int = DEFAULT_MAX_OUTPUT_MB) -> ExecutionResult:
-    """Runs the Python `source` in a sandboxed child process (see the module docstring) and reports the outcome."""
-    if timeout <= 0:
-        raise ValueError(f"timeout must be positive, got {timeout}")
-    with tempfile.TemporaryDirectory(prefix="tidar-exec-") as sandbox:
-        sandbox = os.path.realpath(sandbox)
-        root = Path(sandbox)
-        (root / "program.py").write_text(source, encoding="utf-8")
-        nonce = secrets.token_hex(16)
-        cmd = [*network_isolation(), sys.executable, "-I", "-B", str(RUNNER), "program.py", "result",
-               str(memory_mb * 2**20), str(math.ceil(timeout) + 1), str(max_output_mb * 2**20)]
+def _verdict(stdout: bytes, stderr: bytes) -> tuple[str, str]:
+    try:
+        verdict = json.loads(stdout)
+        if verdict["status"] in ("passed", "failed", "timeout") and isinstance(verdict["detail"], str):
+            return verdict["status"], verdict["detail"]
+    except (ValueError, TypeError, KeyError):
+        pass
+    last = (stderr.decode("utf-8", "replace").strip().splitlines() or ["no verdict"])[-1]
+    return "failed", f"the judge gave no verdict: {last}"
+
+
+def run_problem(problem: dict, completion: str, timeout: float = DEFAULT_TIMEOUT_S,
+                memory_mb: int = DEFAULT_MEMORY_MB, max_output_mb: int = DEFAULT_MAX_OUTPUT_MB,
+                call_timeout: float | None = None, isolation: Isolation | None = None) -> ExecutionResult:
+    """Executes `completion` for `problem` (a HumanEval dict: task_id, prompt, entry_point, test) as the module
+    docstring says, with `isolation` (default `sandbox_isolation.choose()`, which refuses without a sandbox)."""
+    if not timeout > 0 or (call_timeout is not None and not call_timeout > 0):
+        raise ValueError(f"timeouts must be positive, got {timeout} and {call_timeout}")
+    _check_job(problem, completion)
+    isolation = isolation or sandbox_isolation.choose()
+    with tempfile.TemporaryDirectory(prefix="tidar-exec-") as work:
+        output = os.path.join(work, "output")
+        argv = [sys.executable, "-I", "-B", "-u", isolation.runner(), problem["entry_point"], str(memory_mb * 2**20),
+                str(math.ceil(timeout) + 1), str(max_output_mb * 2**20), str(isolation.max_processes)]
+        job = {**{k: problem[k] for k in ("prompt", "entry_point", "test")}, "completion": completion,
+               "timeout": timeout, "call_timeout": call_timeout, "command": isolation.command(argv),
+               "env": isolation.env(work), "cwd": work, "output": output, "reap": isolation.name != "none"}
         start = time.perf_counter()
-        with open(root / "stdout", "wb") as out, open(root / "stderr", "wb") as err:
-            proc = subprocess.Popen(cmd, cwd=sandbox, env=_child_env(sandbox), stdin=subprocess.PIPE, stdout=out,
-                                    stderr=err, start_new_session=True, close_fds=True)
-            try:
-                try:
-                    proc.stdin.write((nonce + "\n").encode())
-                    proc.stdin.close()
-                except BrokenPipeError:
-                    pass
-                try:
-                    returncode = proc.wait(timeout=timeout)
-                    status = None
-                except subprocess.TimeoutExpired:
-                    _kill_group(proc)
-                    proc.wait()
-                    returncode, status = None, "timeout"
-            finally:
-                _kill_group(proc)  # anything the program left behind in its group
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-        duration = time.perf_counter() - start
-        if status is None:
-            try:
-                wrote = (root / "result").read_text() == nonce
-            except OSError:
-                wrote = False
-            status = "passed" if returncode == 0 and wrote else "failed"
-        return ExecutionResult(status=status, returncode=returncode, duration_s=duration,
-                               stdout=_tail(root / "stdout"), stderr=_tail(root / "stderr"))
+        judge = subprocess.Popen([sys.executable, "-I", "-B", str(JUDGE)], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=work, env=isolation.env(work),
+                                 start_new_session=True)
+        try:
+            stdout, stderr = judge.communicate(json.dumps(job).encode(), timeout=timeout + GRACE_S)
+            status, detail = _verdict(stdout, stderr)
+        except subprocess.TimeoutExpired:
+            status, detail = "timeout", f"the test code was still running {timeout + GRACE_S:g} s after it started"
+        finally:
+            try:  # the judge and whatever it started (bwrap takes its whole sandbox with it)
+                os.killpg(judge.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            judge.wait()
+        return ExecutionResult(status, detail, time.perf_counter() - start, _tail(output))
 
 
-def run_programs(sources: Sequence[str], timeout: float = DEFAULT_TIMEOUT_S, workers: int | None = None,
-                 memory_mb: int = DEFAULT_MEMORY_MB, on_done: Callable[[int, ExecutionResult], None] | None = None
-                 ) -> list[ExecutionResult]:
-    """`run_program` on each source, `workers` child processes at a time (default: min(4, CPUs)); results in input
+def run_problems(jobs: Sequence[tuple[dict, str]], timeout: float = DEFAULT_TIMEOUT_S, workers: int | None = None,
+                 memory_mb: int = DEFAULT_MEMORY_MB, isolation: Isolation | None = None,
+                 on_done: Callable[[int, ExecutionResult], None] | None = None) -> list[ExecutionResult]:
+    """`run_problem` on each (problem, completion), `workers` at a time (default: min(4, CPUs)); results in input
     order. `on_done(index, result)` is called as each finishes (e.g. to advance a progress bar)."""
     workers = workers or min(4, os.cpu_count() or 1)
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    network_isolation()  # probe once, before the threads start
-    results: list[ExecutionResult | None] = [None] * len(sources)
+    for problem, completion in jobs:
+        _check_job(problem, completion)
+    isolation = isolation or sandbox_isolation.choose()  # probed (or refused) before any thread starts
+    results: list[ExecutionResult | None] = [None] * len(jobs)
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {pool.submit(run_program, s, timeout, memory_mb): i for i, s in enumerate(sources)}
-        for future in concurrent.futures.as_completed(futures):
-            i = futures[future]
-            results[i] = future.result()
-            if on_done is not None:
-                on_done(i, results[i])
+        futures = {pool.submit(run_problem, p, c, timeout, memory_mb, isolation=isolation): i
+                   for i, (p, c) in enumerate(jobs)}
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                i = futures[future]
+                results[i] = future.result()
+                if on_done is not None:
+                    on_done(i, results[i])
+        except BaseException:  # Ctrl-C: what runs ends within its timeout, what waits never starts
+            pool.shutdown(cancel_futures=True)
+            raise
     return results  # type: ignore[return-value]
