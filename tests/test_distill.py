@@ -67,3 +67,53 @@ def test_distill_cli_rejects_bad_input(base, capsys):
     assert e.value.code == 2 and "nothing to generate" in capsys.readouterr().err
     assert distill_main(["--checkpoint", str(base / "missing"), "--out", str(base / "y.jsonl")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # Unusable outputs are refused before the model loads (they failed with a traceback at the first write).
+    assert distill_main(["--checkpoint", str(base / "base"), "--out", str(base), "--chat", "1"]) == 2
+    assert "is not a regular file" in capsys.readouterr().err
+    assert distill_main(["--checkpoint", str(base / "base"), "--out", "/proc/nope/x.jsonl", "--chat", "1"]) == 2
+    assert "cannot lock /proc/nope/x.jsonl" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_distill_cli_refuses_a_non_finite_temperature(base, capsys, value):
+    """The sweep's D5: --temperature nan wrote ids past the vocabulary into the training data, and exited 0."""
+    out = base / f"t_{value}.jsonl"
+    with pytest.raises(SystemExit) as e:
+        distill_main(["--checkpoint", str(base / "base"), "--out", str(out), "--temperature", value])
+    assert e.value.code == 2 and "--temperature must be a finite number >= 0" in capsys.readouterr().err
+    spec = DistillSpec(checkpoint=str(base / "base"), chat=1, corpus_prompts=0, temperature=float(value))
+    with pytest.raises(ValueError, match="temperature"):  # the library refuses it too, before writing anything
+        distill(spec, out, progress=False)
+    assert not out.exists() and not out.with_name(out.name + ".meta.json").exists()
+
+
+def test_distill_resumes_only_its_own_intact_file(base, capsys):
+    """D9: an existing OUT without OUT.meta.json (garbage here) used to be resumed, its garbage line counted as a
+    finished prompt; D13: a corrupt line mid-file was kept. Both are refused naming the file (and the line), the
+    files untouched; a last line cut by a crash is still dropped and regenerated (D12), giving the same file."""
+    foreign = base / "foreign.jsonl"
+    foreign.write_text("garbage not json\n")
+    spec = DistillSpec(checkpoint=str(base / "base"), chat=3, corpus_prompts=2, prompt_tokens=8, max_new_tokens=6,
+                       batch_size=2)
+    with pytest.raises(ConfigError, match=f"{foreign} exists but has no foreign.jsonl.meta.json"):
+        distill(spec, foreign, progress=False)
+    assert distill_main(["--checkpoint", str(base / "base"), "--out", str(foreign), "--chat", "3",
+                         "--corpus-prompts", "2", "--no-progress"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert foreign.read_text() == "garbage not json\n" and not (base / "foreign.jsonl.meta.json").exists()
+
+    out = base / "own.jsonl"
+    distill(spec, out, progress=False)
+    whole = out.read_bytes()
+    lines = whole.splitlines(keepends=True)
+    assert len(lines) == 5
+    out.write_bytes(b"".join(lines[:3]) + lines[3][:len(lines[3]) // 2])  # killed while writing line 4
+    distill(spec, out, progress=False)
+    assert out.read_bytes() == whole
+    for number, bad in [(2, b'{"ids": [1, 2\n'), (1, b'{"ids": [1, 2], "source": "chat"}\n'),
+                        (4, b'{"ids": [-3], "source": "chat", "prompt_tokens": 1}\n')]:
+        damaged = b"".join(lines[:number - 1]) + bad + b"".join(lines[number:])
+        out.write_bytes(damaged)
+        with pytest.raises(ConfigError, match=f"{out} line {number} is damaged"):
+            distill(spec, out, progress=False)
+        assert out.read_bytes() == damaged

@@ -15,8 +15,9 @@ TV_THRESHOLD = 0.01
 
 
 def _numpy_process(logits, temperature, top_k, top_p):
-    """Reference: temperature, keep the top_k largest, then the smallest prefix (by probability) of mass >= top_p."""
-    x = logits / temperature
+    """Reference: temperature, keep the top_k largest, then the smallest prefix (by probability) of mass >= top_p.
+    The logits are shifted by their max first, as `process_logits` documents (softmax is shift-invariant)."""
+    x = (logits - logits.max()) / temperature
     order = np.argsort(-x, kind="stable")
     if top_k > 0:
         order = order[:top_k]
@@ -213,7 +214,8 @@ def test_sample_is_exact_at_a_151936_token_vocabulary_where_a_float32_cdf_is_not
 def test_process_logits_skips_the_sort_when_no_filter_is_on():
     logits = jnp.asarray(np.random.default_rng(5).normal(size=(3, 64)), jnp.float32)
     off = SamplingParams.create(temperature=0.7)
-    np.testing.assert_array_equal(jax.jit(sampling.process_logits)(logits, off), logits / jnp.float32(0.7))
+    np.testing.assert_array_equal(jax.jit(sampling.process_logits)(logits, off),
+                                  (logits - logits.max(-1, keepdims=True)) / jnp.float32(0.7))
     jaxpr = jax.make_jaxpr(sampling.process_logits)(logits, off).jaxpr
     top_level = {eqn.primitive.name for eqn in jaxpr.eqns}
     assert "cond" in top_level and "sort" not in top_level  # the sort runs only in the filtering branch
@@ -230,3 +232,103 @@ def test_top_p_one_keeps_all_mass():
     probs = jax.nn.softmax(-jnp.sort(-jnp.asarray(logits)), axis=-1)
     mass_before = np.asarray(jnp.cumsum(probs, axis=-1) - probs)
     assert np.sum(mass_before >= 1.0) > 0  # the old rule would have dropped these tokens
+
+
+# ----- knobs are checked where they enter, and a draw never returns a non-token ---------------------------------------
+
+BAD_KNOBS = [("temperature", float("nan")), ("temperature", float("inf")), ("temperature", 1e39),
+             ("temperature", -0.5), ("temperature", "0.7"), ("top_p", float("nan")), ("top_p", 0.0), ("top_p", 1.5),
+             ("top_k", -1), ("top_k", 2.5), ("top_k", True), ("beta", float("nan")), ("beta", 1.5)]
+
+
+@pytest.mark.parametrize("name,value", BAD_KNOBS)
+def test_sampling_params_refuse_bad_knobs_by_name(name, value):
+    with pytest.raises(ValueError, match=name):
+        SamplingParams.create(**{name: value})
+
+
+def _allowed(vocab, token_limit, reserved):
+    """Reference: the ids a draw may return, as a NumPy bool mask."""
+    allowed = np.arange(vocab) < token_limit
+    allowed[list(reserved)] = False
+    return allowed
+
+
+# Temperatures from float32's smallest denormal (flushed to 0 on some devices) to its largest finite value.
+EXTREME_KNOBS = [{"temperature": t} for t in (1.4e-45, 1e-30, 1.0, 1e30, float(np.finfo(np.float32).max))] + [
+    {"temperature": 2.0, "top_k": 5}, {"temperature": 1e30, "top_k": 40}, {"temperature": 1.5, "top_p": 0.5},
+    {"temperature": 1e30, "top_p": 0.99}]
+
+
+@pytest.mark.parametrize("knobs", EXTREME_KNOBS)
+def test_distribution_gives_non_tokens_zero_mass_at_every_accepted_knob(knobs):
+    """Non-tokens (ids past the tokenizer, the mask, the pad) carry the largest logits here, and the mask the finite
+    -1e30 that decode.py gives it: the distribution is finite, sums to 1 and gives all of them exactly 0; draws on
+    uniforms at the ends of (0, 1] land on allowed ids only."""
+    vocab, token_limit, reserved = 96, 80, (1, 2)
+    rng = np.random.default_rng(6)
+    logits = rng.normal(size=(4, vocab)).astype(np.float32)
+    logits[:, token_limit:] = 30.0
+    logits[:, 2] = 40.0
+    logits[:, 1] = -1e30
+    params = SamplingParams.create(**knobs, token_limit=token_limit, reserved=reserved)
+    probs = np.asarray(jax.jit(sampling.distribution)(jnp.asarray(logits), params))
+    allowed = _allowed(vocab, token_limit, reserved)
+    assert np.all(np.isfinite(probs)) and np.allclose(probs.sum(-1), 1.0, atol=1e-5)
+    assert np.all(probs[:, ~allowed] == 0)
+    ends = np.array([[a, b] for a in (2.0 ** -23, 0.5, 1.0) for b in (2.0 ** -23, 0.5, 1.0)], np.float32)
+    u = np.concatenate([ends, np.asarray(sampling.uniforms(jax.random.key(0), (55, 2)))])
+    drawn = np.asarray(jax.jit(jax.vmap(sampling.sample, in_axes=(None, 0)))(jnp.asarray(probs[0]), jnp.asarray(u)))
+    assert allowed[drawn].all()
+
+
+def test_sample_of_nan_probabilities_stays_inside_the_vocabulary():
+    """NaN probabilities (the logits of NaN weights) have no right answer, but never an id past V: the last
+    chunk's zero padding used to be picked (id 528 at V = 512)."""
+    vocab = 512
+    drawn = jax.jit(sampling.sample)(jnp.full((3, vocab), jnp.nan), sampling.uniforms(jax.random.key(1), (3, 2)))
+    assert np.all((0 <= np.asarray(drawn)) & (np.asarray(drawn) < vocab))
+
+
+@pytest.fixture(scope="module")
+def padded_generator(tiny_config):
+    """A random tiny model whose embedding has 64 rows past its 512-token tokenizer (as an import pads SmolLM2's
+    49154 ids to 49216 rows), and that tokenizer's ids minus the mask and pad: the allowed outputs."""
+    from flax import nnx
+
+    from tidar_jax.config import replace
+    from tidar_jax.data.pipeline import load_or_train_tokenizer
+    from tidar_jax.decoding.generation import Generator
+    from tidar_jax.model.transformer import create_model
+
+    tokenizer = load_or_train_tokenizer(tiny_config)
+    cfg = replace(tiny_config, model={"vocab_size": tokenizer.vocab_size + 64})
+    graphdef, params = nnx.split(create_model(cfg.model, seed=4))
+    generator = Generator(graphdef, params, cfg.model, cfg.decode, tokenizer_size=tokenizer.vocab_size)
+    ids = set(tokenizer.hf_tokenizer.get_vocab(with_added_tokens=True).values())
+    return generator, ids - {cfg.model.mask_token_id, cfg.model.pad_token_id}
+
+
+@pytest.mark.parametrize("mode", ["ar", "tidar"])
+def test_generation_never_emits_a_non_token(padded_generator, mode):
+    """Greedy, tiny and huge temperatures, top-k and top-p, AR and TiDAR: every generated id is one of the
+    tokenizer's ids other than the mask and the pad (a random model spreads its mass over all 576 rows, so the
+    64 padding rows and the pad would be drawn about 11% of the time without the filter)."""
+    generator, allowed = padded_generator
+    rng = np.random.default_rng(7)
+    pool = sorted(allowed)
+    prompts = [[pool[i] for i in rng.integers(0, len(pool), size=n)] for n in (3, 5, 8, 4, 6, 7, 2, 9)]
+    for knobs in [{"temperature": 0.0}] + EXTREME_KNOBS[::2] + EXTREME_KNOBS[5:]:
+        result = generator.generate(prompts, mode, 24, seed=3, **knobs)
+        emitted = {t for row in result.tokens for t in row}
+        assert emitted <= allowed, (knobs, sorted(emitted - allowed))
+        assert sum(map(len, result.tokens)) > 8 * 4  # rows ran, not all stopped at once
+
+
+@pytest.mark.parametrize("name,value", [(n, v) for n, v in BAD_KNOBS if n != "beta"] + [("beta", float("nan"))])
+def test_generator_refuses_bad_knobs_and_prompts_past_the_tokenizer(padded_generator, name, value):
+    generator, allowed = padded_generator
+    with pytest.raises(ValueError, match=name):
+        generator.generate([[5, 6, 7]], "tidar", 4, **{name: value})
+    with pytest.raises(ValueError, match=r"outside the tokenizer's ids \[0, 512\)"):
+        generator.generate([[5, max(allowed) + 1]], "ar", 4)

@@ -8,7 +8,8 @@ with `data.corpus=files "data.paths=[OUT]"` (token ids are used as they are, cha
 prompts come from the project's own train-topic prompt set (held-out topics stay unseen), rendered with the
 checkpoint's chat template; corpus prompts are the first --prompt-tokens tokens of train-split documents. Decoding
 is our batched, jitted AR loop. Re-running the same command resumes after the last complete line; other settings
-for an existing OUT are refused.
+for an existing OUT are refused, as are an OUT that train.distill did not write (no OUT.meta.json), one with a damaged
+line before its last, and a second process writing the same OUT (OUT.lock).
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("prompt_tokens", "max_new_tokens", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.temperature < 0:
-        parser.error("--temperature must be >= 0")
+    if not 0 <= args.temperature < float("inf"):  # NaN fails this too
+        parser.error(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if args.chat + args.corpus_prompts == 0:
         parser.error("nothing to generate: --chat and --corpus-prompts are both 0")
     return args

@@ -74,7 +74,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _require_fresh(path: Path) -> None:
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    """Refuses an existing PATH unless it is a directory holding nothing (but our own lock file)."""
+    from tidar_jax.workdir_lock import LOCK_NAME
+
+    if path.exists() and (not path.is_dir() or any(p.name != LOCK_NAME for p in path.iterdir())):
         raise FileExistsError(f"{path} already exists; refusing to overwrite it (choose a new directory)")
 
 
@@ -92,11 +95,21 @@ def _run_config(model_cfg):
 
 
 def run_import(args: argparse.Namespace) -> Path:
+    """Imports args.path into the new workdir args.out, holding its lock (`workdir_lock`) throughout: a second
+    import (or a training run) on OUT is refused, naming the holder."""
+    from tidar_jax.workdir_lock import workdir_lock
+
+    out = Path(args.out)
+    created = not out.exists()
+    with workdir_lock(out):  # before the freshness check, so that a running import is named as the holder
+        _require_fresh(out)
+        return _import(args, out, created)
+
+
+def _import(args: argparse.Namespace, out: Path, created: bool) -> Path:
     from tidar_jax.checkpoint.inference import save_inference_checkpoint
     from tidar_jax.interop import hf
 
-    out = Path(args.out)
-    _require_fresh(out)
     kwargs = dict(block_size=args.block_size, param_dtype=args.dtype, compute_dtype=args.compute_dtype,
                   eos_token_id=args.eos_token_id)
     t0 = time.perf_counter()
@@ -118,7 +131,6 @@ def run_import(args: argparse.Namespace) -> Path:
         if imported.tokenizer_json is not None:
             tokenizer_file = scratch / "tokenizer.with_mask.json"
             tokenizer_file.write_text(imported.tokenizer_json)
-        created = not out.exists()
         try:
             save_inference_checkpoint(out, config, imported.params, tokenizer_file)
             _copy_extras(extras_dir, out)

@@ -31,6 +31,7 @@ from tidar_jax.checkpoint.store import (
     _steps,
     locate_checkpoint,
     read_step_config,
+    verify_step,
 )
 from tidar_jax.config import Config, ModelConfig, to_dict
 from tidar_jax.model.init import abstract_model
@@ -97,11 +98,14 @@ def load_for_inference(path: str | Path, mesh: jax.sharding.Mesh | None = None,
     disk is read from the checkpoint itself, so workdirs written before `model.scan_layers` existed load into either.
     The bundle's `config.model.scan_layers` says which layout it holds.
 
-    Raises `CheckpointError` for a missing path, no checkpoint, or unfinished / corrupt files.
+    Raises `CheckpointError` for a missing path, no checkpoint, or unfinished / corrupt files; every file of the
+    step is checked against its checksum manifest first (`verify_step`: the error names a damaged file; a step
+    saved without a manifest loads with an `UnverifiedCheckpointWarning`).
     """
     root, step, workdir = locate_checkpoint(path)
     step_dir = root / str(step)
     _check_finished(step_dir, (_STATE, _CONFIG))
+    verify_step(step_dir)
     config = read_step_config(root, step)
     with _reader(root, ocp.PyTreeCheckpointHandler()) as manager:
         saved = _state_metadata(manager, step, step_dir)
@@ -135,7 +139,7 @@ def load_for_inference(path: str | Path, mesh: jax.sharding.Mesh | None = None,
 def save_inference_checkpoint(workdir: str | Path, config: Config, params: nnx.State | dict,
                               tokenizer_file: str | Path | None = None) -> Path:
     """Writes `params` (nnx.State or its pure dict, matching `config.model` in either layer layout: they are saved in
-    `config.model.scan_layers`'s) as a params-only step-0 checkpoint
+    `config.model.scan_layers`'s) as a params-only step-0 checkpoint, with its checksum manifest,
     that `load_for_inference(workdir)` reads, and copies `tokenizer_file` to WORKDIR/tokenizer.json.
 
     Refuses (CheckpointError) if WORKDIR already holds checkpoints or a different tokenizer.json. Returns WORKDIR.

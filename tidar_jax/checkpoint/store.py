@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from tidar_jax.checkpoint.manifest import ManifestError, verify_manifest, write_manifest
 from tidar_jax.config import Config, ModelConfig, config_from_dict, to_dict
 from tidar_jax.model.transformer import resolved_config
 
@@ -158,6 +159,16 @@ def _quiet_storage_warnings():
         logger.setLevel(level)
 
 
+def verify_step(step_dir: Path) -> None:
+    """Checks the step's files against its checksum manifest (manifest.py) before anything is restored: a
+    CheckpointError naming the damaged file (and the newest intact step) if one differs; a warning if the step has
+    no manifest."""
+    try:
+        verify_manifest(step_dir)
+    except ManifestError as e:
+        raise _damaged(step_dir, f"checkpoint {step_dir} is corrupt: {e}") from None
+
+
 def _state_metadata(manager: ocp.CheckpointManager, step: int, step_dir: Path) -> Any:
     """The saved state's metadata tree (shapes and dtypes, no array data)."""
     try:
@@ -176,6 +187,11 @@ class Checkpointer:
     `keep` = how many latest steps to keep (None keeps all). With `async_save` the device-to-host copy happens in
     `save` and the write continues in the background; `wait()` blocks until it is on disk. All processes of a
     multi-host job call every method (Orbax coordinates them).
+
+    Each saved step gets its checksum manifest (manifest.py) once its files are final: at the next `save`, `wait`
+    or `close` (Orbax's `save` waits for the previous one anyway), written by process 0 alone; `restore` checks it.
+    A process killed between the end of an async save and that point leaves the step without a manifest, which
+    still restores, with a warning.
     """
 
     def __init__(self, workdir: str | Path, keep: int | None = 3, async_save: bool = True):
@@ -185,6 +201,7 @@ class Checkpointer:
                                                create=True, cleanup_tmp_directories=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_handlers=_handlers(ocp.StandardCheckpointHandler()))
+        self._unrecorded: list[int] = []  # steps this Checkpointer saved that have no manifest yet
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -202,6 +219,7 @@ class Checkpointer:
         that ran the steps (stored beside the config, read back by `read_runtime`), or None.
         """
         step = int(step)
+        self.wait()  # the previous step's files are final: record its manifest
         if step in self._manager.all_steps():
             raise CheckpointError(f"step {step} is already saved in {self.directory}; checkpoints are never "
                                   "overwritten")
@@ -213,7 +231,10 @@ class Checkpointer:
             except TypeError as e:
                 raise CheckpointError(f"data_state must be JSON-serialisable: {e}") from None
             items[_DATA] = ocp.args.JsonSave(data_state)
-        return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+        saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+        if saved:
+            self._unrecorded.append(step)
+        return saved
 
     def restore(self, abstract_train_state: Any, step: int | None = None) -> tuple[Any, dict | None, Config]:
         """Restores (train_state, data_state or None, config) of `step` (default: the latest).
@@ -230,6 +251,7 @@ class Checkpointer:
             raise CheckpointError(f"step {step} is not saved in {self.directory}; saved steps: {steps}")
         step_dir = self.directory / str(step)
         _check_finished(step_dir, (_STATE, _CONFIG))
+        verify_step(step_dir)
         saved = _state_metadata(self._manager, step, step_dir)
         _raise_mismatch(_mismatch(saved, abstract_train_state),
                         f"checkpoint {step_dir} does not match the restore target")
@@ -244,12 +266,20 @@ class Checkpointer:
         return restored[_STATE], restored[_DATA] if has_data else None, _saved_config(restored[_CONFIG])
 
     def wait(self) -> None:
-        """Blocks until every started save is complete on disk."""
+        """Blocks until every started save is complete on disk, with its checksum manifest."""
         self._manager.wait_until_finished()
+        steps, self._unrecorded = self._unrecorded, []
+        if jax.process_index() == 0:
+            for step in steps:
+                if (self.directory / str(step)).is_dir():  # keep-latest-N may have deleted it already
+                    write_manifest(self.directory / str(step))
 
     def close(self) -> None:
-        """Waits for pending saves and releases Orbax's threads."""
-        self._manager.close()
+        """Waits for pending saves (recording their manifests) and releases Orbax's threads."""
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
     def __enter__(self) -> Checkpointer:
         return self

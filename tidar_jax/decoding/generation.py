@@ -38,7 +38,7 @@ from tidar_jax.decoding import decode
 from tidar_jax.decoding.buckets import bucket_for, length_buckets
 from tidar_jax.decoding.decode import DecodeSpec, DecodeState
 from tidar_jax.decoding.program_cache import ProgramCache
-from tidar_jax.decoding.sampling import SamplingParams
+from tidar_jax.decoding.sampling import SamplingParams, checked_knobs
 from tidar_jax.model.init import abstract_model
 from tidar_jax.model.kv_cache import KVCache, init_cache
 from tidar_jax.model.layer_stacking import to_layout
@@ -113,12 +113,21 @@ class Generator:
     output capacity (`max_new_tokens`) and the layer layout (`scan_layers`: params in the other layout are
     converted once, so `self.model_cfg.scan_layers` may differ from model_cfg's); mesh: decode sharded on it
     (params are placed there by the rules table), or None: run where the params are (inputs follow them);
-    programs: the compiled-program cache (default the module-wide `PROGRAMS`).
+    programs: the compiled-program cache (default the module-wide `PROGRAMS`); tokenizer_size: the tokenizer's
+    number of ids (`Tokenizer.vocab_size`) when the embedding has rows past it (an import padded to a multiple of
+    64: SmolLM2's 49154 ids in 49216 rows), None when every row is a token.
+
+    Non-tokens: ids >= tokenizer_size, the mask id and the pad id (unless it is also the EOS id, as in imports
+    without a pad token). Prompts may not contain ids >= tokenizer_size or the mask; sampled decoding gives every
+    non-token probability 0 at any accepted knobs (`sampling.non_tokens`). Greedy decoding takes the argmax of
+    decode.py's logits, in which only the mask is suppressed so far: a model whose pad or padding rows out-score
+    every token would emit them (an import's padding rows start at the mean embedding, whose logit is the mean
+    logit, so they never do).
     """
 
     def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, model_cfg: ModelConfig, decode_cfg: DecodeConfig,
                  *, allow_block_size_mismatch: bool = False, mesh: Mesh | None = None,
-                 programs: ProgramCache | None = None):
+                 programs: ProgramCache | None = None, tokenizer_size: int | None = None):
         graphdef, params, model_cfg = in_decoding_layout(graphdef, params, model_cfg, decode_cfg.scan_layers)
         self.graphdef, self.mesh = graphdef, mesh
         params = inference_params(params, model_cfg)
@@ -127,6 +136,12 @@ class Generator:
         self.block_size = decode.resolve_block_size(model_cfg, decode_cfg, allow_block_size_mismatch)
         self.programs = PROGRAMS if programs is None else programs
         check_runtime(model_cfg, mesh.shape["tensor"] if mesh is not None else _tensor_axis_size(params))
+        if tokenizer_size is not None and not 0 < tokenizer_size <= model_cfg.vocab_size:
+            raise ValueError(f"tokenizer_size must be in [1, model.vocab_size={model_cfg.vocab_size}], got "
+                             f"{tokenizer_size}")
+        self.token_limit = model_cfg.vocab_size if tokenizer_size is None else tokenizer_size
+        # The pad id of an import without a pad token is its EOS id, which must stay possible (the mask never is).
+        self.reserved_ids = tuple(sorted({model_cfg.mask_token_id, model_cfg.pad_token_id} - {model_cfg.eos_token_id}))
         self._compile_time = 0.0
 
     # ----- input checks -------------------------------------------------------------------------------------------
@@ -145,9 +160,10 @@ class Generator:
             if len(row) + num_drafts > dec.max_cache_len:
                 raise ValueError(f"prompt {i} ({len(row)} tokens) leaves no room in the KV cache for a block of "
                                  f"{num_drafts} (decode.max_cache_len={dec.max_cache_len})")
-            bad = [t for t in row if not 0 <= t < cfg.vocab_size]
+            bad = [t for t in row if not 0 <= t < self.token_limit]
             if bad:
-                raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {cfg.vocab_size}): {bad[:5]}")
+                what = "vocabulary" if self.token_limit == cfg.vocab_size else "tokenizer's ids"
+                raise ValueError(f"prompt {i} has token ids outside the {what} [0, {self.token_limit}): {bad[:5]}")
             if cfg.mask_token_id in row:
                 raise ValueError(f"prompt {i} contains the mask token id {cfg.mask_token_id}, which is reserved for "
                                  "diffusion drafting")
@@ -180,21 +196,14 @@ class Generator:
         return PaddedBatch(prompts=padded, lengths=lengths, limits=limits, rows=len(rows))
 
     def _sampling_params(self, beta, temperature, top_k, top_p) -> tuple[SamplingParams, bool]:
-        """The per-call knobs (None = the DecodeConfig's), checked; plus whether decoding is greedy."""
+        """The per-call knobs (None = the DecodeConfig's), checked (`SamplingParams.create`: ValueError naming a
+        bad one), with this model's non-tokens; plus whether decoding is greedy."""
         dec = self.decode_cfg
-        beta = dec.beta if beta is None else float(beta)
-        temperature = dec.temperature if temperature is None else float(temperature)
-        top_k = dec.top_k if top_k is None else int(top_k)
-        top_p = dec.top_p if top_p is None else float(top_p)
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"beta must be in [0, 1], got {beta}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-        if top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        return SamplingParams.create(beta=beta, temperature=temperature, top_k=top_k, top_p=top_p), temperature == 0
+        knobs = checked_knobs(dec.beta if beta is None else beta,
+                              dec.temperature if temperature is None else temperature,
+                              dec.top_k if top_k is None else top_k, dec.top_p if top_p is None else top_p)
+        sp = SamplingParams.create(*knobs, token_limit=self.token_limit, reserved=self.reserved_ids)
+        return sp, bool(np.float32(knobs[1]) == 0)  # as the device holds it: 1e-50 is float32 0, greedy
 
     # ----- compiled programs --------------------------------------------------------------------------------------
 

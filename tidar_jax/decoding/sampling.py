@@ -5,37 +5,91 @@ Conventions: `logits` / `probs` are float32 `[batch, ..., vocab]`; a draft block
 `a` ([batch] int32, 1 <= a <= K: v_1..v_a are committed) and the next decided token `t_a` ([batch] int32), which
 becomes v_1 of the next block.
 
-Per-call knobs live in `SamplingParams` (arrays, so a new temperature never recompiles); whether decoding is greedy
-is a static choice of the caller. Randomness comes as uniforms in (0, 1] (`uniforms`); one draw from a distribution
-(`sample`) takes a pair of them (`DRAW_UNIFORMS`), so callers size their single `uniforms` call [..., 2] per draw.
+Per-call knobs live in `SamplingParams` (arrays, so a new temperature never recompiles), checked where they are
+created (`checked_knobs`), together with the ids a draw never returns (`non_tokens`: the mask, the pad, embedding
+rows past the tokenizer); whether decoding is greedy is a static choice of the caller. Randomness comes as uniforms
+in (0, 1] (`uniforms`); one draw from a distribution (`sample`) takes a pair of them (`DRAW_UNIFORMS`), so callers
+size their single `uniforms` call [..., 2] per draw.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 Array = jax.Array
 
 
+NO_TOKEN_LIMIT = 2**31 - 1  # `SamplingParams.token_limit` when every embedding row is a token
+
+
+def checked_knobs(beta: float = 1.0, temperature: float = 0.0, top_k: int = 0,
+                  top_p: float = 1.0) -> tuple[float, float, int, float]:
+    """The sampling knobs as (beta, temperature, top_k, top_p) Python numbers, or ValueError naming the first bad
+    one: beta in [0, 1]; temperature a finite float32 >= 0 (0 = greedy; NaN, inf and 1e39 refused); top_k an
+    integer >= 0 (0 = off; 2.5 refused, not truncated); top_p in (0, 1]. Every comparison fails for NaN."""
+    def number(name: str, value) -> float:
+        try:
+            if isinstance(value, (bool, str, bytes)):  # float("0.5") and float(True) would pass silently
+                raise TypeError
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a number, got {value!r}") from None
+
+    beta, temperature, top_p = number("beta", beta), number("temperature", temperature), number("top_p", top_p)
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if not 0.0 <= temperature <= float(np.finfo(np.float32).max):  # the device holds it as float32
+        raise ValueError(f"temperature must be a finite (float32) number >= 0 (0 = greedy), got {temperature}")
+    try:
+        if isinstance(top_k, bool):
+            raise TypeError
+        top_k = operator.index(top_k)  # ints, NumPy ints, integer arrays of one element; never 2.5 -> 2
+    except TypeError:
+        raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}") from None
+    if top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    return beta, temperature, top_k, top_p
+
+
 @struct.dataclass
 class SamplingParams:
     """Traced scalars. beta: weight of the AR logits in the verifier mix (1 = pure AR); temperature > 0 for
-    sampling (ignored when greedy); top_k: keep the k most likely tokens (0 = off); top_p: nucleus mass (1 = off)."""
+    sampling (ignored when greedy); top_k: keep the k most likely tokens (0 = off); top_p: nucleus mass (1 = off).
+
+    The ids a draw may never return (`non_tokens`): every id >= token_limit (embedding rows past the tokenizer,
+    e.g. SmolLM2's rows 49154..49215) and the ids in reserved ([n] int32: the mask, the pad)."""
 
     beta: Array
     temperature: Array
     top_k: Array
     top_p: Array
+    token_limit: Array
+    reserved: Array
 
     @classmethod
-    def create(cls, beta: float = 1.0, temperature: float = 0.0, top_k: int = 0,
-               top_p: float = 1.0) -> "SamplingParams":
+    def create(cls, beta: float = 1.0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, *,
+               token_limit: int = NO_TOKEN_LIMIT, reserved: tuple[int, ...] = ()) -> "SamplingParams":
+        """Checked knobs (`checked_knobs`: ValueError naming a bad one) as device scalars."""
+        beta, temperature, top_k, top_p = checked_knobs(beta, temperature, top_k, top_p)
+        if not 0 < token_limit <= NO_TOKEN_LIMIT or any(not 0 <= r < NO_TOKEN_LIMIT for r in reserved):
+            raise ValueError(f"token_limit must be >= 1 and reserved ids >= 0, got {token_limit}, {reserved}")
         return cls(beta=jnp.asarray(beta, jnp.float32), temperature=jnp.asarray(temperature, jnp.float32),
-                   top_k=jnp.asarray(top_k, jnp.int32), top_p=jnp.asarray(top_p, jnp.float32))
+                   top_k=jnp.asarray(top_k, jnp.int32), top_p=jnp.asarray(top_p, jnp.float32),
+                   token_limit=jnp.asarray(token_limit, jnp.int32), reserved=jnp.asarray(reserved, jnp.int32))
+
+
+def non_tokens(vocab: int, params: SamplingParams) -> Array:
+    """[vocab] bool: the ids no draw may return (ids >= params.token_limit, and params.reserved)."""
+    ids = jnp.arange(vocab, dtype=jnp.int32)
+    return (ids >= params.token_limit) | jnp.any(ids[:, None] == params.reserved[None, :], axis=-1)
 
 
 def mix_logits(ar_logits: Array, diff_logits: Array, beta: Array) -> Array:
@@ -45,14 +99,24 @@ def mix_logits(ar_logits: Array, diff_logits: Array, beta: Array) -> Array:
 
 
 def process_logits(logits: Array, params: SamplingParams) -> Array:
-    """Temperature, then top-k, then top-p (on the top-k renormalised distribution), HF order.
+    """Non-tokens out, then temperature, then top-k, then top-p (on the top-k renormalised distribution), HF order.
 
-    logits: [..., vocab] -> same shape, filtered entries set to -inf. Needs temperature > 0. Tokens tied with the
-    last kept logit are kept too (so top-k may keep more than k on exact ties). With top_k = 0 and top_p >= 1 the
-    logits are only scaled (a `lax.cond` skips the full-vocabulary sort), and top_p >= 1 never drops any mass (the
-    float32 running sum reaching 1.0 before the tail does not cut the tail off).
+    logits: [..., vocab] -> float32, same shape: `(logits - m) / temperature`, m the largest logit of a token, with
+    `non_tokens` and filtered entries -inf. Shifting first keeps every temperature > 0 finite: the best token is 0,
+    a tiny temperature leaves a point mass on it (no overflow to inf, whose softmax is NaN), a huge one a uniform
+    distribution over the tokens, and the non-tokens stay -inf (a finite mask logit such as decode's -1e30 divided
+    by a huge temperature would come back near 0). Temperatures below float32's smallest normal number act as it.
+    Tokens tied with the last kept logit are kept too (so top-k may keep more than k on exact ties). With top_k = 0
+    and top_p >= 1 the logits are only shifted and scaled (a `lax.cond` skips the full-vocabulary sort), and
+    top_p >= 1 never drops any mass (the float32 running sum reaching 1.0 before the tail does not cut the tail off).
     """
-    scaled = logits.astype(jnp.float32) / params.temperature
+    logits = logits.astype(jnp.float32)
+    dropped = non_tokens(logits.shape[-1], params) | (logits == -jnp.inf)
+    best = jnp.max(jnp.where(dropped, -jnp.inf, logits), axis=-1, keepdims=True)
+    temperature = jnp.maximum(params.temperature, jnp.finfo(jnp.float32).tiny)
+    # -inf goes in after the division: XLA may divide by multiplying with 1 / temperature, which is 0 for a huge
+    # temperature (flushed denormal), and -inf * 0 is NaN.
+    scaled = jnp.where(dropped, -jnp.inf, (logits - best) / temperature)
 
     def filtered(x: Array) -> Array:
         ordered = -jnp.sort(-x, axis=-1)  # descending
@@ -98,13 +162,16 @@ def chunked_probs(probs: Array) -> tuple[Array, Array]:
 def inverse_cdf(weights: Array, u: Array) -> Array:
     """One level of `sample`: weights [..., n] >= 0 (some > 0), u [...] in (0, 1] -> int32 [...]: the first index i
     with weights[i] > 0 and cdf[i] >= u * cdf[-1] (cdf = jnp.cumsum(weights)); if rounding leaves none, the last
-    index with weights > 0. XLA's cumsum is a parallel scan whose float32 result need not be monotone, so the
-    weights > 0 test, not the CDF, is what keeps zero-probability entries from ever being picked."""
+    index with weights > 0; if none is > 0 (NaN weights, from the NaN logits of broken params), index 0, never the
+    last one: `sample`'s last chunk ends in zero padding past the vocabulary. XLA's cumsum is a parallel scan whose
+    float32 result need not be monotone, so the weights > 0 test, not the CDF, is what keeps zero-probability
+    entries from ever being picked."""
     cdf = jnp.cumsum(weights, axis=-1)
     positive = weights > 0
     hit = positive & (cdf >= u[..., None] * cdf[..., -1:])
     last_positive = weights.shape[-1] - 1 - jnp.argmax(jnp.flip(positive, axis=-1), axis=-1)
-    return jnp.where(jnp.any(hit, axis=-1), jnp.argmax(hit, axis=-1), last_positive).astype(jnp.int32)
+    fallback = jnp.where(jnp.any(positive, axis=-1), last_positive, 0)
+    return jnp.where(jnp.any(hit, axis=-1), jnp.argmax(hit, axis=-1), fallback).astype(jnp.int32)
 
 
 def sample(probs: Array, u: Array) -> Array:
@@ -117,7 +184,8 @@ def sample(probs: Array, u: Array) -> Array:
     entry and a 23-bit uniform resolves 1.2e-7, so at V = 151936 the induced distribution is ~3e-3 from p in total
     variation. Here each level is a short sum whose errors are relative to its own total: ~1.5e-5 at that V
     (tests/test_sampling.py computes the induced distribution exactly). No [..., V] noise and no V-long scan: one
-    sum over V, two short cumsums and a gather. Never returns a zero-probability token.
+    sum over V, two short cumsums and a gather. Never returns a zero-probability token, nor (even for NaN
+    probabilities) an id >= V.
     """
     chunked, chunk_mass = chunked_probs(probs)
     chunk = inverse_cdf(chunk_mass, u[..., 0])

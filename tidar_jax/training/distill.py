@@ -6,13 +6,16 @@ and corpus prompts (the first tokens of train-split documents), continues them w
 (AR mode, greedy by default; one compiled program per bucket), and appends one JSON line per prompt to OUT:
 `{"ids": prompt + continuation (an ending eos kept), "source": "chat" | corpus name, "prompt_tokens": n}`, which
 `data.corpus=files data.paths=[OUT]` trains on. OUT.meta.json records the settings; running again with the same
-settings resumes after the last complete line (nothing is regenerated), different settings are refused.
+settings resumes after the last complete line (nothing is regenerated), different settings are refused, and so is
+an OUT that distill did not write (no OUT.meta.json) or that holds a damaged line anywhere but at its end (a last
+line cut by a crash is dropped and regenerated). One process writes OUT at a time (OUT.lock, `file_lock`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -25,6 +28,8 @@ from tidar_jax.config import ConfigError, DataConfig, DecodeConfig
 from tidar_jax.data.chat_prompts import encoded_chat_prompts
 from tidar_jax.data.corpora import load_corpus_documents, split_documents
 from tidar_jax.decoding.generation import Generator
+from tidar_jax.decoding.sampling import checked_knobs
+from tidar_jax.workdir_lock import file_lock
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,15 +63,51 @@ def _prompts(spec: DistillSpec, bundle, workdir: Path) -> list[tuple[str, list[i
     return out
 
 
-def _done_lines(path: Path) -> int:
-    """Complete JSON lines already in `path` (a line cut by a crash is dropped by truncating the file)."""
-    if not path.is_file():
-        return 0
-    lines = path.read_bytes().split(b"\n")
-    complete = lines[:-1]  # everything before the last newline
-    with path.open("r+b") as f:
-        f.truncate(sum(len(line) + 1 for line in complete))
-    return len(complete)
+def _record_problem(line: bytes) -> str | None:
+    """What makes `line` (one newline-terminated line of OUT) other than a record `distill` writes; None if it is
+    one: a JSON object {"ids": [ids >= 0], "source": str, "prompt_tokens": n} with 1 <= n <= len(ids)."""
+    try:
+        record = json.loads(line)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        return f"not JSON: {e}"
+    if not isinstance(record, dict) or set(record) != {"ids", "source", "prompt_tokens"}:
+        return "not a distill record {ids, source, prompt_tokens}"
+    ids, count = record["ids"], record["prompt_tokens"]
+    if not isinstance(ids, list) or not all(type(t) is int and t >= 0 for t in ids):
+        return "its ids are not a list of token ids"
+    if type(count) is not int or not 1 <= count <= len(ids) or not isinstance(record["source"], str):
+        return "its prompt_tokens or source is invalid"
+    return None
+
+
+def _resume_point(out: Path, meta_path: Path, meta: dict) -> tuple[int, int]:
+    """(records already in OUT, their length in bytes) for a run with settings `meta`; (0, 0) when OUT does not
+    exist. A last line without its newline (cut by a crash) is not counted: the caller truncates OUT to the returned
+    length. Raises ConfigError naming OUT when it cannot be resumed: it exists without META (distill did not write
+    it), META records other settings, or a line before the last is not a record (naming its line number)."""
+    if meta_path.is_file():
+        try:
+            saved = json.loads(meta_path.read_text())
+        except ValueError as e:
+            raise ConfigError(f"{meta_path} is not the JSON train.distill writes ({e}); choose another --out") from None
+        if saved != meta:
+            raise ConfigError(f"{out} was generated with other settings ({meta_path}); choose another --out")
+    elif out.exists():
+        raise ConfigError(f"{out} exists but has no {meta_path.name}, so train.distill did not write it; refusing to "
+                          "add to it (choose another --out)")
+    done = size = 0
+    if not out.exists():
+        return done, size
+    with out.open("rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.endswith(b"\n"):
+                break  # the last line, cut by a crash
+            problem = _record_problem(line)
+            if problem is not None:
+                raise ConfigError(f"{out} line {number} is damaged ({problem}); only a cut last line is dropped and "
+                                  f"regenerated: remove the file, or its lines from {number} on, to go on")
+            done, size = number, size + len(line)
+    return done, size
 
 
 def _batches(items: Sequence, size: int) -> Iterator[tuple[int, list]]:
@@ -75,13 +116,21 @@ def _batches(items: Sequence, size: int) -> Iterator[tuple[int, list]]:
 
 
 def distill(spec: DistillSpec, out: str | Path, progress: bool = True) -> Path:
-    """Generates (or resumes) the self-distillation file OUT; returns its path. Raises ConfigError on bad input or
-    when OUT was generated with other settings."""
+    """Generates (or resumes) the self-distillation file OUT; returns its path. Raises ConfigError (ValueError) on
+    bad input, when OUT cannot be resumed (`_resume_point`), or when another process is writing OUT (WorkdirBusy):
+    checks of the knobs and of OUT come before the model is loaded, and every check before anything is written."""
+    checked_knobs(temperature=spec.temperature)
     out = Path(out)
+    if out.exists() and not out.is_file():
+        raise ConfigError(f"--out {out} exists and is not a regular file")
+    with file_lock(out):
+        return _distill(spec, out, progress)
+
+
+def _distill(spec: DistillSpec, out: Path, progress: bool) -> Path:
     meta_path = out.with_name(out.name + ".meta.json")
     meta = dataclasses.asdict(spec)
-    if meta_path.is_file() and json.loads(meta_path.read_text()) != meta:
-        raise ConfigError(f"{out} was generated with other settings ({meta_path}); choose another --out")
+    done, size = _resume_point(out, meta_path, meta)
     _, _, workdir = locate_checkpoint(spec.checkpoint)
     bundle = load_for_inference(spec.checkpoint)
     if bundle.tokenizer is None:
@@ -91,10 +140,13 @@ def distill(spec: DistillSpec, out: str | Path, progress: bool = True) -> Path:
     buckets = tuple(sorted({64, 256, max(64, -(-longest // 64) * 64)}))
     decode_cfg = DecodeConfig(max_new_tokens=spec.max_new_tokens, prompt_buckets=buckets,
                               max_cache_len=buckets[-1] + spec.max_new_tokens + 2 * bundle.config.model.block_size)
-    generator = Generator(bundle.graphdef, bundle.params, bundle.config.model, decode_cfg)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    generator = Generator(bundle.graphdef, bundle.params, bundle.config.model, decode_cfg,
+                          tokenizer_size=bundle.tokenizer.vocab_size)
+    if done > len(prompts):
+        raise ConfigError(f"{out} holds {done} records, more than the {len(prompts)} prompts of its settings")
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
-    done = _done_lines(out)
+    if out.exists():
+        os.truncate(out, size)  # drops a last line cut by a crash
     bar = tqdm(total=len(prompts), initial=done, unit="prompt", desc="distill", disable=not progress,
                dynamic_ncols=True)
     generated, start_time = 0, time.perf_counter()

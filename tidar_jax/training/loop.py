@@ -4,13 +4,17 @@ and checkpoints; a resumed run continues with the exact data order."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
@@ -22,6 +26,7 @@ from tidar_jax.sharding import make_global_batch, make_mesh
 from tidar_jax.training.metrics_log import MetricsLog
 from tidar_jax.training.run_setup import RunPlan, describe
 from tidar_jax.training.trainer import Trainer, TrainState, trainer_for
+from tidar_jax.workdir_lock import WorkdirBusy, workdir_lock
 
 
 @dataclasses.dataclass
@@ -93,12 +98,46 @@ def train(plan: RunPlan, *, stop_at_step: int | None = None, progress: bool = Tr
     data-iterator state + config). A resumed run continues with the exact data order and reaches the same state
     as an uninterrupted one. `stop_at_step` ends (with a checkpoint) before train.steps, as a preempted job
     would; the LR schedule still spans train.steps. Everything that can fail on bad input (init checkpoint, data)
-    runs before WORKDIR is created or changed.
+    runs before WORKDIR is changed. The call holds WORKDIR's lock (`workdir_lock`): a second run on it is refused
+    with `WorkdirBusy` naming the holder, before this one reads its steps or writes anything (a WORKDIR the lock
+    had to create is removed again if the run fails before writing into it).
     """
+    with _locked(plan.workdir):
+        return _train(plan, stop_at_step, progress, mesh)
+
+
+@contextlib.contextmanager
+def _locked(workdir: Path):
+    """Holds WORKDIR's lock for the whole job. Process 0 alone takes it (every process of a multi-host job shares
+    WORKDIR, and only process 0 writes its files besides Orbax's own coordinated ones); the others learn from it
+    whether it succeeded, so a refused job stops on every host instead of hanging in its first collective."""
+    lock, refusal = workdir_lock(workdir), None
+    if jax.process_index() == 0:
+        try:
+            lock.acquire()
+        except ConfigError as e:  # WorkdirBusy, or a place where the lock file cannot be made
+            refusal = e
+    refused = refusal is not None
+    if jax.process_count() > 1:  # every process takes part in the broadcast, process 0 included
+        refused = bool(multihost_utils.broadcast_one_to_all(np.int32(refused)))
+    if refused and refusal is None:
+        refusal = WorkdirBusy(f"process 0 of this job could not take the lock of {workdir} (in use by another run?)")
+    if refusal is not None:
+        raise refusal
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _train(plan: RunPlan, stop_at_step: int | None, progress: bool, mesh: Mesh | None) -> TrainResult:
     cfg, workdir = plan.config, plan.workdir
     t = cfg.train
     end_step = t.steps if stop_at_step is None else min(stop_at_step, t.steps)
     start = plan.step if plan.step is not None else (saved_steps(workdir) or [None])[-1]
+    if start is not None and not plan.resume:  # the plan was resolved before this run held the lock
+        raise ConfigError(f"{workdir} gained checkpoints from another run while this one was starting; start it "
+                          "again to check them against its config")
     if start is not None and end_step < start:
         until = f"--stop-at-step {stop_at_step}" if end_step < t.steps else f"train.steps={t.steps}"
         raise ConfigError(f"{workdir} is already at step {start}, past {until}: nothing to train (raise "
