@@ -332,3 +332,34 @@ def test_generator_refuses_bad_knobs_and_prompts_past_the_tokenizer(padded_gener
         generator.generate([[5, 6, 7]], "tidar", 4, **{name: value})
     with pytest.raises(ValueError, match=r"outside the tokenizer's ids \[0, 512\)"):
         generator.generate([[5, max(allowed) + 1]], "ar", 4)
+
+
+@pytest.mark.parametrize("mode", ["ar", "tidar"])
+def test_greedy_decoding_never_emits_a_non_token_the_model_prefers(padded_generator, mode):
+    """The same model with its head rows of the pad and of the 64 padding ids scaled up 50-fold, so that they win
+    the argmax of most positions: greedy decoding still emits only tokens (the prefill's first token, the AR
+    verifier and the TiDAR drafts alike)."""
+    from flax import nnx
+
+    from tidar_jax.decoding.generation import Generator
+
+    generator, allowed = padded_generator
+    cfg = generator.model_cfg
+    params = jax.tree.map(lambda x: x, generator.params)
+    pure = nnx.to_pure_dict(params)
+    head = "lm_head" if "lm_head" in pure else "embed"
+    weight = np.array(pure[head], np.float32)
+    rows = [cfg.pad_token_id, *range(generator.token_limit, cfg.vocab_size)]
+    if head == "embed":
+        weight[rows] *= 50.0
+    else:
+        weight[:, rows] *= 50.0
+    pure[head] = jnp.asarray(weight)
+    nnx.replace_by_pure_dict(params, pure)
+    prompts = [[5, 6, 7], [9, 10, 11, 12]]
+    # Control: told nothing of the tokenizer, the same model emits the padding ids it prefers.
+    unaware = Generator(generator.graphdef, params, cfg, generator.decode_cfg)
+    assert any(t >= generator.token_limit for row in unaware.generate(prompts, mode, 16).tokens for t in row)
+    biased = Generator(generator.graphdef, params, cfg, generator.decode_cfg, tokenizer_size=generator.token_limit)
+    emitted = {t for row in biased.generate(prompts, mode, 16).tokens for t in row}
+    assert emitted and emitted <= allowed, sorted(emitted - allowed)

@@ -63,7 +63,8 @@ class DecodeSpec:
     split_head_min_rows: a TiDAR step with at least this many query rows (batch * Q, static) runs the LM head in
     two passes on the rows it reads (see `decode_step`); below it, one pass on every row; proposal_lengths: the
     proposal set A of a TiDAR step (proposals.py; `create` fills in all of 1..K by default, so the full set has
-    one spelling and one compiled program), () for AR.
+    one spelling and one compiled program), () for AR; token_limit, reserved: with the mask, the ids no output
+    may be (`suppress_non_tokens`): ids >= token_limit (embedding rows past the tokenizer) and `reserved` (the pad).
     """
 
     num_drafts: int
@@ -74,13 +75,15 @@ class DecodeSpec:
     eos_token_id: int
     split_head_min_rows: int = SPLIT_HEAD_MIN_ROWS
     proposal_lengths: tuple[int, ...] = ()
+    token_limit: int | None = None
+    reserved: tuple[int, ...] = ()
 
     @classmethod
     def create(cls, mode: str, block_size: int, greedy: bool, capacity: int, model_cfg: ModelConfig,
-               split_head_min_rows: int | None = None,
-               proposal_lengths: Sequence[int] | None = None) -> "DecodeSpec":
+               split_head_min_rows: int | None = None, proposal_lengths: Sequence[int] | None = None,
+               token_limit: int | None = None, reserved: Sequence[int] = ()) -> "DecodeSpec":
         """proposal_lengths: the TiDAR proposal set (None / empty = all of 1..K), validated against K; ignored
-        for AR."""
+        for AR. token_limit (None: every embedding row is a token), reserved: see the class docstring."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         tidar = mode == "tidar"
@@ -88,7 +91,9 @@ class DecodeSpec:
         lengths = proposals.resolve_proposal_lengths(proposal_lengths, block_size) if tidar else ()
         return cls(num_drafts=block_size if tidar else 1, with_proposals=tidar, greedy=greedy, capacity=capacity,
                    mask_token_id=model_cfg.mask_token_id, eos_token_id=model_cfg.eos_token_id,
-                   split_head_min_rows=split, proposal_lengths=lengths)
+                   split_head_min_rows=split, proposal_lengths=lengths,
+                   token_limit=None if token_limit is None or token_limit >= model_cfg.vocab_size else token_limit,
+                   reserved=tuple(sorted(set(reserved) - {model_cfg.mask_token_id})))
 
     @property
     def lengths(self) -> tuple[int, ...]:
@@ -152,20 +157,22 @@ class DecodeState:
     key: Array
 
 
-def suppress_mask_token(logits: Array, spec: DecodeSpec) -> Array:
-    """Makes the mask token impossible as an output: it is never a training target and a prompt may not contain
-    it. A finite -1e30, not -inf, so the beta mix `1 * x + 0 * y` is never NaN. logits: [..., V]."""
-    return logits.at[..., spec.mask_token_id].set(-1e30)
+def suppress_non_tokens(logits: Array, spec: DecodeSpec) -> Array:
+    """Makes the mask token (never a training target; a prompt may not contain it), the reserved ids and the
+    embedding rows past the tokenizer impossible as outputs, greedy or sampled. A finite -1e30, not -inf, so the
+    beta mix `1 * x + 0 * y` is never NaN. logits: [..., V]."""
+    logits = logits.at[..., (spec.mask_token_id, *spec.reserved)].set(-1e30)
+    return logits if spec.token_limit is None else logits.at[..., spec.token_limit:].set(-1e30)
 
 
 def head(graphdef: nnx.GraphDef, params: nnx.State, hidden: Array, spec: DecodeSpec) -> Array:
     """The LM head on the given hidden rows only ([..., d] -> float32 [..., V]), mask token suppressed."""
-    return suppress_mask_token(head_logits(graphdef, params, hidden), spec)
+    return suppress_non_tokens(head_logits(graphdef, params, hidden), spec)
 
 
 def model_logits(graphdef: nnx.GraphDef, params: nnx.State, tokens: Array, positions: Array, mask: Array,
                  cache: KVCache, write_start: Array, n_write: int, spec: DecodeSpec) -> tuple[Array, KVCache]:
-    """`model.forward` (logits [b, q, V] on EVERY row) with the mask token suppressed (`suppress_mask_token`).
+    """`model.forward` (logits [b, q, V] on EVERY row) with the non-tokens suppressed (`suppress_non_tokens`).
     Decoding itself uses `forward_hidden` + `head` on the rows it reads; this is for callers that read all rows."""
     hidden, cache = forward_hidden(graphdef, params, tokens, positions, mask, cache, write_start, n_write=n_write)
     return head(graphdef, params, hidden, spec), cache
@@ -312,7 +319,7 @@ def shifted_slots(block: Array, shift: Array) -> tuple[Array, Array]:
 
 def fill_stale_guesses(guesses: Array, probs: Array, fresh: Array, spec: DecodeSpec) -> tuple[Array, Array]:
     """Guesses without a slot (~fresh, [b, K-1]) become the mask token, drawn from a point mass on it: the
-    verifier's distribution gives the mask token probability 0 (`suppress_mask_token`), so such a guess is always
+    verifier's distribution gives the mask token probability 0 (`suppress_non_tokens`), so such a guess is always
     rejected, greedy or sampled, and the speculative residual at it is p itself. probs: [b, K-1, V] or [b, 0, 0]
     (greedy)."""
     guesses = jnp.where(fresh, guesses, spec.mask_token_id)

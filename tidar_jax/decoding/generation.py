@@ -260,7 +260,8 @@ class Generator:
         if limit < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {limit}")
         spec = DecodeSpec.create(mode, self.block_size, greedy, self.capacity(limit), self.model_cfg,
-                                 proposal_lengths=dec.proposal_lengths)
+                                 proposal_lengths=dec.proposal_lengths, token_limit=self.token_limit,
+                                 reserved=self.reserved_ids)
         spec.check_beta(float(sp.beta))
         batch = self.pad_batch(prompts, spec.num_drafts, limit)
         rows = len(batch.lengths)

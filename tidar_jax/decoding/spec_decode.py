@@ -200,7 +200,8 @@ class SpecDecoder(Generator):
         if limit < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {limit}")
         k = self.block_size
-        base = DecodeSpec.create("tidar", k, greedy, self.capacity(limit), self.model_cfg)
+        base = DecodeSpec.create("tidar", k, greedy, self.capacity(limit), self.model_cfg,
+                                 token_limit=self.token_limit, reserved=self.reserved_ids)
         spec = SpecDecodeSpec(**{**dataclasses.asdict(base), "with_proposals": False},
                               draft_graphdef=self.draft_graphdef, vocab_size=self.model_cfg.vocab_size)
         batch = self.pad_batch(prompts, k, limit)
