@@ -217,3 +217,32 @@ def test_adapter_pack_refuses_what_does_not_fit(adapted_run, tmp_path):
             attach_adapter_pack(base, broken)
     with pytest.raises(ConversionError, match="not an adapter pack"):
         attach_adapter_pack(base, tmp_path / "missing-dir")
+
+
+def test_import_cli_attaches_a_pack_and_exports_one(adapted_run, tmp_path):
+    """`--export-adapters` writes a run's adapters as a pack; `--from hf ... --adapters PACK` imports the base with
+    them: the checkpoint's adapter leaves equal the run's (float32 pack), its base leaves the base model's."""
+    pytest.importorskip("safetensors")
+    import shutil
+
+    from tidar_jax.interop import hf
+    from train import import_checkpoint
+
+    root, _ = adapted_run
+    base, adapted = load_for_inference(root / "base"), load_for_inference(root / "run")
+    src = hf.export_hf_checkpoint(tmp_path / "hf", base.config.model, base.params)
+    shutil.copyfile(root / "base" / "tokenizer.json", src / "tokenizer.json")
+    pack = tmp_path / "pack"
+    assert import_checkpoint.main(["--export-adapters", str(pack), "--checkpoint", str(root / "run"),
+                                   "--adapters-dtype", "float32"]) == 0
+    assert import_checkpoint.main(["--from", "hf", str(src), "--out", str(tmp_path / "out"),
+                                   "--adapters", str(pack)]) == 0
+    got = load_for_inference(tmp_path / "out")
+    assert got.config.model.adapter_rank == adapted.config.model.adapter_rank
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(got.params))[0],
+                            jax.tree.leaves(nnx.to_pure_dict(adapted.params))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
+    with pytest.raises(SystemExit) as refused:  # the pack fixes K: a --block-size beside it is refused
+        import_checkpoint.main(["--from", "hf", str(src), "--out", str(tmp_path / "again"), "--adapters", str(pack),
+                                "--block-size", "4"])
+    assert refused.value.code == 2

@@ -3,6 +3,9 @@
     python -m train.import_checkpoint --from hf ~/models/Qwen2.5-0.5B --out runs/qwen-import --block-size 8
     python -m train.import_checkpoint --from gguf SmolLM2-135M-Instruct.Q4_1.gguf --out runs/smollm2
     python -m train.import_checkpoint --export-hf exported/ --checkpoint runs/smollm2-tidar
+    python -m train.import_checkpoint --from gguf SmolLM2-135M-Instruct.Q4_1.gguf --out runs/smollm2-tidar \
+        --adapters adapters/smollm2-135m-k4
+    python -m train.import_checkpoint --export-adapters my-pack/ --checkpoint runs/smollm2-adapters
 
 Import writes OUT/checkpoints/0 (a params-only checkpoint that infer/*.py and train.init_from read),
 OUT/tokenizer.json (with the added <|mask|> / <|pad|> tokens), OUT/tokenizer_config.json and OUT/chat_template.jinja
@@ -12,6 +15,12 @@ files (dequantised to float32). The diffusion mask token takes the first unused 
 grows to the next multiple of 64 (see tidar_jax/interop/hf.py). Export writes config.json + model.safetensors (every
 embedding row, mask included) + the tokenizer files, loadable by transformers.AutoModelForCausalLM. Needs the
 `interop` extra (transformers, torch CPU, safetensors, gguf); transformers is run offline.
+
+Adapter packs (tidar_jax/interop/adapter_pack.py): `--adapters PACK` attaches a pack of mask-gated TiDAR adapters
+to the model being imported (the pack's block size becomes model.block_size; a pack trained on another base model
+is refused, naming the field), so the checkpoint drafts with them while its AR output stays the base model's;
+`--export-adapters DIR --checkpoint WORKDIR` writes the adapters of an adapter-trained run as such a pack
+(bfloat16 unless --adapters-dtype float32).
 """
 
 from __future__ import annotations
@@ -56,18 +65,33 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="export mode: write the checkpoint given by --checkpoint as a Hugging Face model "
                              "directory DIR (must not exist, or be empty)")
     parser.add_argument("--checkpoint", metavar="WORKDIR",
-                        help="with --export-hf: a workdir (latest step) or one checkpoint step directory")
+                        help="with --export-hf / --export-adapters: a workdir (latest step) or one checkpoint step "
+                             "directory")
+    parser.add_argument("--adapters", metavar="PACK",
+                        help="import: attach this adapter pack (adapters.json + tidar_adapters.safetensors)")
+    parser.add_argument("--export-adapters", metavar="DIR",
+                        help="export mode: write the adapters of the adapter-trained --checkpoint as a pack in DIR")
+    parser.add_argument("--adapters-dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                        help="with --export-adapters: dtype of the pack's tensors (default bfloat16)")
     args = parser.parse_args(argv)
-    if args.export_hf:
-        if args.source or args.path or args.out:
-            parser.error("--export-hf takes --checkpoint WORKDIR, not --from / PATH / --out")
+    exports = [flag for flag, value in (("--export-hf", args.export_hf), ("--export-adapters", args.export_adapters))
+               if value]
+    if len(exports) > 1:
+        parser.error("choose one of --export-hf and --export-adapters")
+    if exports:
+        if args.source or args.path or args.out or args.adapters:
+            parser.error(f"{exports[0]} takes --checkpoint WORKDIR, not --from / PATH / --out / --adapters")
         if not args.checkpoint:
-            parser.error("--export-hf needs --checkpoint WORKDIR")
+            parser.error(f"{exports[0]} needs --checkpoint WORKDIR")
     else:
         if not (args.source and args.path and args.out):
             parser.error("import needs --from {hf,gguf} PATH --out DIR (or use --export-hf DIR --checkpoint WORKDIR)")
         if args.block_size is not None and args.block_size <= 0:
             parser.error(f"--block-size must be positive, got {args.block_size}")
+        if args.adapters and args.block_size is not None:
+            parser.error("--adapters sets the block size the adapters were trained for: drop --block-size")
+        if args.adapters and not Path(args.adapters).is_dir():
+            parser.error(f"--adapters {args.adapters}: not a directory")
         if not Path(args.path).exists():
             parser.error(f"--from {args.source} {args.path}: the path does not exist")
     return args
@@ -131,8 +155,11 @@ def _import(args: argparse.Namespace, out: Path, created: bool) -> Path:
         if imported.tokenizer_json is not None:
             tokenizer_file = scratch / "tokenizer.with_mask.json"
             tokenizer_file.write_text(imported.tokenizer_json)
+        params = imported.params
+        if args.adapters:
+            config, params = _attached(config, params, tokenizer_file, args.adapters)
         try:
-            save_inference_checkpoint(out, config, imported.params, tokenizer_file)
+            save_inference_checkpoint(out, config, params, tokenizer_file)
             _copy_extras(extras_dir, out)
             (out / HF_CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
         except BaseException:
@@ -142,9 +169,36 @@ def _import(args: argparse.Namespace, out: Path, created: bool) -> Path:
     m = config.model
     from tidar_jax.model.transformer import count_params
 
+    adapters = f", adapters {args.adapters} (rank {m.adapter_rank})" if args.adapters else ""
     print(f"wrote {out}: {count_params(imported.params) / 1e6:.1f}M params, {m.n_layers} layers, vocab {m.vocab_size}, "
-          f"mask id {m.mask_token_id}, eos id {m.eos_token_id}, block size {m.block_size} "
+          f"mask id {m.mask_token_id}, eos id {m.eos_token_id}, block size {m.block_size}{adapters} "
           f"({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
+    return out
+
+
+def _attached(config, params, tokenizer_file: Path | None, pack: str):
+    """(config, params) of the imported model with the adapter pack attached (interop/adapter_pack.py)."""
+    from tidar_jax.checkpoint.inference import InferenceBundle
+    from tidar_jax.data.tokenizer import Tokenizer
+    from tidar_jax.interop.adapter_pack import attach_adapter_pack
+    from tidar_jax.model.init import abstract_model
+
+    tokenizer = Tokenizer.from_file(tokenizer_file) if tokenizer_file is not None else None
+    base = InferenceBundle(config=config, graphdef=abstract_model(config.model)[0], params=params,
+                           tokenizer=tokenizer, step=0)
+    adapted = attach_adapter_pack(base, pack)
+    return _run_config(adapted.config.model), adapted.params
+
+
+def run_export_adapters(args: argparse.Namespace) -> Path:
+    from tidar_jax.checkpoint.inference import load_for_inference
+    from tidar_jax.interop.adapter_pack import export_adapter_pack
+
+    bundle = load_for_inference(args.checkpoint)
+    out = export_adapter_pack(bundle, args.export_adapters, args.adapters_dtype)
+    m = bundle.config.model
+    print(f"exported the adapters (rank {m.adapter_rank}, block size {m.block_size}) of step {bundle.step} of "
+          f"{args.checkpoint} to {out}", file=sys.stderr)
     return out
 
 
@@ -176,7 +230,12 @@ def main(argv=None) -> int:
     from tidar_jax.interop.hf import ConversionError
 
     try:
-        run_export(args) if args.export_hf else run_import(args)
+        if args.export_hf:
+            run_export(args)
+        elif args.export_adapters:
+            run_export_adapters(args)
+        else:
+            run_import(args)
     except (ConversionError, CheckpointError, ConfigError, FileExistsError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
