@@ -117,3 +117,24 @@ def test_distill_resumes_only_its_own_intact_file(base, capsys):
         with pytest.raises(ConfigError, match=f"{out} line {number} is damaged"):
             distill(spec, out, progress=False)
         assert out.read_bytes() == damaged
+
+
+def test_distill_mix_renders_chat_sources_and_continues_text_sources(base, tiny_config):
+    from tidar_jax.data import prompt_mix
+    from tidar_jax.data.chat import encode_chat
+
+    out = base / "data" / "mix.jsonl"
+    spec = DistillSpec(checkpoint=str(base / "base"), chat=0, corpus_prompts=0, max_new_tokens=4, batch_size=4,
+                       mix="ask=2,code=1,continue-prose=2", compute_dtype="bfloat16")
+    distill(spec, out, progress=False)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    bundle = load_for_inference(base / "base")
+    expected = prompt_mix.prompt_mix({"ask": 2, "code": 1, "continue-prose": 2}, 0)
+    assert [r["source"] for r in rows] == [s for s, _ in expected]
+    for r, (source, text) in zip(rows, expected):
+        want = (encode_chat(base / "base", [{"role": "user", "content": text}]) if prompt_mix.is_chat(source)
+                else bundle.tokenizer.encode(text))
+        assert r["ids"][:r["prompt_tokens"]] == want
+    with pytest.raises(ConfigError, match="--mix part 'poems=3'"):
+        distill(dataclasses.replace(spec, mix="poems=3"), base / "data" / "bad.jsonl", progress=False)
+    assert not (base / "data" / "bad.jsonl").exists()

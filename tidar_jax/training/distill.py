@@ -22,9 +22,11 @@ from typing import Iterator, Sequence
 
 from tqdm.auto import tqdm
 
-from tidar_jax.checkpoint.inference import load_for_inference
+from tidar_jax.checkpoint.inference import load_for_inference, with_model
 from tidar_jax.checkpoint.store import locate_checkpoint
 from tidar_jax.config import ConfigError, DataConfig, DecodeConfig
+from tidar_jax.data import prompt_mix
+from tidar_jax.data.chat import encode_chat
 from tidar_jax.data.chat_prompts import encoded_chat_prompts
 from tidar_jax.data.corpora import load_corpus_documents, split_documents
 from tidar_jax.decoding.generation import Generator
@@ -34,8 +36,10 @@ from tidar_jax.workdir_lock import file_lock
 
 @dataclasses.dataclass(frozen=True)
 class DistillSpec:
-    """What to generate: `chat` chat prompts (train topics), `corpus_prompts` prompts of `prompt_tokens` tokens from
-    the train split of `corpus`, each continued by up to `max_new_tokens` tokens; temperature 0 = greedy."""
+    """What to generate: `mix` ("source=count,...": the broad prompt mix of data/prompt_mix.py), `chat` chat prompts
+    (train topics), `corpus_prompts` prompts of `prompt_tokens` tokens from the train split of `corpus`, each
+    continued by up to `max_new_tokens` tokens; temperature 0 = greedy; `compute_dtype` the dtype the model decodes
+    in ("": the checkpoint's; "bfloat16" is about twice as fast on CPUs with AMX)."""
 
     checkpoint: str
     chat: int = 256
@@ -46,11 +50,33 @@ class DistillSpec:
     temperature: float = 0.0
     seed: int = 0
     batch_size: int = 16
+    mix: str = ""
+    compute_dtype: str = ""
+
+
+def parse_mix(text: str) -> dict[str, int]:
+    """"chat=100,news=50" -> {"chat": 100, "news": 50}; ConfigError naming the bad part (sources: prompt_mix.SOURCES)."""
+    counts = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        source, _, count = part.partition("=")
+        if source not in prompt_mix.SOURCES or not count.isdigit() or source in counts:
+            raise ConfigError(f"--mix part {part!r} must be SOURCE=COUNT, each source once, SOURCE one of "
+                              f"{prompt_mix.SOURCES}")
+        counts[source] = int(count)
+    return counts
 
 
 def _prompts(spec: DistillSpec, bundle, workdir: Path) -> list[tuple[str, list[int]]]:
-    """(source, prompt ids) pairs: chat prompts first, then corpus prompts."""
-    out = [("chat", ids) for ids in (encoded_chat_prompts(workdir, "train", spec.chat, spec.seed) if spec.chat else [])]
+    """(source, prompt ids) pairs: the mix's prompts (chat requests in the chat template, continuations as plain
+    text), then chat prompts, then corpus prompts."""
+    out = []
+    if spec.mix:
+        for source, text in prompt_mix.prompt_mix(parse_mix(spec.mix), spec.seed):
+            ids = (encode_chat(workdir, [{"role": "user", "content": text}]) if prompt_mix.is_chat(source)
+                   else bundle.tokenizer.encode(text))
+            out.append((source, ids))
+    out += [("chat", ids) for ids in (encoded_chat_prompts(workdir, "train", spec.chat, spec.seed) if spec.chat
+                                      else [])]
     if spec.corpus_prompts:
         data = DataConfig(corpus=spec.corpus)
         train_docs, _ = split_documents(load_corpus_documents(data), data.holdout_fraction, data.seed)
@@ -90,6 +116,8 @@ def _resume_point(out: Path, meta_path: Path, meta: dict) -> tuple[int, int]:
             saved = json.loads(meta_path.read_text())
         except ValueError as e:
             raise ConfigError(f"{meta_path} is not the JSON train.distill writes ({e}); choose another --out") from None
+        if isinstance(saved, dict):  # a setting added since OUT was written had its default then
+            saved = {**dataclasses.asdict(DistillSpec(checkpoint="")), **saved}
         if saved != meta:
             raise ConfigError(f"{out} was generated with other settings ({meta_path}); choose another --out")
     elif out.exists():
@@ -120,6 +148,7 @@ def distill(spec: DistillSpec, out: str | Path, progress: bool = True) -> Path:
     bad input, when OUT cannot be resumed (`_resume_point`), or when another process is writing OUT (WorkdirBusy):
     checks of the knobs and of OUT come before the model is loaded, and every check before anything is written."""
     checked_knobs(temperature=spec.temperature)
+    parse_mix(spec.mix)
     out = Path(out)
     if out.exists() and not out.is_file():
         raise ConfigError(f"--out {out} exists and is not a regular file")
@@ -133,6 +162,8 @@ def _distill(spec: DistillSpec, out: Path, progress: bool) -> Path:
     done, size = _resume_point(out, meta_path, meta)
     _, _, workdir = locate_checkpoint(spec.checkpoint)
     bundle = load_for_inference(spec.checkpoint)
+    if spec.compute_dtype:
+        bundle = with_model(bundle, dataclasses.replace(bundle.config.model, compute_dtype=spec.compute_dtype))
     if bundle.tokenizer is None:
         raise ConfigError(f"{spec.checkpoint} has no tokenizer.json")
     prompts = _prompts(spec, bundle, workdir)
