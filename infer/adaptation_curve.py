@@ -98,12 +98,12 @@ def measure(args) -> dict:
     import dataclasses
 
     from tidar_jax.checkpoint.inference import load_for_inference
-    from tidar_jax.checkpoint.store import CHECKPOINT_DIR
+    from tidar_jax.checkpoint.store import CHECKPOINT_DIR, saved_steps
 
-    base = load_for_inference(args.base)
-    steps = sorted(int(p.name) for p in (Path(args.run) / CHECKPOINT_DIR).iterdir() if p.name.isdigit())
+    steps = saved_steps(args.run)
     if not steps:
-        raise ValueError(f"{args.run} holds no checkpoints")
+        raise ValueError(f"--run {args.run} holds no finished checkpoints (no {CHECKPOINT_DIR}/<step>)")
+    base = load_for_inference(args.base)
     first = load_for_inference(Path(args.run) / CHECKPOINT_DIR / str(steps[0]))
     cfg = first.config
     if base.tokenizer is None or first.tokenizer is None or base.tokenizer.fingerprint != first.tokenizer.fingerprint:
@@ -166,11 +166,27 @@ def render(md_path: str, table: str) -> None:
     Path(md_path).write_text(replace_marked(Path(md_path).read_text(), MARKER, table, md_path))
 
 
+def _check_outputs(args) -> None:
+    """Refuses (ValueError) an unwritable --json / --plot, or a --results-md without its markers, before any
+    checkpoint is measured."""
+    from infer.common import check_writable, replace_marked
+
+    if args.results_md:
+        try:
+            replace_marked(Path(args.results_md).read_text(), MARKER, "", args.results_md)
+        except OSError as e:
+            raise ValueError(f"--results-md {args.results_md}: cannot read it ({e.strerror or e})") from None
+    for flag, path in (("--json", args.json), ("--plot", args.plot), ("--results-md", args.results_md)):
+        if path:
+            check_writable(path, flag)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from infer.common import USER_ERRORS, fail, write_json
 
     try:
+        _check_outputs(args)
         report = measure(args)
         table = _format(report["rows"], args.corpus)
         if args.results_md:

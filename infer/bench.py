@@ -99,7 +99,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     cost.add_argument("--override", nargs="+", default=[], metavar="section.field=value",
                       help="with --cost-only: dotted overrides of --config, e.g. model.scan_layers=true; with "
                            "--checkpoint: model.compute_dtype / model.attention_impl for every loaded model, e.g. "
-                           "model.compute_dtype=bfloat16 (AR and TiDAR alike)")
+                           "model.compute_dtype=bfloat16 (AR and TiDAR alike), and decode.max_cache_len (the cache "
+                           "that prompts + --max-new-tokens must fit in)")
     cost.add_argument("--block-size", type=int, help="K of the TiDAR step (default: the config's model.block_size)")
     cost.add_argument("--cache-len", type=int, default=4096, help="KV-cache slots the steps attend over")
     cost.add_argument("--batch-size", type=int, default=1, help="batch rows of the costed programs")
@@ -112,16 +113,30 @@ def parse_args(argv=None) -> argparse.Namespace:
                            "--bandwidth-gbs adds the roofline time max(FLOPs/peak, bytes/bandwidth)")
     cost.add_argument("--bandwidth-gbs", type=float, help="chip's memory bandwidth in GB/s (e.g. 3350 for H100 SXM)")
     args = parser.parse_args(argv)
-    from infer.common import require_at_least
+    from infer.common import require_at_least, require_positive
 
     require_at_least(parser, args, repeats=1, latency_repeats=1, prompt_len=1, max_new_tokens=1, batch_sizes=1,
                      block_sizes=1, latency_prefixes=1, latency_queries=1, cache_len=1, batch_size=1,
-                     prompt_bucket=1, block_size=1)
+                     prompt_bucket=1, block_size=1, near_tie_epsilon=0)
+    require_positive(parser, args, "peak_tflops", "bandwidth_gbs")
+    for name in ("cache_len", "prompt_bucket"):  # cache positions are int32 in the compiled programs
+        if getattr(args, name) >= 2**31:
+            parser.error(f"--{name.replace('_', '-')} must be below 2**31 (int32 cache positions), "
+                         f"got {getattr(args, name)}")
     args.proposal_sets = [_parse_set(parser, text) for text in args.proposal_sets or []]
     if args.cost_only and not args.config:
         parser.error("--cost-only needs --config")
+    if args.cost_only:
+        # Only the model shape (and decode.scan_layers, the layout costed) reach the cost analysis; any other
+        # decode.* value would be ignored: its flags (--block-size, --cache-len, --proposal-sets) say what counts.
+        ignored = [o for o in args.override if o.startswith("decode.") and not o.startswith("decode.scan_layers=")]
+        if ignored:
+            parser.error(f"--override {ignored[0]}: --cost-only costs the model's step shape, which decode.* does not "
+                         "change (use --block-size, --cache-len, --batch-size, --proposal-sets)")
     if not args.cost_only and not args.checkpoint:
         parser.error("--checkpoint is required (or pass --cost-only --config PATH)")
+    if args.skip_generation and args.skip_latency:
+        parser.error("--skip-generation and --skip-latency together leave nothing to measure")
     return args
 
 
@@ -138,19 +153,23 @@ def _set_name(lengths) -> str:
 
 
 def _load(path: str, mesh, step: int | None = None, overrides: list[str] = ()):
-    """The checkpoint at `path` (its `step`, default the latest) running with the execution-only `overrides`."""
+    """The checkpoint at `path` (its `step`, default the latest) running with the execution-only `overrides`:
+    model.attention_impl / model.compute_dtype, and decode.max_cache_len, the cache that bounds --max-new-tokens."""
     from infer.common import MODEL_OVERRIDES
     from tidar_jax.checkpoint.inference import load_for_inference, with_model
     from tidar_jax.checkpoint.store import step_path
     from tidar_jax.config import ConfigError, apply_overrides
 
+    allowed = (*MODEL_OVERRIDES, "decode.max_cache_len")
     for item in overrides:
-        if item.split("=", 1)[0] not in MODEL_OVERRIDES:
-            raise ConfigError(f"--override {item!r}: with --checkpoint only {', '.join(MODEL_OVERRIDES)} can change")
+        if item.split("=", 1)[0] not in allowed:
+            raise ConfigError(f"--override {item!r}: with --checkpoint only {', '.join(allowed)} can change")
     bundle = load_for_inference(step_path(path, step), mesh)
     if bundle.tokenizer is None:
         raise ConfigError(f"{path} has no tokenizer.json next to its checkpoints")
-    return with_model(bundle, apply_overrides(bundle.config, list(overrides)).model)
+    cfg = apply_overrides(bundle.config, list(overrides))
+    bundle = with_model(bundle, cfg.model)
+    return dataclasses.replace(bundle, config=dataclasses.replace(bundle.config, decode=cfg.decode))
 
 
 def _label(path: str, bundle) -> str:
@@ -222,7 +241,8 @@ def run_generation(args, bundles: dict, draft, prompts: list[list[int]], progres
     from tidar_jax.evals.step_cost import step_costs
     from tidar_jax.layout import proposals
 
-    records = []
+    # Every group's K and cache are checked before the first one runs: a refusal comes before any timing.
+    groups = []
     for path, bundle in bundles.items():
         m = bundle.config.model
         for k in args.block_sizes or [m.block_size]:
@@ -232,30 +252,34 @@ def run_generation(args, bundles: dict, draft, prompts: list[list[int]], progres
             dec = decode_room(bundle.config.decode, max(map(len, prompts)), args.max_new_tokens, k)
             # Batch buckets = the measured batch sizes, so no row of a measured batch is padding.
             dec = dataclasses.replace(dec, batch_buckets=tuple(sorted(set(args.batch_sizes))))
-            generator = Generator(bundle.graphdef, bundle.params, m, dec, allow_block_size_mismatch=True)
-            methods = {"ar": (generator, "ar")}
-            if bundle.config.train.objective == "tidar":
-                methods["tidar"] = (generator, "tidar")
-                for lengths in args.proposal_sets:
-                    lengths = proposals.resolve_proposal_lengths(lengths, k, "--proposal-sets")
-                    methods[_set_name(lengths)] = (Generator(bundle.graphdef, bundle.params, m, dataclasses.replace(
-                        dec, proposal_lengths=lengths), allow_block_size_mismatch=True), "tidar")
-            if draft is not None and k >= 2:
-                methods["spec"] = (SpecDecoder(bundle.graphdef, bundle.params, m, dec, draft.graphdef, draft.params,
-                                               draft.config.model, k), "spec")
-            bucket = bucket_for(max(map(len, prompts)), dec.prompt_buckets)
-            for batch in args.batch_sizes:
-                progress(f"generation: {_label(path, bundle)}, K={k}, batch {batch}: {', '.join(methods)}")
-                cost = step_costs(m, k, dec.max_cache_len, batch, bucket, args.peak_tflops, args.bandwidth_gbs,
-                                  model=(bundle.graphdef, bundle.params))
-                with agreement.matmul_precision(m.compute_dtype, args.matmul_precision):
-                    group = _group(methods, prompts, batch, args)
-                records.append({"step_cost": cost, "checkpoint": path, "checkpoint_step": bundle.step,
-                                "label": _label(path, bundle), "trained_block_size": m.block_size,
-                                "objective": bundle.config.train.objective, "block_size": k, "batch_size": batch,
-                                "compute_dtype": m.compute_dtype,
-                                "matmul_precision": agreement.precision_name(m.compute_dtype, args.matmul_precision),
-                                "methods": group})
+            groups.append((path, bundle, k, dec))
+    records = []
+    for path, bundle, k, dec in groups:
+        m = bundle.config.model
+        generator = Generator(bundle.graphdef, bundle.params, m, dec, allow_block_size_mismatch=True)
+        methods = {"ar": (generator, "ar")}
+        if bundle.config.train.objective == "tidar":
+            methods["tidar"] = (generator, "tidar")
+            for lengths in args.proposal_sets:
+                lengths = proposals.resolve_proposal_lengths(lengths, k, "--proposal-sets")
+                methods[_set_name(lengths)] = (Generator(bundle.graphdef, bundle.params, m, dataclasses.replace(
+                    dec, proposal_lengths=lengths), allow_block_size_mismatch=True), "tidar")
+        if draft is not None and k >= 2:
+            methods["spec"] = (SpecDecoder(bundle.graphdef, bundle.params, m, dec, draft.graphdef, draft.params,
+                                           draft.config.model, k), "spec")
+        bucket = bucket_for(max(map(len, prompts)), dec.prompt_buckets)
+        for batch in args.batch_sizes:
+            progress(f"generation: {_label(path, bundle)}, K={k}, batch {batch}: {', '.join(methods)}")
+            cost = step_costs(m, k, dec.max_cache_len, batch, bucket, args.peak_tflops, args.bandwidth_gbs,
+                              model=(bundle.graphdef, bundle.params))
+            with agreement.matmul_precision(m.compute_dtype, args.matmul_precision):
+                group = _group(methods, prompts, batch, args)
+            records.append({"step_cost": cost, "checkpoint": path, "checkpoint_step": bundle.step,
+                            "label": _label(path, bundle), "trained_block_size": m.block_size,
+                            "objective": bundle.config.train.objective, "block_size": k, "batch_size": batch,
+                            "compute_dtype": m.compute_dtype,
+                            "matmul_precision": agreement.precision_name(m.compute_dtype, args.matmul_precision),
+                            "methods": group})
     return records
 
 
@@ -275,6 +299,16 @@ def run_latency(args, bundle, progress) -> dict:
     return {"query_tokens": queries, "curves": curves}
 
 
+def _check_outputs(args) -> None:
+    """Refuses (ValueError) an unwritable --json or --plot-dir before anything is measured."""
+    from infer.common import check_writable
+
+    if args.json:
+        check_writable(args.json, "--json")
+    if args.plot_dir:
+        check_writable(args.plot_dir, "--plot-dir", directory=True)
+
+
 def run_cost_only(args) -> int:
     """--cost-only: the step-cost table (and --json) for --config's model shape; no checkpoint. With
     --proposal-sets, one more table per set (its TiDAR step has K + |A|*K rows)."""
@@ -286,6 +320,7 @@ def run_cost_only(args) -> int:
 
     tables, report = [], {}
     try:
+        _check_outputs(args)
         config = load_config(args.config, args.override)
         cfg = config.model
         k = args.block_size or cfg.block_size
@@ -315,6 +350,17 @@ def run_cost_only(args) -> int:
 
 
 def main(argv=None) -> int:
+    """The CLI; returns the exit code: 2 with one `error:` line on bad input, 130 on Ctrl-C (outputs are written
+    only at the end, the JSON atomically, so an interrupted benchmark leaves no half-written report)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        from infer.common import interrupted
+
+        return interrupted()
+
+
+def _main(argv) -> int:
     args = parse_args(argv)
     from tidar_jax import caches
 
@@ -335,6 +381,7 @@ def main(argv=None) -> int:
             tqdm.write(message, file=sys.stderr)
 
     try:
+        _check_outputs(args)
         mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
         paths = list(dict.fromkeys(args.checkpoint + ([args.latency_checkpoint] if args.latency_checkpoint else [])))
         bundles = {p: _load(p, mesh, args.step, args.override) for p in paths}

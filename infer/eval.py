@@ -68,10 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     from infer.common import require_at_least
 
-    if args.max_token_loss < 0:
-        parser.error(f"--max-token-loss must be >= 0, got {args.max_token_loss}")
     require_at_least(parser, args, eval_batches=1, batch_size=1, num_prompts=0, prompt_len=1, max_new_tokens=1,
-                     samples=0, block_size=1)
+                     samples=0, block_size=1, max_token_loss=0, near_tie_epsilon=0)
     return args
 
 
@@ -139,16 +137,17 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
               "model": {k: getattr(m, k) for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
                                                    "d_ff")},
               "corpus": cfg.data.corpus, "device": device_info()}
-    batches = pipeline.make_eval_batches(cfg, tok, args.eval_batches)
-    report["heldout"] = evaluation.heldout_likelihood(bundle.graphdef, bundle.params, cfg, batches, mesh,
-                                                      evaluation.token_byte_lengths(tok, m.vocab_size))
-    report["heldout"].update(batches=len(batches), batch_size=cfg.data.global_batch_size, seq_len=cfg.data.seq_len)
-    if args.num_prompts > 0:
+    if args.num_prompts > 0:  # prompts and their cache first: a token limit past the cache fails before any work
         max_new = args.max_new_tokens or cfg.decode.max_new_tokens
         prompts = prompt_set(args.prompts, args.checkpoint, dataclasses.replace(bundle, config=cfg), args.num_prompts,
                              args.prompt_len)
         # Room for every prompt and continuation, so no row stops early for lack of cache.
         dec = decode_room(cfg.decode, max(map(len, prompts)), max_new, cfg.decode.block_size or m.block_size)
+    batches = pipeline.make_eval_batches(cfg, tok, args.eval_batches)
+    report["heldout"] = evaluation.heldout_likelihood(bundle.graphdef, bundle.params, cfg, batches, mesh,
+                                                      evaluation.token_byte_lengths(tok, m.vocab_size))
+    report["heldout"].update(batches=len(batches), batch_size=cfg.data.global_batch_size, seq_len=cfg.data.seq_len)
+    if args.num_prompts > 0:
         generator = Generator(bundle.graphdef, bundle.params, m, dec,
                               allow_block_size_mismatch=args.allow_block_size_mismatch, mesh=mesh)
         modes = ("tidar", "ar") if cfg.train.objective == "tidar" else ("ar",)

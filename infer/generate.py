@@ -32,7 +32,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     prompt.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 464,1910,318")
     parser.add_argument("--chat", action="store_true",
                         help="wrap --prompt as one user message in the checkpoint's chat template (imported instruct "
-                             "models keep theirs in WORKDIR/chat_template.jinja or tokenizer_config.json)")
+                             "models keep theirs in WORKDIR/chat_template.jinja or tokenizer_config.json); "
+                             "special-token strings inside the message (e.g. <|im_start|>) stay plain text")
+    parser.add_argument("--chat-special-tokens", action="store_true",
+                        help="with --chat: special-token strings typed in --prompt become those special tokens, so "
+                             "the text can close the user turn and open others (system, assistant); trusted text "
+                             "only")
     parser.add_argument("--max-new-tokens", type=int, help="tokens to generate (default: decode.max_new_tokens)")
     parser.add_argument("--mode", choices=("tidar", "ar"), default="tidar",
                         help="tidar: K drafts verified + K proposals drafted per forward; ar: one token per forward")
@@ -41,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, help="0 = greedy; > 0 samples (speculative sampling in tidar)")
     parser.add_argument("--top-k", type=int, help="sample among the k most likely tokens (0 = off)")
     parser.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1] (1 = off)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for sampling, in [0, 2**32)")
     parser.add_argument("--block-size", type=int,
                         help="draft block size K (default: the trained one; another K needs the next flag)")
     parser.add_argument("--allow-block-size-mismatch", action="store_true",
@@ -56,22 +61,52 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "trained with cudnn on a CPU")
     args = parser.parse_args(argv)
     from infer.common import require_at_least
+    from tidar_jax.data.tokenizer import check_text
 
     require_at_least(parser, args, max_new_tokens=1, block_size=1, top_k=0)
     if args.beta is not None and not 0 <= args.beta <= 1:
         parser.error(f"--beta must be in [0, 1], got {args.beta}")
+    # Refused rather than ignored: an AR step has no diffusion logits to mix, so the output would not be the one
+    # the flag asks for (drop it, or decode with --mode tidar).
+    beta_override = next((o for o in args.overrides if o.startswith("decode.beta=")), None)
+    if args.mode == "ar" and (args.beta is not None or beta_override):
+        parser.error(f"{'--beta' if args.beta is not None else beta_override} mixes diffusion logits into TiDAR's "
+                     "verifier; --mode ar has none, so it would be ignored: drop it or use --mode tidar")
+    if not 0 <= args.seed < 2**32:  # the PRNG key takes 32 bits: larger seeds would collide or overflow
+        parser.error(f"--seed must be in [0, 2**32), got {args.seed}")
+    if args.chat_special_tokens and not args.chat:
+        parser.error("--chat-special-tokens only applies with --chat")
     if args.temperature is not None and args.temperature < 0:
         parser.error(f"--temperature must be >= 0, got {args.temperature}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    try:
+        if args.prompt is not None:
+            check_text(args.prompt, "--prompt")
+        else:
+            args.prompt_ids = _parse_ids(args.prompt_ids)
+    except ValueError as e:  # TokenizerError is one
+        parser.error(str(e))
     return args
 
 
 def _parse_ids(text: str) -> list[int]:
+    """--prompt-ids as ints; an empty or blank list gives [] (refused later as an empty prompt), an empty field
+    (`3,,4`, `3,`) is an error rather than dropped."""
+    if not text.strip():
+        return []
     try:
-        return [int(part) for part in text.split(",") if part.strip()]
+        return [int(part) for part in text.split(",")]
     except ValueError:
-        raise ValueError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+        raise ValueError(f"--prompt-ids must be comma-separated integers with none left empty, got {text!r}") from None
+
+
+def _check_prompt_ids(ids: list[int], bundle) -> None:
+    """Raises ValueError for the pad id (unless it is also eos) in a prompt: the model takes it, but it marks
+    padding, not text (the Generator refuses the mask and, given the tokenizer's size, ids past the tokenizer)."""
+    model = bundle.config.model
+    if model.pad_token_id != model.eos_token_id and model.pad_token_id in ids:
+        raise ValueError(f"the prompt contains the pad id {model.pad_token_id}, which marks padding, not text")
 
 
 def _decode_config(config, args: argparse.Namespace):
@@ -112,15 +147,18 @@ def _prompt_ids(args: argparse.Namespace, bundle) -> list[int]:
     if args.prompt is None:
         if args.chat:
             raise ValueError("--chat needs --prompt TEXT (the template renders text)")
-        return _parse_ids(args.prompt_ids)
-    tokenizer = bundle.tokenizer
-    if tokenizer is None:
+        ids = args.prompt_ids
+    elif bundle.tokenizer is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer.json: pass the prompt as --prompt-ids")
-    if args.chat:
+    elif args.chat:
         from tidar_jax.data.chat import encode_chat
 
-        return encode_chat(tokenizer.path.parent, [{"role": "user", "content": args.prompt}])
-    return tokenizer.encode(args.prompt)
+        ids = encode_chat(bundle.tokenizer.path.parent, [{"role": "user", "content": args.prompt}],
+                          special_tokens_in_content=args.chat_special_tokens)
+    else:
+        ids = bundle.tokenizer.encode(args.prompt)
+    _check_prompt_ids(ids, bundle)
+    return ids
 
 
 class _TextStream:
@@ -157,7 +195,8 @@ def run(args: argparse.Namespace) -> dict:
     tokenizer = bundle.tokenizer
     prompt_ids = _prompt_ids(args, bundle)
     generator = Generator(bundle.graphdef, bundle.params, cfg.model, cfg.decode,
-                          allow_block_size_mismatch=args.allow_block_size_mismatch, mesh=mesh)
+                          allow_block_size_mismatch=args.allow_block_size_mismatch, mesh=mesh,
+                          tokenizer_size=None if tokenizer is None else tokenizer.vocab_size)
     stream = None if args.json else _TextStream(tokenizer, sys.stdout)
     result = generator.generate([prompt_ids], args.mode, seed=args.seed, on_tokens=stream)
     tokens = result.tokens[0]

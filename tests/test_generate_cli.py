@@ -36,7 +36,10 @@ def checkpoint(tiny_config, tmp_path_factory):
 
 
 def _run(argv, capsys):
-    code = main(argv)
+    try:
+        code = main(argv)
+    except SystemExit as e:  # a flag refused by argparse (parser.error), as `python -m infer.generate` exits
+        code = e.code
     out, err = capsys.readouterr()
     return code, out, err
 

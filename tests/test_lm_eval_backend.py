@@ -216,3 +216,19 @@ def test_generate_until_equals_greedy_ar_by_recomputation(run):
         assert sample["resps"][0][0] == expected
         assert sample["arguments"]["gen_args_0"]["arg_1"]["until"] == UNTIL
 
+
+
+def test_generation_limits_are_bounded_by_the_cache(tiny_config, caplog):
+    """A task's max_gen_toks never grows the KV cache past decode.max_cache_len: it is cut, with a warning, to what
+    the cache leaves after max_length prompt tokens and two blocks; no room at all is refused by name."""
+    from types import SimpleNamespace
+
+    from tidar_jax.evals.harness import TidarLM
+
+    cfg = replace(tiny_config, decode={"max_cache_len": 64, "prompt_buckets": (16, 32)})  # K = 4
+    lm = SimpleNamespace(config=cfg, _max_length=MAX_LENGTH)
+    assert TidarLM._bounded(lm, MAX_GEN) == MAX_GEN and not caplog.records
+    assert TidarLM._bounded(lm, 100000) == 64 - MAX_LENGTH - 2 * 4
+    assert "max_gen_toks 100000 cut to 24" in caplog.text
+    with pytest.raises(ValueError, match="max_length 60 tokens leave no room to generate"):
+        TidarLM._bounded(SimpleNamespace(config=cfg, _max_length=60), 1)

@@ -76,6 +76,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from tidar_jax.config import ConfigError, load_config
 
+    if args.devices < 1:  # before jax.devices(): the CPU backend cannot start with a device count below 1
+        parser.error(f"--devices must be >= 1, got {args.devices}")
     devices = jax.devices()
     if len(devices) < args.devices:
         sys.exit(f"{args.devices} devices asked for but jax sees {len(devices)} (was jax imported before "

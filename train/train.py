@@ -25,6 +25,7 @@ clusters jax.distributed.initialize() finds the coordinator itself, elsewhere gi
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 
@@ -82,8 +83,37 @@ def _start_distributed(args: argparse.Namespace) -> None:
     jax.distributed.initialize(**{k: v for k, v in kwargs.items() if v is not None})
 
 
+def _after_interrupt(workdir: str) -> str:
+    """What a run stopped by Ctrl-C leaves: `train` closes its checkpointer on the way out, which finishes a save
+    already written in the background; a save cut in its first phase stays a *.orbax-checkpoint-tmp folder, which
+    is no checkpoint and which the next run deletes. So the newest finished step is where the run resumes."""
+    from tidar_jax.checkpoint.store import saved_steps
+
+    steps = saved_steps(workdir)
+    if not steps:
+        return f"no checkpoint was saved in {workdir}"
+    return f"the newest checkpoint in {workdir} is step {steps[-1]}; the same command resumes from it"
+
+
+def _not_an_interrupt(record: logging.LogRecord) -> bool:
+    """A logging filter: False (drop) for a record that carries a KeyboardInterrupt."""
+    return not (record.exc_info and record.exc_info[0] is KeyboardInterrupt)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # Ctrl-C while Orbax waits for a background save makes it log the KeyboardInterrupt's traceback as an error;
+    # the interrupt is reported once, by the line below.
+    logging.getLogger("absl").addFilter(_not_an_interrupt)
+    try:
+        return _main(args)
+    except KeyboardInterrupt:
+        from infer.common import interrupted
+
+        return interrupted(_after_interrupt(args.workdir))
+
+
+def _main(args: argparse.Namespace) -> int:
     from tidar_jax.config import ConfigError
 
     try:
@@ -99,6 +129,7 @@ def main(argv=None) -> int:
     if distributed:
         _start_distributed(args)  # before any other jax call (plan_run reads checkpoints via Orbax)
 
+    from infer.common import OutputError, check_writable
     from tidar_jax.checkpoint.store import CheckpointError
     from tidar_jax.config import to_yaml
     from tidar_jax.data.corpora import DataError
@@ -115,10 +146,12 @@ def main(argv=None) -> int:
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
+        # A read-only WORKDIR (or parent) fails now rather than at the first metrics line; nothing is created yet.
+        check_writable(args.workdir, "--workdir", directory=True, create=False)
         from tidar_jax.training.loop import train
 
         result = train(plan, stop_at_step=args.stop_at_step, progress=not args.no_progress)
-    except (ConfigError, CheckpointError, DataError, TokenizerError) as e:
+    except (ConfigError, CheckpointError, DataError, TokenizerError, OutputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     last = next((r for r in reversed(result.records) if "loss" in r), None)

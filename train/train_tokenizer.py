@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from infer.common import check_writable, fail
 from tidar_jax.config import DataConfig
 from tidar_jax.data.corpora import CORPORA, DataError, load_corpus_documents, split_documents
 from tidar_jax.data.tokenizer import TokenizerError, train_bpe
@@ -43,6 +44,10 @@ def main(argv=None) -> int:
     if out.exists() and not args.force:
         print(f"error: {out} exists; pass --force to overwrite it", file=sys.stderr)
         return 2
+    try:
+        check_writable(out, "--out")  # before the corpus is read and the BPE trained, not after
+    except ValueError as e:
+        return fail(e)
     data_cfg = DataConfig(corpus=args.corpus, paths=tuple(args.paths), holdout_fraction=args.holdout_fraction,
                           seed=args.seed)
     start = time.perf_counter()

@@ -77,16 +77,83 @@ def apply_chat_template(tokenizer_dir: str | Path, messages: Sequence[Mapping[st
         raise ChatTemplateError(f"chat template of {tokenizer_dir} failed: {e}") from None
 
 
+# Private-use characters placed around each message's content in a second rendering, to find where the contents
+# landed in the prompt text (inside any whitespace, so that a template's `| trim` keeps them).
+_OPEN, _CLOSE = "\ue000", "\ue001"
+
+
+def _marked(content):
+    """`content` with _OPEN / _CLOSE around its non-blank middle (blank or non-text contents as they are)."""
+    if not isinstance(content, str) or not content.strip():
+        return content
+    start, end = len(content) - len(content.lstrip()), len(content.rstrip())
+    return content[:start] + _OPEN + content[start:end] + _CLOSE + content[end:]
+
+
+def _content_spans(tokenizer_dir, messages, add_generation_prompt: bool, text: str) -> list[tuple[int, int]] | None:
+    """[start, end) character spans of `text` (the rendered chat) that come from message contents, or None when
+    they cannot be told apart from the template's own text (the template rewrites contents beyond trimming, or a
+    content holds a marker character)."""
+    if any(_OPEN in str(m.get("content", "")) or _CLOSE in str(m.get("content", "")) for m in messages):
+        return None
+    marked = apply_chat_template(tokenizer_dir, [{**m, "content": _marked(m.get("content"))} for m in messages],
+                                 add_generation_prompt)
+    spans, plain, start = [], [], None
+    for ch in marked:
+        if ch == _OPEN and start is None:
+            start = len(plain)
+        elif ch == _CLOSE and start is not None:
+            spans.append((start, len(plain)))
+            start = None
+        elif ch in (_OPEN, _CLOSE):
+            return None
+        else:
+            plain.append(ch)
+    return spans if start is None and "".join(plain) == text else None
+
+
 def encode_chat(tokenizer_dir: str | Path, messages: Sequence[Mapping[str, str]],
-                add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of the rendered chat, with the template's special tokens (e.g. <|im_start|>) as their ids.
+                add_generation_prompt: bool = True, special_tokens_in_content: bool = False) -> list[int]:
+    """Token ids of the rendered chat, with the template's special tokens (e.g. <|im_start|>) as their ids, and the
+    message contents as plain text: a special-token string typed inside a message (`<|im_end|>`, `<|im_start|>
+    system`) is encoded as ordinary text, as `Tokenizer.encode` does, so a message cannot close its turn or open
+    another role. `special_tokens_in_content` lets such strings become special tokens (trusted text only).
 
-    `tidar_jax.data.tokenizer.Tokenizer.encode` deliberately encodes special-token strings as plain text, which would
-    break a chat prompt; this reads tokenizer_dir/tokenizer.json directly and lets them match. The template's own
-    leading bos (if any) is kept; nothing else is added.
+    Where the contents hold no special-token string the ids are exactly those of encoding the rendered text with
+    special tokens matched. Raises ChatTemplateError when a content holds one but the template rewrites contents
+    so that they cannot be located in the prompt. The template's own leading bos (if any) is kept; nothing else
+    is added.
     """
-    from tokenizers import Tokenizer
+    from tidar_jax.data.tokenizer import Tokenizer, check_text
 
+    for i, message in enumerate(messages):
+        if isinstance(message.get("content"), str):
+            check_text(message["content"], f"message {i}")
     text = apply_chat_template(tokenizer_dir, messages, add_generation_prompt)
-    tokenizer = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
-    return tokenizer.encode(text, add_special_tokens=False).ids
+    tokenizer = Tokenizer.from_file(Path(tokenizer_dir) / "tokenizer.json").hf_tokenizer
+    tokenizer.encode_special_tokens = False  # the template's special-token strings become their ids
+    encoding = tokenizer.encode(text, add_special_tokens=False)
+    if special_tokens_in_content:
+        return encoding.ids
+    special = {i for i, token in tokenizer.get_added_tokens_decoder().items() if token.special}
+    found = [(i, a, b) for i, (a, b) in zip(encoding.ids, encoding.offsets) if i in special]
+    spans = _content_spans(tokenizer_dir, messages, add_generation_prompt, text)
+    if spans is None:
+        injected = next((t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special and any(
+            t.content in str(m.get("content", "")) for m in messages)), None)
+        if injected is not None:
+            raise ChatTemplateError(f"a message holds the special-token string {injected!r}, and the chat template "
+                                    f"of {tokenizer_dir} rewrites message contents, so it cannot be kept as text: "
+                                    "remove it (or allow special tokens in messages, for trusted text)")
+        return encoding.ids
+    template_specials = [(i, a, b) for i, a, b in found if not any(a < end and b > start for start, end in spans)]
+    if len(template_specials) == len(found):
+        return encoding.ids
+    # Re-encode the text between the template's own special tokens with special-token matching off, as the
+    # tokenizer splits at those tokens anyway: contents become plain text and everything else keeps its ids.
+    tokenizer.encode_special_tokens = True
+    ids, pos = [], 0
+    for token_id, a, b in template_specials:
+        ids += tokenizer.encode(text[pos:a], add_special_tokens=False).ids + [token_id]
+        pos = b
+    return ids + tokenizer.encode(text[pos:], add_special_tokens=False).ids

@@ -27,7 +27,19 @@ _BYTE_ALPHABET = 256
 
 
 class TokenizerError(ValueError):
-    """A tokenizer file is missing or corrupt; the message names the file."""
+    """A tokenizer file is missing or corrupt (the message names the file), or the text given to it is not text."""
+
+
+def check_text(text: str, what: str = "text") -> None:
+    """Raises TokenizerError naming `what` unless `text` is a str the tokenizer can encode: valid Unicode, without
+    the lone surrogates that Python makes of bytes that are not UTF-8 (a non-UTF-8 terminal or file)."""
+    if not isinstance(text, str):
+        raise TokenizerError(f"{what} must be a string, got {type(text).__name__}: {text!r:.60}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start:e.end].encode("utf-8", "surrogateescape")
+        raise TokenizerError(f"{what} is not valid UTF-8 text (bytes {bad!r} at character {e.start})") from None
 
 
 class Tokenizer:
@@ -67,11 +79,16 @@ class Tokenizer:
         return hashlib.sha256(self._tok.to_str().encode()).hexdigest()
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; TokenizerError (see `check_text`) for anything but valid text."""
+        check_text(text)
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Encodes many texts in parallel (Rust threads); same ids as `encode` on each."""
-        return [e.ids for e in self._tok.encode_batch_fast(list(texts), add_special_tokens=False)]
+        texts = list(texts)
+        for i, text in enumerate(texts):
+            check_text(text, f"text {i}")
+        return [e.ids for e in self._tok.encode_batch_fast(texts, add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)

@@ -14,7 +14,8 @@ model_args (all optional but `checkpoint`):
                    --batch_size, whose default is 1; "auto" means 8)
     max_length     context window for scoring and prompts (default: the checkpoint's data.seq_len); longer inputs
                    keep their last max_length tokens, loglikelihood_rolling cuts documents into windows of it
-    max_gen_toks   default generation limit when a task sets none (default 256)
+    max_gen_toks   default generation limit when a task sets none (default 256); any limit is cut, with a
+                   warning, to what the checkpoint's decode.max_cache_len leaves after max_length + two blocks
     beta, block_size, allow_block_size_mismatch, seed, chunk_forwards   as in infer.generate / infer.humaneval
 Params are restored with `load_for_inference` onto the local devices (replicated).
 
@@ -102,6 +103,9 @@ class TidarLM(TemplateLM):
             raise ValueError("tidar_jax needs model_args checkpoint=DIR")
         if mode not in MODES:
             raise ValueError(f"tidar_jax mode must be one of {MODES}, got {mode!r}")
+        if mode == "ar" and beta is not None:  # refused, not ignored: AR decoding has no diffusion logits to mix
+            raise ValueError("tidar_jax: beta mixes diffusion logits into TiDAR's verifier; mode=ar has none, so it "
+                             "would be ignored: drop beta or use mode=tidar")
         if unused:
             log.warning("tidar_jax: ignoring model_args %s", sorted(unused))
         if device is not None:
@@ -227,6 +231,20 @@ class TidarLM(TemplateLM):
 
     # ----- generation --------------------------------------------------------------------------------------------
 
+    def _bounded(self, max_gen_toks: int) -> int:
+        """`max_gen_toks` cut, with a warning, to what the checkpoint's decode.max_cache_len leaves after a prompt of
+        max_length tokens and two blocks: a task's limit never grows the KV cache past the configured one."""
+        k = self.config.decode.block_size or self.config.model.block_size
+        room = self.config.decode.max_cache_len - self._max_length - 2 * k
+        if max_gen_toks <= room:
+            return max_gen_toks
+        if room < 1:
+            raise ValueError(f"tidar_jax: prompts of max_length {self._max_length} tokens leave no room to generate in "
+                             f"decode.max_cache_len {self.config.decode.max_cache_len}: lower max_length")
+        log.warning("tidar_jax: max_gen_toks %d cut to %d: that fills decode.max_cache_len=%d after prompts of "
+                    "max_length=%d tokens", max_gen_toks, room, self.config.decode.max_cache_len, self._max_length)
+        return room
+
     def _decoder(self, max_gen_toks: int) -> BatchDecoder:
         """One Generator per generation limit (its capacity), prompt buckets up to max_length."""
         if max_gen_toks not in self._decoders:
@@ -256,7 +274,7 @@ class TidarLM(TemplateLM):
             if ignored:
                 log.warning("tidar_jax: ignoring generation kwargs %s", ignored)
             until = [s for s in kwargs["until"] if s]
-            max_gen = int(kwargs["max_gen_toks"])
+            max_gen = self._bounded(int(kwargs["max_gen_toks"]))
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
             knobs = {"temperature": temperature, "top_k": kwargs.get("top_k"), "top_p": kwargs.get("top_p")}
             decoder = self._decoder(max_gen)

@@ -41,20 +41,37 @@ def problems_path() -> Path:
     return path
 
 
+REQUIRED_FIELDS = ("task_id", "prompt", "entry_point", "test")
+
+
 def load_problems(path: str | Path | None = None) -> list[dict[str, str]]:
-    """The problems in file order: dicts with task_id, prompt, entry_point, canonical_solution, test."""
+    """The problems in file order: dicts with task_id, prompt, entry_point, canonical_solution, test.
+
+    Raises HumanEvalError naming the file (and the line) for a file that cannot be read as UTF-8 JSON lines, a
+    line that is not a JSON object, a missing or non-string required field, or a task_id used twice (each problem
+    must count once in pass@1)."""
     path = Path(path) if path is not None else problems_path()
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rt", encoding="utf-8") as f:
-            problems = [json.loads(line) for line in f if line.strip()]
-    except (OSError, json.JSONDecodeError, EOFError) as e:
+            lines = [(n, json.loads(line)) for n, line in enumerate(f, 1) if line.strip()]
+    except (OSError, json.JSONDecodeError, EOFError, UnicodeDecodeError) as e:
         raise HumanEvalError(f"cannot read HumanEval problems from {path}: {e}") from None
-    for p in problems:
-        missing = {"task_id", "prompt", "entry_point", "test"} - set(p)
+    first_line: dict[str, int] = {}
+    for n, p in lines:
+        if not isinstance(p, dict):
+            raise HumanEvalError(f"{path} line {n}: a problem must be a JSON object, got {json.dumps(p):.40}")
+        missing = [k for k in REQUIRED_FIELDS if k not in p]
         if missing:
-            raise HumanEvalError(f"{path}: problem {p.get('task_id', '?')} lacks {sorted(missing)}")
-    return problems
+            raise HumanEvalError(f"{path} line {n}: problem {p.get('task_id', '?')} lacks {missing}")
+        not_text = [k for k in REQUIRED_FIELDS if not isinstance(p[k], str)]
+        if not_text:
+            raise HumanEvalError(f"{path} line {n}: problem {p['task_id']!r}: {not_text} must be strings")
+        if p["task_id"] in first_line:
+            raise HumanEvalError(f"{path} line {n}: task_id {p['task_id']!r} repeats line {first_line[p['task_id']]}; "
+                                 "each problem must appear once")
+        first_line[p["task_id"]] = n
+    return [p for _, p in lines]
 
 
 def truncate_completion(text: str, stops: Sequence[str] = STOP_SEQUENCES) -> str:

@@ -96,7 +96,8 @@ def read_gguf(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
 
     path = Path(path)
     if not path.is_file():
-        raise ConversionError(f"GGUF file not found: {path}")
+        raise ConversionError(f"{path} is a directory, not a GGUF file (a Hugging Face model directory is imported "
+                              "with --from hf)" if path.is_dir() else f"GGUF file not found: {path}")
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:  # the reader raises ValueError / struct errors for non-GGUF bytes

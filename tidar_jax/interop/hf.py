@@ -36,6 +36,7 @@ from flax import nnx
 from tidar_jax.config import ModelConfig
 from tidar_jax.interop.hf_config import (
     DEFAULT_BLOCK_SIZE,
+    DEFAULT_CONTEXT,
     ConversionError,
     hf_config_from_model_config,
     model_config_from_hf,
@@ -135,18 +136,35 @@ def _adapter_keys(cfg: ModelConfig) -> list[tuple]:
             if is_trainable(_path_key(path))]
 
 
+def _tensor_name(tensors: Mapping[str, np.ndarray], name: str) -> str:
+    """`tensor 'NAME'`, plus ` in FILE` when `tensors` knows the file it comes from (SafetensorsCheckpoint)."""
+    where = getattr(tensors, "file_of", None)
+    return f"tensor {name!r}" + (f" in {where(name)}" if where is not None else "")
+
+
 def params_from_hf_tensors(cfg: ModelConfig, tensors: Mapping[str, np.ndarray]) -> nnx.State:
     """nnx.State of `Transformer(cfg)` (with its sharding metadata) from HF-named tensors; `cfg.vocab_size` must
     equal the tensors' vocabulary. Every tensor must be used (except a tied lm_head and rotary caches). With
-    `cfg.adapter_rank` > 0 the adapter leaves come from `tidar_adapters.*` tensors (see `export_hf_checkpoint`)."""
-    arrays, used = {}, set()
+    `cfg.adapter_rank` > 0 the adapter leaves come from `tidar_adapters.*` tensors (see `export_hf_checkpoint`).
+    Raises ConversionError naming the tensor (and its file) for a missing, unexpected or wrongly shaped tensor, and
+    for one holding NaN or infinite values (a model that would only ever output NaN)."""
+    arrays, used, names = {}, set(), {}
     rules = [(key, name, to_ours) for key, name, to_ours, _ in _weight_rules(cfg)]
     rules += [(key, _adapter_name(key), lambda w: w) for key in _adapter_keys(cfg)]
     for key, name, to_ours in rules:
         if name not in tensors:
             raise ConversionError(f"checkpoint lacks tensor {name!r} needed by a {cfg.n_layers}-layer model")
-        arrays[key] = np.asarray(to_ours(tensors[name])).astype(jnp.dtype(cfg.param_dtype))
+        w = tensors[name]
+        try:
+            arrays[key] = np.asarray(to_ours(w)).astype(jnp.dtype(cfg.param_dtype))
+        except ValueError:  # a reshape that cannot hold the tensor: its shape is not the config's
+            raise ConversionError(f"{_tensor_name(tensors, name)} has shape {tuple(w.shape)}, which does not fit "
+                                  f"the model config.json describes (d_model {cfg.d_model}, {cfg.n_heads} heads, "
+                                  f"{cfg.n_kv_heads} kv heads of {cfg.head_dim})") from None
+        if not np.isfinite(arrays[key]).all():
+            raise ConversionError(f"{_tensor_name(tensors, name)} holds NaN or infinite values")
         used.add(name)
+        names[key] = name
     ignorable = {"lm_head.weight"} if cfg.tie_embeddings else set()
     unexpected = sorted(n for n in tensors.keys()
                         if n not in used and n not in ignorable and not n.endswith(_IGNORED_SUFFIXES))
@@ -158,7 +176,8 @@ def params_from_hf_tensors(cfg: ModelConfig, tensors: Mapping[str, np.ndarray]) 
     def fill(path, leaf):
         array = arrays[_path_key(path)]
         if array.shape != leaf.shape:
-            raise ConversionError(f"{'.'.join(map(str, _path_key(path)))}: checkpoint shape {array.shape} does "
+            raise ConversionError(f"{_tensor_name(tensors, names[_path_key(path)])} (our "
+                                  f"{'.'.join(map(str, _path_key(path)))}): shape {array.shape} after conversion does "
                                   f"not match the config's {leaf.shape}")
         return jnp.asarray(array)
 
@@ -185,13 +204,15 @@ class SafetensorsCheckpoint(Mapping):
     not); each tensor is read from disk when asked for, so a large checkpoint never sits in memory twice."""
 
     def __init__(self, directory: str | Path):
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        self._open = safe_open
+        self._open, self._error = safe_open, (SafetensorError, OSError)
         directory = Path(directory)
         index = directory / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ConversionError(f"{index} has no weight_map object")
             self._where = {name: directory / f for name, f in weight_map.items()}
         else:
             files = sorted(directory.glob("*.safetensors"))
@@ -201,16 +222,31 @@ class SafetensorsCheckpoint(Mapping):
                 raise ConversionError(f"no *.safetensors weights in {directory}{hint}")
             self._where = {}
             for f in files:
-                with safe_open(f, framework="flax") as handle:
+                with self._opened(f) as handle:
                     self._where.update({name: f for name in handle.keys()})
         missing = sorted({str(f) for f in self._where.values() if not f.is_file()})
         if missing:
             raise ConversionError(f"safetensors shards listed in the index are missing: {missing}")
 
+    def _opened(self, file: Path):
+        """safe_open of `file`; ConversionError naming it when it is truncated or not safetensors."""
+        try:
+            # framework="flax" reads bfloat16, which safetensors' numpy backend rejects.
+            return self._open(file, framework="flax")
+        except self._error as e:
+            raise ConversionError(f"cannot read {file} as safetensors (truncated or damaged?): {e}") from None
+
+    def file_of(self, name: str) -> Path:
+        """The file that holds tensor `name`."""
+        return self._where[name]
+
     def __getitem__(self, name: str) -> np.ndarray:
-        # framework="flax" reads bfloat16, which safetensors' numpy backend rejects; device_get gives host numpy.
-        with self._open(self._where[name], framework="flax") as handle:
-            return np.asarray(jax.device_get(handle.get_tensor(name)))
+        with self._opened(self._where[name]) as handle:
+            try:
+                tensor = handle.get_tensor(name)
+            except self._error as e:  # the data cut off after an intact header
+                raise ConversionError(f"cannot read tensor {name!r} from {self._where[name]}: {e}") from None
+        return np.asarray(jax.device_get(tensor))  # device_get gives host numpy
 
     def __iter__(self):
         return iter(self._where)
@@ -254,6 +290,7 @@ class _Grown(Mapping):
 
     def __init__(self, tensors: Mapping[str, np.ndarray], rows: int):
         self._tensors, self._rows = tensors, rows
+        self.file_of = getattr(tensors, "file_of", None)  # error messages still name the file of a tensor
 
     def __getitem__(self, name: str) -> np.ndarray:
         w = self._tensors[name]
@@ -292,6 +329,14 @@ def convert_hf(hf_config: dict, tensors: Mapping[str, np.ndarray], tokenizer_fil
         tensors = _Grown(tensors, rows)
     if block_size is None:
         block_size = int(hf_config.get("tidar_block_size", DEFAULT_BLOCK_SIZE))
+    # A TiDAR step feeds K drafts + K*K proposal tokens at positions the model must know: past its trained context
+    # no decode could run (and K = 100000 would ask for 10^10 tokens per step).
+    context = int(hf_config.get("max_position_embeddings") or DEFAULT_CONTEXT)
+    if block_size * (block_size + 1) > context:
+        largest = int(((4 * context + 1) ** 0.5 - 1) / 2)
+        raise ConversionError(f"block size {block_size}: a TiDAR step of K + K*K = {block_size * (block_size + 1)} "
+                              f"tokens exceeds the model's context of {context} positions (max_position_embeddings); "
+                              f"choose K <= {largest}")
     cfg = model_config_from_hf(hf_config, rows, block_size=block_size, param_dtype=param_dtype,
                                compute_dtype=compute_dtype, mask_token_id=mask, eos_token_id=eos_token_id,
                                pad_token_id=pad)

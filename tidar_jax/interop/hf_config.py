@@ -7,6 +7,8 @@ from tidar_jax.config import ModelConfig, validate_model
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 DEFAULT_BLOCK_SIZE = 4
+# max_position_embeddings of a config.json without one: transformers' Qwen default, the largest of the families.
+DEFAULT_CONTEXT = 32768
 
 
 class ConversionError(ValueError):
@@ -96,6 +98,6 @@ def hf_config_from_model_config(cfg: ModelConfig, dtype: str = "float32", base: 
     })
     if cfg.adapter_rank > 0:
         out.update(tidar_adapter_rank=cfg.adapter_rank, tidar_adapter_alpha=cfg.adapter_alpha)
-    out.setdefault("max_position_embeddings", 32768)
+    out.setdefault("max_position_embeddings", DEFAULT_CONTEXT)
     out.pop("layer_types", None)  # rebuilt by transformers from num_hidden_layers
     return out
