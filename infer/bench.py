@@ -79,6 +79,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "models, so the strict float32 check is not judged on TF32 dots; the backend's "
                              "default otherwise)")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per measurement (after one warm-up)")
+    parser.add_argument("--cpu-kernels", nargs="+", choices=("auto", "on", "off"), metavar="MODE",
+                        help="run every method in each of these CPU kernel modes (auto: per shape, the faster of "
+                             "kernel and XLA as measured on this machine; on; off: plain XLA) as its own row; the "
+                             "speed-up is against the fastest AR row. Default: the $TIDAR_JAX_CPU_KERNELS mode only")
     parser.add_argument("--skip-generation", action="store_true", help="only the latency curve")
     parser.add_argument("--skip-latency", action="store_true", help="only the generation benchmark")
     parser.add_argument("--latency-checkpoint", help="checkpoint for the latency curve (default: the first one)")
@@ -177,60 +181,6 @@ def _label(path: str, bundle) -> str:
     return f"{name} ({bundle.config.train.objective}, K={bundle.config.model.block_size})"
 
 
-def _group(methods: dict, prompts: list[list[int]], batch: int, args) -> dict:
-    """Interleaved timing of `methods` {name: (decoder, mode)} on `batch` prompts; one dict of summaries."""
-    from tidar_jax.evals import benchmark
-    from tidar_jax.evals.likelihood import summarize_generation
-
-    def runner(name):
-        decoder, mode = methods[name]
-
-        def run(r: int):
-            rows = prompts[:batch] if batch > 1 else [prompts[r % len(prompts)]]
-            if mode == "spec":
-                return decoder.generate(rows, args.max_new_tokens, temperature=0.0)
-            return decoder.generate(rows, mode, args.max_new_tokens, temperature=0.0)
-        return run
-
-    runs = benchmark.interleaved({name: runner(name) for name in methods}, args.repeats)
-    round_prompts = [prompts[:batch] if batch > 1 else [prompts[r % len(prompts)]] for r in range(args.repeats)]
-    out = {}
-    ar_tps = [sum(len(t) for t in res.tokens) / sec for sec, res in runs["ar"]]
-    for name, results in runs.items():
-        tps = [sum(len(t) for t in res.tokens) / sec for sec, res in results]
-        last = summarize_generation(results[-1][1])
-        out[name] = {
-            "tokens_per_second": benchmark.median(tps), "tokens_per_second_all": tps,
-            "wall_time_s": benchmark.median([sec for sec, _ in results]),
-            "tokens_per_forward": sum(summarize_generation(res)["tokens_per_forward"] for _, res in results)
-            / len(results),
-            "speedup_vs_ar": benchmark.median([t / a for t, a in zip(tps, ar_tps)]),
-            "new_tokens": last["new_tokens"],
-            "forwards": benchmark.median([summarize_generation(res)["forwards"] for _, res in results]),
-            "acceptance_histogram": [sum(x) for x in zip(*(res.acceptance_histogram for _, res in results))],
-            "same_tokens_as_ar": all(res.tokens == ar.tokens for (_, res), (_, ar) in zip(results, runs["ar"])),
-            **_agreement(methods["ar"][0], round_prompts, results, runs["ar"], args.near_tie_epsilon)}
-        if "draft_forwards" in last:
-            out[name]["draft_forwards"] = last["draft_forwards"]
-    return out
-
-
-def _agreement(ar_generator, round_prompts, results, ar_results, epsilon) -> dict:
-    """agreement.compare of a method's rows with AR's over every timed round (rows repeated across rounds judged
-    once): exact_match_rows, near_tie_rows, mismatch_rows and the summary under "agreement"."""
-    from tidar_jax.evals import agreement
-
-    rows = {}
-    for prompts_r, (_, res), (_, ar) in zip(round_prompts, results, ar_results):
-        for p, a, t in zip(prompts_r, ar.tokens, res.tokens):
-            rows.setdefault((tuple(p), tuple(a), tuple(t)), None)
-    prompts, ar_tokens, tokens = zip(*rows) if rows else ((), (), ())
-    g = ar_generator
-    summary = agreement.compare(g.graphdef, g.params, g.model_cfg, prompts, ar_tokens, tokens, epsilon)
-    return {key: summary[key] for key in ("exact_match_rows", "near_tie_rows", "mismatch_rows")} | {
-        "agreement": summary}
-
-
 def run_generation(args, bundles: dict, draft, prompts: list[list[int]], progress) -> list[dict]:
     """Every (checkpoint, K, batch) group; returns one record per group."""
     from infer.common import decode_room
@@ -238,8 +188,10 @@ def run_generation(args, bundles: dict, draft, prompts: list[list[int]], progres
     from tidar_jax.decoding.generation import Generator
     from tidar_jax.decoding.spec_decode import SpecDecoder
     from tidar_jax.evals import agreement
+    from tidar_jax.evals.method_timing import time_methods
     from tidar_jax.evals.step_cost import step_costs
     from tidar_jax.layout import proposals
+    from tidar_jax.ops import kernel_choice
 
     # Every group's K and cache are checked before the first one runs: a refusal comes before any timing.
     groups = []
@@ -256,14 +208,17 @@ def run_generation(args, bundles: dict, draft, prompts: list[list[int]], progres
     records = []
     for path, bundle, k, dec in groups:
         m = bundle.config.model
-        generator = Generator(bundle.graphdef, bundle.params, m, dec, allow_block_size_mismatch=True)
+        tokenizer_size = bundle.tokenizer.vocab_size if bundle.tokenizer is not None else None
+        generator = Generator(bundle.graphdef, bundle.params, m, dec, allow_block_size_mismatch=True,
+                              tokenizer_size=tokenizer_size)
         methods = {"ar": (generator, "ar")}
         if bundle.config.train.objective == "tidar":
             methods["tidar"] = (generator, "tidar")
             for lengths in args.proposal_sets:
                 lengths = proposals.resolve_proposal_lengths(lengths, k, "--proposal-sets")
                 methods[_set_name(lengths)] = (Generator(bundle.graphdef, bundle.params, m, dataclasses.replace(
-                    dec, proposal_lengths=lengths), allow_block_size_mismatch=True), "tidar")
+                    dec, proposal_lengths=lengths), allow_block_size_mismatch=True, tokenizer_size=tokenizer_size),
+                    "tidar")
         if draft is not None and k >= 2:
             methods["spec"] = (SpecDecoder(bundle.graphdef, bundle.params, m, dec, draft.graphdef, draft.params,
                                            draft.config.model, k), "spec")
@@ -273,13 +228,15 @@ def run_generation(args, bundles: dict, draft, prompts: list[list[int]], progres
             cost = step_costs(m, k, dec.max_cache_len, batch, bucket, args.peak_tflops, args.bandwidth_gbs,
                               model=(bundle.graphdef, bundle.params))
             with agreement.matmul_precision(m.compute_dtype, args.matmul_precision):
-                group = _group(methods, prompts, batch, args)
+                group = time_methods(methods, prompts, batch, args.max_new_tokens, args.repeats,
+                                     args.near_tie_epsilon, tuple(args.cpu_kernels or [None]))
             records.append({"step_cost": cost, "checkpoint": path, "checkpoint_step": bundle.step,
                             "label": _label(path, bundle), "trained_block_size": m.block_size,
                             "objective": bundle.config.train.objective, "block_size": k, "batch_size": batch,
                             "compute_dtype": m.compute_dtype,
                             "matmul_precision": agreement.precision_name(m.compute_dtype, args.matmul_precision),
-                            "methods": group})
+                            "methods": group["methods"], "ar_baseline": group["baseline"],
+                            "cpu_kernels": kernel_choice.decisions()})
     return records
 
 

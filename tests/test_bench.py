@@ -60,6 +60,23 @@ def test_bench_cli_smoke(runs, tmp_path, capsys):
         assert (plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_kernel_modes_run_as_rows_against_the_fastest_ar(runs, tmp_path, capsys):
+    """--cpu-kernels on off: every method once per mode, all lossless; the speed-up baseline is the AR row with the
+    highest median tokens/s (itself exactly 1.0x)."""
+    out = tmp_path / "bench.json"
+    argv = ["--checkpoint", str(runs["tidar"][0]), "--batch-sizes", "1", "--repeats", "2", "--prompt-len", "8",
+            "--max-new-tokens", "6", "--skip-latency", "--no-progress", "--cpu-kernels", "on", "off",
+            "--json", str(out)]
+    assert bench.main(argv) == 0
+    assert "the fastest AR measured" in capsys.readouterr().out
+    (group,) = json.loads(out.read_text())["generation"]
+    methods = group["methods"]
+    assert set(methods) == {"ar [on]", "ar [off]", "tidar [on]", "tidar [off]"}
+    fastest = max(("ar [on]", "ar [off]"), key=lambda n: methods[n]["tokens_per_second"])
+    assert group["ar_baseline"] == fastest and methods[fastest]["speedup_vs_ar"] == 1.0
+    assert all(s["same_tokens_as_ar"] for s in methods.values())
+
+
 def test_block_size_other_than_trained_needs_the_flag(runs, capsys):
     argv = ["--checkpoint", str(runs["tidar"][0]), "--block-sizes", "2", "--skip-latency", "--no-progress",
             "--prompt-len", "8"]

@@ -43,7 +43,7 @@ from tidar_jax.model.init import abstract_model
 from tidar_jax.model.kv_cache import KVCache, init_cache
 from tidar_jax.model.layer_stacking import to_layout
 from tidar_jax.model.precision import inference_params
-from tidar_jax.ops import cpu_kernels
+from tidar_jax.ops import cpu_kernels, kernel_choice
 from tidar_jax.sharding import batch_shards, check_runtime, decode_shardings, named_sharding, place_params
 
 TokenCallback = Callable[[list[list[int]]], None]
@@ -223,7 +223,8 @@ class Generator:
         # The CPU kernels are read when a program is traced ($TIDAR_JAX_CPU_KERNELS: a toggle compiles anew) and kept
         # out of mesh programs (cpu_kernels.suspended: the partitioner would gather their operands).
         kernels = cpu_kernels.enabled() and self.mesh is None
-        signature = (self.graphdef, name, spec, self.mesh, kernels, treedef,
+        kernel_mode = kernel_choice.mode() if kernels else "off"  # auto and on trace different programs
+        signature = (self.graphdef, name, spec, self.mesh, kernel_mode, treedef,
                      tuple((leaf.shape, str(leaf.dtype), getattr(leaf, "sharding", None)) for leaf in leaves))
 
         def build():

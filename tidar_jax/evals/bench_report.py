@@ -22,6 +22,12 @@ def format_tables(report: dict) -> str:
             lines.append(f"  {name:<{w}}{s['tokens_per_second']:>10.1f}{s['speedup_vs_ar']:>15.2f}x"
                          f"{s['tokens_per_forward']:>16.2f}{s['forwards']:>10}{s.get('draft_forwards', '-'):>10}"
                          f"  {agreement.describe(s['agreement'])}")
+        if len(ms) > 1 and "ar_baseline" in g:
+            used = g.get("cpu_kernels", {}).get("choices", {})
+            kernel = sum(c["choice"] == "kernel" for c in used.values())
+            lines.append(f"  speed-up against {g['ar_baseline']}, the fastest AR measured; CPU kernels chosen by "
+                         f"measurement ran {kernel} of {len(used)} shapes" if used else
+                         f"  speed-up against {g['ar_baseline']}, the fastest AR measured")
     lat = report.get("latency")
     if lat:
         prefixes = list(lat["curves"])
@@ -44,7 +50,7 @@ def write_plots(report: dict, plot_dir: str) -> list[str]:
     device = d["processor"] if d["backend"] == "cpu" else f"{d['backend']}: {d['device_kind']}"
     if report.get("generation"):
         rows = [{"label": f"{Path(g['checkpoint']).name} K={g['block_size']}", "batch_size": g["batch_size"],
-                 "speedup": {n: s["speedup_vs_ar"] for n, s in g["methods"].items() if n != "ar"},
+                 "speedup": {n: s["speedup_vs_ar"] for n, s in g["methods"].items() if not n.startswith("ar")},
                  "tokens_per_forward": {n: s["tokens_per_forward"] for n, s in g["methods"].items()}}
                 for g in report["generation"]]
         path = str(Path(plot_dir) / "bench_speedup.png")
