@@ -186,6 +186,7 @@ def run(args: argparse.Namespace) -> dict:
     from tidar_jax.decoding.generation import Generator
     from tidar_jax.layout.masks import step_query_count
     from tidar_jax.model.transformer import resolved_config
+    from tidar_jax.ops import kernel_choice
     from tidar_jax.ops.attention import auto_uses_kernel
 
     mesh = _mesh(args)
@@ -216,8 +217,12 @@ def run(args: argparse.Namespace) -> dict:
         "attention_impl": resolved_config(generator.model_cfg).attention_impl,
         "compute_dtype": generator.model_cfg.compute_dtype,
         "scan_layers": generator.model_cfg.scan_layers,
-        # Whether the decode step's attention ran on the CPU kernel (never in mesh programs).
-        "cpu_attention_kernel": mesh is None and auto_uses_kernel(m.head_dim, m.n_heads, step_tokens, m.compute_dtype),
+        # Whether the decode step's attention ran on the CPU kernel (never in mesh programs; in mode auto, where it
+        # was measured faster), and every kernel choice this process measured or read.
+        "cpu_attention_kernel": mesh is None and auto_uses_kernel(m.head_dim, m.n_heads, step_tokens, m.compute_dtype)
+        and (kernel_choice.mode() == "on" or any(key.startswith("attention") and c["choice"] == "kernel"
+                                                 for key, c in kernel_choice.decisions()["choices"].items())),
+        "cpu_kernels": kernel_choice.decisions(),
     }
 
 
