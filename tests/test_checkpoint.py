@@ -343,6 +343,10 @@ CHILD = textwrap.dedent("""
     ckpt.save(1, {"step": np.int32(1), "w": np.arange(1024, dtype=np.float32)}, {"pos": 1}, cfg)
     ckpt.wait()
     ckpt.save(2, {"step": np.int32(2), "w": np.zeros(1024, np.float32)}, {"pos": 2}, cfg)
+    import time
+    deadline = time.time() + 60  # the background write creates step 2's temporary directory (later under load)
+    while not any(n.startswith("2.") for n in os.listdir(ckpt.directory)) and time.time() < deadline:
+        time.sleep(0.05)
     print("LISTING", sorted(os.listdir(ckpt.directory)), flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
 """)
