@@ -363,3 +363,15 @@ def test_greedy_decoding_never_emits_a_non_token_the_model_prefers(padded_genera
     biased = Generator(generator.graphdef, params, cfg, generator.decode_cfg, tokenizer_size=generator.token_limit)
     emitted = {t for row in biased.generate(prompts, mode, 16).tokens for t in row}
     assert emitted and emitted <= allowed, sorted(emitted - allowed)
+
+
+def test_generator_refuses_pad_ids_and_seeds_that_do_not_fit_a_key(padded_generator):
+    generator, _ = padded_generator
+    pad = generator.model_cfg.pad_token_id
+    assert pad != generator.model_cfg.eos_token_id
+    with pytest.raises(ValueError, match=f"pad id {pad}"):
+        generator.generate([[5, pad, 7]], "ar", 4)
+    for seed in (2**32, -1, 2**70, 1.5, True):  # 2**32 would silently be the key of seed 0
+        with pytest.raises(ValueError, match="seed must be an integer"):
+            generator.generate([[5, 6, 7]], "ar", 4, seed=seed, temperature=1.0)
+    assert generator.generate([[5, 6, 7]], "ar", 4, seed=2**32 - 1, temperature=1.0).tokens

@@ -167,6 +167,9 @@ class Generator:
             if cfg.mask_token_id in row:
                 raise ValueError(f"prompt {i} contains the mask token id {cfg.mask_token_id}, which is reserved for "
                                  "diffusion drafting")
+            if cfg.pad_token_id != cfg.eos_token_id and cfg.pad_token_id in row:
+                raise ValueError(f"prompt {i} contains the pad id {cfg.pad_token_id}, which is not a token of text "
+                                 "(the batch is padded for you)")
         return rows
 
     def batch_bucket(self, rows: int) -> int:
@@ -274,7 +277,7 @@ class Generator:
                              f"decode.max_cache_len={dec.max_cache_len}")
         state = self._run_compiled("prefill", decode.prefill, spec.for_prefill(), 1, self.params, self.place(cache),
                                    self.place(batch.prompts, ("batch", None)), self.place(batch.lengths, ("batch",)),
-                                   self.place(batch.limits, ("batch",)), self.place(jax.random.key(seed)),
+                                   self.place(batch.limits, ("batch",)), self.place(prng_key(seed)),
                                    self.place(sp))
         return state, spec, sp
 
@@ -323,6 +326,14 @@ class Generator:
         wall = time.perf_counter() - start - compile_time
         return GenerationResult(**summary(host, len(prompts), wall), mode=mode, block_size=spec.num_drafts,
                                 compile_time_s=compile_time)
+
+
+def prng_key(seed) -> jax.Array:
+    """The PRNG key of an integer seed in [0, 2**32), the seeds that give distinct keys (JAX keeps 32 bits of a seed:
+    2**32 would be the key of 0); ValueError otherwise, as the CLIs' --seed."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**32:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+    return jax.random.key(int(seed))
 
 
 def _round_up(n: int, multiple: int) -> int:

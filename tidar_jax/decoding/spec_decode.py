@@ -30,7 +30,7 @@ from flax import nnx, struct
 from tidar_jax.config import DecodeConfig, ModelConfig
 from tidar_jax.decoding import decode, sampling
 from tidar_jax.decoding.decode import DecodeSpec, DecodeState
-from tidar_jax.decoding.generation import GenerationResult, Generator, in_decoding_layout, summary
+from tidar_jax.decoding.generation import GenerationResult, Generator, in_decoding_layout, prng_key, summary
 from tidar_jax.decoding.sampling import SamplingParams
 from tidar_jax.layout import masks
 from tidar_jax.model.kv_cache import KVCache, init_cache
@@ -211,7 +211,7 @@ class SpecDecoder(Generator):
         caches = (init_cache(self.model_cfg, len(batch.lengths), dec.max_cache_len),
                   init_cache(self.draft_cfg, len(batch.lengths), dec.max_cache_len))
         state = self._run_compiled("spec_prefill", spec_prefill, spec, (2, 3), self.params, self.draft_params,
-                                   *caches, batch.prompts, batch.lengths, batch.limits, jax.random.key(seed), sp)
+                                   *caches, batch.prompts, batch.lengths, batch.limits, prng_key(seed), sp)
         state = self._run_compiled("spec_loop", spec_loop, spec, 2, self.params, self.draft_params, state, sp,
                                    np.int32(spec.capacity + 1))
         host = jax.device_get(state.replace(draft_cache=None, base=state.base.replace(cache=None, draft_probs=None,
