@@ -45,6 +45,7 @@ from tidar_jax.checkpoint.inference import load_for_inference  # noqa: E402
 from tidar_jax.decoding import decode  # noqa: E402
 from tidar_jax.decoding.generation import in_decoding_layout  # noqa: E402
 from tidar_jax.decoding.sampling import SamplingParams  # noqa: E402
+from tidar_jax.decoding.spec import DecodeSpec
 from tidar_jax.model.kv_cache import init_cache  # noqa: E402
 from tidar_jax.model.precision import inference_params  # noqa: E402
 from tidar_jax.model.transformer import create_model  # noqa: E402
@@ -151,7 +152,7 @@ def _decode_loop_runner(graphdef, params, cfg, mode: str, slots: int, prefix: in
     """(run the greedy decode loop for `steps` forwards after a `prefix`-token prefill, its optimized HLO,
     steps); compiled and run once before."""
     # Room for `steps` full acceptances, and no EOS: every row runs exactly `steps` forwards.
-    spec = dataclasses.replace(decode.DecodeSpec.create(mode, cfg.block_size, True, (steps + 2) * cfg.block_size,
+    spec = dataclasses.replace(DecodeSpec.create(mode, cfg.block_size, True, (steps + 2) * cfg.block_size,
                                                         cfg), eos_token_id=-1)
     sp = SamplingParams.create()
     prompts = jnp.asarray(np.random.default_rng(0).integers(3, cfg.mask_token_id, (1, prefix)), jnp.int32)

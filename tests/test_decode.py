@@ -18,6 +18,7 @@ from markov import CHAIN_STATES, SUCCESSORS, scaled_random_model, trained_model
 
 from tidar_jax import config as config_lib
 from tidar_jax.decoding import decode, generation, sampling
+from tidar_jax.decoding.spec import DecodeSpec
 from tidar_jax.decoding.generation import Generator
 from tidar_jax.layout import masks
 from tidar_jax.model.kv_cache import init_cache
@@ -383,7 +384,7 @@ def test_head_on_read_rows_equals_full_logits_reference(cfg, trained_params, pro
     3K-1 read rows) and one pass on every row (small steps)."""
     graphdef, params = trained_params
     k, mask_id = block_size, cfg.model.mask_token_id
-    spec = decode.DecodeSpec.create("tidar", k, True, 32, cfg.model, split_head_min_rows=0 if split_head else 10**9)
+    spec = DecodeSpec.create("tidar", k, True, 32, cfg.model, split_head_min_rows=0 if split_head else 10**9)
     prefill = jax.jit(functools.partial(decode.prefill, graphdef, spec=spec))
     step = jax.jit(functools.partial(decode.decode_step, graphdef, spec=spec))
     bucket = 16 if max(map(len, prompts)) > 8 else 8

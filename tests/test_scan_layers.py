@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from tidar_jax.checkpoint.inference import load_for_inference, save_inference_checkpoint
+from tidar_jax.checkpoint.manifest import MANIFEST_NAME
 from tidar_jax.config import MeshConfig, replace
 from tidar_jax.decoding.generation import Generator
 from tidar_jax.decoding.spec_decode import SpecDecoder
@@ -254,6 +255,7 @@ def test_checkpoints_load_into_either_layout(cfgs, params, tmp_path):
     data = json.loads(config_file.read_text())
     del data["model"]["scan_layers"], data["model"]["remat_policy"]  # an old workdir: it never heard of them
     config_file.write_text(json.dumps(data))
+    (old / "checkpoints" / "0" / MANIFEST_NAME).unlink()  # nor of checksum manifests
     save_inference_checkpoint(new, scfg, params)  # unrolled params given, saved stacked
     tokens = _tokens(seed=2)
     expected = None

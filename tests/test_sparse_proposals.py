@@ -18,6 +18,7 @@ from test_masks import reference_step
 
 from tidar_jax import config as config_lib
 from tidar_jax.decoding import decode, generation, sampling
+from tidar_jax.decoding.spec import DecodeSpec
 from tidar_jax.decoding.generation import Generator
 from tidar_jax.layout import proposals
 from tidar_jax.model.kv_cache import init_cache
@@ -88,7 +89,7 @@ def test_sparse_step_equals_reference(cfg, trained_params, block_size, lengths, 
     and cursors equal the reference step, both LM-head paths (split / one pass); the step feeds K + |A|*K tokens."""
     graphdef, params = trained_params
     k, mask_id = block_size, cfg.model.mask_token_id
-    spec = decode.DecodeSpec.create("tidar", k, True, 32, cfg.model, split_head_min_rows=0 if split_head else 10**9,
+    spec = DecodeSpec.create("tidar", k, True, 32, cfg.model, split_head_min_rows=0 if split_head else 10**9,
                                     proposal_lengths=lengths)
     assert spec.lengths == lengths and spec.sparse == (lengths != tuple(range(1, k + 1)))
     step = jax.jit(functools.partial(decode.decode_step, graphdef, spec=spec))
@@ -116,7 +117,7 @@ def test_full_set_is_the_default_program(cfg, trained_params):
     """decode.proposal_lengths = all of 1..K is the default spec (one compiled program, today's step, which
     test_decode checks against its own reference), also when sampling with beta < 1."""
     model_cfg = cfg.model
-    specs = {decode.DecodeSpec.create("tidar", 4, False, 20, model_cfg, proposal_lengths=x)
+    specs = {DecodeSpec.create("tidar", 4, False, 20, model_cfg, proposal_lengths=x)
              for x in (None, (), (1, 2, 3, 4), [1, 2, 3, 4])}
     assert len(specs) == 1
     knobs = dict(seed=3, temperature=1.0, beta=0.5)
@@ -170,7 +171,7 @@ def test_invalid_sets_and_beta_raise_clear_errors(cfg, trained_params):
         with pytest.raises(ValueError, match=message):
             proposals.resolve_proposal_lengths(lengths, 4)
         with pytest.raises(ValueError, match="decode.proposal_lengths"):
-            decode.DecodeSpec.create("tidar", 4, True, 8, cfg.model, proposal_lengths=lengths)
+            DecodeSpec.create("tidar", 4, True, 8, cfg.model, proposal_lengths=lengths)
     with pytest.raises(config_lib.ConfigError, match="decode.proposal_lengths must include 1"):
         config_lib.load_config(None, ["decode.proposal_lengths=[2,3]"])
     with pytest.raises(config_lib.ConfigError, match=r"decode.beta must be 1 with a sparse proposal set \[1, 2\]"):

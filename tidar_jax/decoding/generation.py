@@ -36,9 +36,10 @@ from jax.sharding import Mesh
 from tidar_jax.config import DecodeConfig, ModelConfig
 from tidar_jax.decoding import decode
 from tidar_jax.decoding.buckets import bucket_for, length_buckets
-from tidar_jax.decoding.decode import DecodeSpec, DecodeState
+from tidar_jax.decoding.decode import DecodeState
 from tidar_jax.decoding.program_cache import ProgramCache
 from tidar_jax.decoding.sampling import SamplingParams, checked_knobs
+from tidar_jax.decoding.spec import DecodeSpec, resolve_block_size
 from tidar_jax.model.init import abstract_model
 from tidar_jax.model.kv_cache import KVCache, init_cache
 from tidar_jax.model.layer_stacking import to_layout
@@ -133,7 +134,7 @@ class Generator:
         params = inference_params(params, model_cfg)
         self.params = params if mesh is None else place_params(params, mesh)
         self.model_cfg, self.decode_cfg = model_cfg, decode_cfg
-        self.block_size = decode.resolve_block_size(model_cfg, decode_cfg, allow_block_size_mismatch)
+        self.block_size = resolve_block_size(model_cfg, decode_cfg, allow_block_size_mismatch)
         self.programs = PROGRAMS if programs is None else programs
         check_runtime(model_cfg, mesh.shape["tensor"] if mesh is not None else _tensor_axis_size(params))
         if tokenizer_size is not None and not 0 < tokenizer_size <= model_cfg.vocab_size:

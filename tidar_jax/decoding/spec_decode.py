@@ -29,9 +29,10 @@ from flax import nnx, struct
 
 from tidar_jax.config import DecodeConfig, ModelConfig
 from tidar_jax.decoding import decode, sampling
-from tidar_jax.decoding.decode import DecodeSpec, DecodeState
+from tidar_jax.decoding.decode import DecodeState
 from tidar_jax.decoding.generation import GenerationResult, Generator, in_decoding_layout, prng_key, summary
 from tidar_jax.decoding.sampling import SamplingParams
+from tidar_jax.decoding.spec import DecodeSpec
 from tidar_jax.layout import masks
 from tidar_jax.model.kv_cache import KVCache, init_cache
 from tidar_jax.model.precision import inference_params

@@ -22,6 +22,7 @@ from flax import nnx
 from tidar_jax.config import ModelConfig
 from tidar_jax.decoding import decode
 from tidar_jax.decoding.sampling import SamplingParams
+from tidar_jax.decoding.spec import DecodeSpec
 from tidar_jax.layout import masks
 from tidar_jax.model.kv_cache import init_cache
 from tidar_jax.model.precision import inference_dtype, inference_params
@@ -86,7 +87,7 @@ def step_costs(cfg: ModelConfig, block_size: int, cache_len: int, batch_size: in
     out: dict[str, Any] = {"params": int(sum(x.size for x in jax.tree.leaves(params)))}
     with cpu_kernels.suspended():
         for mode in ("tidar", "ar"):
-            spec = decode.DecodeSpec.create(mode, block_size, True, 1, cfg, proposal_lengths=proposal_lengths)
+            spec = DecodeSpec.create(mode, block_size, True, 1, cfg, proposal_lengths=proposal_lengths)
             pre = jax.jit(lambda p, c, *a, spec=spec: decode.prefill(graphdef, p, c, *a, spec=spec))
             lowered = pre.lower(params, cache, prompts, lengths, scalar, key, sp)
             if mode == "tidar":
@@ -119,7 +120,7 @@ def time_steps(cfg: ModelConfig, block_size: int, cache_len: int, batch_size: in
     lengths = jnp.full((batch_size,), prompt_bucket, jnp.int32)
     runners = {}
     for mode in ("tidar", "ar"):
-        spec = decode.DecodeSpec.create(mode, block_size, True, 1, cfg, proposal_lengths=proposal_lengths)
+        spec = DecodeSpec.create(mode, block_size, True, 1, cfg, proposal_lengths=proposal_lengths)
         state = jax.jit(lambda p, c, *a, spec=spec: decode.prefill(graphdef, p, c, *a, spec=spec))(
             params, init_cache(cfg, batch_size, cache_len), prompts, lengths, jnp.int32(1), jax.random.key(0), sp)
         step = jax.jit(lambda p, s, q, spec=spec: decode.decode_step(graphdef, p, s, q, spec=spec))
