@@ -189,3 +189,34 @@ def test_configs_the_run_cannot_execute_are_refused_before_compiling(tiny_config
         Trainer(replace(tiny_config, model={"param_dtype": "bfloat16"}), mesh)
     allowed = replace(tiny_config, model={"param_dtype": "bfloat16"}, train={"allow_low_precision_params": True})
     assert Trainer(allowed, mesh).abstract_state["params"]["embed"].dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("targets", ["hard", "soft"])
+def test_bfloat16_adapter_step_matches_the_float32_step(cfg, targets):
+    """Adapter training with bf16 compute (params and Adam state stay float32) against the float32 step on the same
+    batch: the losses agree to 2% (bf16 keeps 8 significant bits per product), the base model stays bit-identical,
+    and the adapter updates point the same way (cosine > 0.95, measured 0.97 with soft targets; sizes within 5%)
+    over three Adam steps."""
+    from tidar_jax.model.adapters import split_trainable
+
+    mesh = one_device_mesh()
+    adapted = replace(cfg, model={"adapter_rank": 4}, train={"adaptation": "adapters", "draft_targets": targets,
+                                                             "learning_rate": 1e-2, "warmup_steps": 0})
+    base = jax.device_get(nnx.to_pure_dict(init_sharded_model(cfg.model, mesh, 0)[1]))  # the model, no adapters
+    batches = synthetic_batches(3, seed=5)
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        _, state, history = run_steps(replace(adapted, model={"compute_dtype": dtype}), mesh, batches, base)
+        runs[dtype] = (jax.device_get(state["params"]), history)
+    (p32, h32), (p16, h16) = runs["float32"], runs["bfloat16"]
+    for a, b in zip(h32, h16):
+        np.testing.assert_allclose(b["loss"], a["loss"], rtol=0.02)
+    t32, f32 = split_trainable(p32)
+    t16, f16 = split_trainable(p16)
+    for a, b in zip(jax.tree.leaves(f32), jax.tree.leaves(f16)):
+        np.testing.assert_array_equal(a, b)
+    fresh, _ = split_trainable(jax.device_get(Trainer(adapted, mesh).init_state(base)["params"]))
+    d32 = np.concatenate([np.ravel(a - s) for a, s in zip(jax.tree.leaves(t32), jax.tree.leaves(fresh))])
+    d16 = np.concatenate([np.ravel(a - s) for a, s in zip(jax.tree.leaves(t16), jax.tree.leaves(fresh))])
+    assert np.dot(d32, d16) / (np.linalg.norm(d32) * np.linalg.norm(d16)) > 0.95
+    assert abs(np.linalg.norm(d16) / np.linalg.norm(d32) - 1) < 0.05
