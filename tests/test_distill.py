@@ -138,3 +138,11 @@ def test_distill_mix_renders_chat_sources_and_continues_text_sources(base, tiny_
     with pytest.raises(ConfigError, match="--mix part 'poems=3'"):
         distill(dataclasses.replace(spec, mix="poems=3"), base / "data" / "bad.jsonl", progress=False)
     assert not (base / "data" / "bad.jsonl").exists()
+
+
+def test_distill_refuses_a_token_limit_past_its_cache_bound(base):
+    out = base / "data" / "long.jsonl"
+    spec = DistillSpec(checkpoint=str(base / "base"), chat=1, corpus_prompts=0, max_new_tokens=100_000)
+    with pytest.raises(ConfigError, match="lower --max-new-tokens"):
+        distill(spec, out, progress=False)
+    assert not out.exists()

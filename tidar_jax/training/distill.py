@@ -34,6 +34,11 @@ from tidar_jax.decoding.sampling import checked_knobs
 from tidar_jax.workdir_lock import file_lock
 
 
+# The longest KV cache distill builds (prompt bucket + new tokens + two blocks): a bound on memory and time, so that
+# a mistyped --max-new-tokens fails at once instead of decoding for hours.
+MAX_CACHE_LEN = 8192
+
+
 @dataclasses.dataclass(frozen=True)
 class DistillSpec:
     """What to generate: `mix` ("source=count,...": the broad prompt mix of data/prompt_mix.py), `chat` chat prompts
@@ -169,8 +174,11 @@ def _distill(spec: DistillSpec, out: Path, progress: bool) -> Path:
     prompts = _prompts(spec, bundle, workdir)
     longest = max(len(ids) for _, ids in prompts)
     buckets = tuple(sorted({64, 256, max(64, -(-longest // 64) * 64)}))
-    decode_cfg = DecodeConfig(max_new_tokens=spec.max_new_tokens, prompt_buckets=buckets,
-                              max_cache_len=buckets[-1] + spec.max_new_tokens + 2 * bundle.config.model.block_size)
+    cache = buckets[-1] + spec.max_new_tokens + 2 * bundle.config.model.block_size
+    if cache > MAX_CACHE_LEN:
+        raise ConfigError(f"--max-new-tokens {spec.max_new_tokens} after prompts of up to {longest} tokens needs a KV "
+                          f"cache of {cache} slots, more than distill's {MAX_CACHE_LEN}: lower --max-new-tokens")
+    decode_cfg = DecodeConfig(max_new_tokens=spec.max_new_tokens, prompt_buckets=buckets, max_cache_len=cache)
     generator = Generator(bundle.graphdef, bundle.params, bundle.config.model, decode_cfg,
                           tokenizer_size=bundle.tokenizer.vocab_size)
     if done > len(prompts):
