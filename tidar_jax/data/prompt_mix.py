@@ -17,6 +17,7 @@ role-play, classification of given items).
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 
@@ -59,13 +60,14 @@ def _first_line(doc: str) -> str:
     return doc.strip().splitlines()[0].strip() if doc.strip() else ""
 
 
-def _train_docs(corpus: str) -> list[str]:
-    """The corpus's train-split documents, less any whose first line (a news headline, a title) is also the first
+@functools.cache
+def _train_docs(corpus: str) -> tuple[str, ...]:
+    """The corpus's train-split documents (read once per process: "news" and "continue-news" share them), less any whose first line (a news headline, a title) is also the first
     line of a held-out document: the news corpus files some stories twice, under two categories."""
     data = DataConfig(corpus=corpus)
     train, held = split_documents(load_corpus_documents(data), data.holdout_fraction, data.seed)
     held_heads = {_first_line(d) for d in held if isinstance(d, str)}
-    return [d for d in train if isinstance(d, str) and _first_line(d) not in held_heads]
+    return tuple(d for d in train if isinstance(d, str) and _first_line(d) not in held_heads)
 
 
 def _ask(rng: random.Random) -> list[str]:
