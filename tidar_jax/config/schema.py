@@ -25,7 +25,10 @@ REMAT_POLICIES = ("full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 # adapter pack records them to refuse a base it was not trained on.
 ARCHITECTURE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "rope_theta",
                        "rms_norm_eps", "qkv_bias", "qk_norm", "tie_embeddings", "mask_token_id", "eos_token_id",
-                       "pad_token_id")
+                       "pad_token_id", "rope_scaling", "rope_factor", "rope_original_max_len", "rope_beta_fast",
+                       "rope_beta_slow", "rope_truncate", "rope_attention_factor", "query_scale_beta",
+                       "query_scale_len", "sliding_window")
+ROPE_SCALINGS = ("none", "yarn")
 
 
 class ConfigError(ValueError):
@@ -45,6 +48,14 @@ class ModelConfig:
     `remat` recomputes each layer's activations in the backward pass, keeping what `remat_policy` names.
     `attention_impl` "auto" (the default) runs `AUTO_ATTENTION_IMPL[backend]` (`resolve_attention_impl`); the
     others are explicit choices, never replaced (see ops/__init__.py for what each computes).
+    Ministral-3 / Nemotron-Labs-Diffusion features (the defaults switch each off and compute exactly what they
+    did before; model/rope.py, layout/window.py): `rope_scaling` "yarn" blends interpolated (inv_freq /
+    `rope_factor`) and original frequencies over the ramp `rope_beta_fast` .. `rope_beta_slow` of
+    `rope_original_max_len` (transformers' `_compute_yarn_parameters`, `rope_truncate` its `truncate`) and scales
+    cos / sin by `rope_attention_factor`; `query_scale_beta` > 0 multiplies the roped queries at position p by
+    `1 + beta * log(1 + floor(p / query_scale_len))` (Ministral-3's `llama_4_scaling_beta`); `sliding_window` > 0
+    lets a query at position p see only keys at positions > p - sliding_window (0 = no window).
+
     `scan_layers` stores the layers' params stacked on a leading `layers` axis ([n_layers, ...]) and runs them with
     one `lax.scan` (one layer body to compile instead of n_layers); the KV cache is then stacked too
     ([n_layers, batch, max_len, kv_heads, head_dim]). Both layouts compute the same function and hold the same
@@ -76,6 +87,16 @@ class ModelConfig:
     init_std: float = 0.02
     adapter_rank: int = 0
     adapter_alpha: float = 32.0
+    rope_scaling: str = "none"
+    rope_factor: float = 1.0
+    rope_original_max_len: int = 0
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_truncate: bool = True
+    rope_attention_factor: float = 1.0
+    query_scale_beta: float = 0.0
+    query_scale_len: int = 0
+    sliding_window: int = 0
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from tidar_jax.config.schema import (ADAPTATIONS, ATTENTION_IMPLS, AUTO_ATTENTION_IMPL, DRAFT_TARGETS, DTYPES,
-                                     OBJECTIVES, REMAT_POLICIES, Config, ConfigError, ModelConfig)
+                                     OBJECTIVES, REMAT_POLICIES, ROPE_SCALINGS, Config, ConfigError, ModelConfig)
 from tidar_jax.layout import proposals
 
 
@@ -41,6 +41,26 @@ def validate_model(m: ModelConfig) -> None:
     _require(m.rms_norm_eps > 0, f"model.rms_norm_eps must be positive, got {m.rms_norm_eps}")
     _require(m.adapter_rank >= 0, f"model.adapter_rank must be >= 0 (0 = no adapters), got {m.adapter_rank}")
     _require(m.adapter_alpha > 0, f"model.adapter_alpha must be positive, got {m.adapter_alpha}")
+    _validate_positional(m)
+
+
+def _validate_positional(m: ModelConfig) -> None:
+    """The RoPE scaling, query scale and sliding window fields (see `ModelConfig`)."""
+    _require(m.rope_scaling in ROPE_SCALINGS, f"model.rope_scaling must be one of {ROPE_SCALINGS}, got "
+                                              f"{m.rope_scaling!r}")
+    if m.rope_scaling == "yarn":
+        _require(m.rope_factor > 0, f"model.rope_factor must be positive, got {m.rope_factor}")
+        _require(m.rope_original_max_len > 0, "model.rope_scaling=yarn needs model.rope_original_max_len > 0 (the "
+                                              f"pre-training context), got {m.rope_original_max_len}")
+        _require(m.rope_beta_fast > 0 and m.rope_beta_slow > 0,
+                 f"model.rope_beta_fast / rope_beta_slow must be positive, got {m.rope_beta_fast} / "
+                 f"{m.rope_beta_slow}")
+    _require(m.rope_attention_factor > 0,
+             f"model.rope_attention_factor must be positive, got {m.rope_attention_factor}")
+    _require(m.query_scale_beta >= 0, f"model.query_scale_beta must be >= 0 (0 = off), got {m.query_scale_beta}")
+    _require(m.query_scale_beta == 0 or m.query_scale_len > 0,
+             f"model.query_scale_beta > 0 needs model.query_scale_len > 0, got {m.query_scale_len}")
+    _require(m.sliding_window >= 0, f"model.sliding_window must be >= 0 (0 = none), got {m.sliding_window}")
 
 
 # cuDNN flash attention (jax/_src/cudnn/fused_attention_stablehlo.py, jax 0.10.2): query/key/value in float16 or

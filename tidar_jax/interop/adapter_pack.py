@@ -98,7 +98,8 @@ def attach_adapter_pack(base: InferenceBundle, pack_dir: str | Path) -> Inferenc
     if model.adapter_rank > 0:
         raise ConversionError("the base checkpoint already has adapters; attach a pack to the imported base model")
     tokenizer = base.tokenizer.fingerprint if base.tokenizer is not None else None
-    want, have = meta["base"], _base_pin(model, tokenizer)
+    # A pack written before a field joined ARCHITECTURE_FIELDS was trained on a base with that field's default.
+    want, have = {**_base_pin(ModelConfig(), None), **meta["base"]}, _base_pin(model, tokenizer)
     diffs = [f"{k}: pack {want.get(k)!r}, base {have[k]!r}" for k in have
              if not (want.get(k) == have[k] or (isinstance(have[k], float) and isinstance(want.get(k), (int, float))
                                                  and math.isclose(want[k], have[k], rel_tol=1e-6)))]

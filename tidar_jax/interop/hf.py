@@ -1,4 +1,5 @@
-"""Hugging Face checkpoints (Qwen2 / Qwen2.5 / Qwen3 / Llama, config.json + safetensors) <-> tidar_jax params.
+"""Hugging Face checkpoints (Qwen2 / Qwen2.5 / Qwen3 / Llama / Ministral-3, and Nemotron-Labs-Diffusion through
+nemotron_diffusion.py; config.json + safetensors) <-> tidar_jax params.
 
 Import: `import_hf_checkpoint(dir)` reads config.json, the (possibly sharded) safetensors and tokenizer.json, maps
 every weight to our layout and places the diffusion mask token (below). `load_hf_checkpoint` returns just
@@ -34,6 +35,7 @@ import numpy as np
 from flax import nnx
 
 from tidar_jax.config import ModelConfig
+from tidar_jax.interop import nemotron_diffusion
 from tidar_jax.interop.hf_config import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_CONTEXT,
@@ -353,8 +355,10 @@ def import_hf_checkpoint(path: str | Path, *, block_size: int | None = None, par
     if not (path / "config.json").is_file():
         raise ConversionError(f"{path} is not a Hugging Face model directory (no config.json)")
     tokenizer_file = path / "tokenizer.json"
-    return convert_hf(_read_json(path / "config.json"), SafetensorsCheckpoint(path),
-                      tokenizer_file if tokenizer_file.is_file() else None, block_size=block_size,
+    hf_config, tensors = _read_json(path / "config.json"), SafetensorsCheckpoint(path)
+    if nemotron_diffusion.is_nemotron_diffusion(hf_config):  # a Ministral-3 under other names, mask row trained
+        hf_config, tensors = nemotron_diffusion.as_ministral3(hf_config, tensors)
+    return convert_hf(hf_config, tensors, tokenizer_file if tokenizer_file.is_file() else None, block_size=block_size,
                       param_dtype=param_dtype, compute_dtype=compute_dtype, eos_token_id=eos_token_id)
 
 

@@ -20,6 +20,7 @@ from tidar_jax.config import ModelConfig
 from tidar_jax.layout.masks import LayoutMask
 from tidar_jax.model.adapters import LowRankAdapter, gated
 from tidar_jax.model.precision import matmul
+from tidar_jax.model.rope import rotary_embedding, scale_queries
 from tidar_jax.ops import blockwise_attention, cached_attention, hybrid_attention, splash_attention
 from tidar_jax.sharding import BATCH_AXES
 
@@ -51,22 +52,6 @@ class RMSNorm(nnx.Module):
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return (normed * self.scale[...].astype(jnp.float32)).astype(x.dtype)
-
-
-def rotary_embedding(x: Array, positions: Array, theta: float) -> Array:
-    """Applies rotate-half RoPE (HF layout) at explicit positions.
-
-    x: [batch, seq, heads, head_dim]; positions: [batch, seq] int. Returns x's shape and dtype.
-    """
-    head_dim = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, seq, head_dim/2]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
-    x32 = x.astype(jnp.float32)
-    x1, x2 = jnp.split(x32, 2, axis=-1)
-    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return rotated.astype(x.dtype)
 
 
 def _adapter(cfg: ModelConfig, rngs: nnx.Rngs, in_shape, out_shape, in_axes, out_axes) -> LowRankAdapter | None:
@@ -151,8 +136,8 @@ class Attention(nnx.Module):
         v = self._project(x, self.v_proj, "v_bias", self.v_adapter, gate)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = rotary_embedding(q, positions, cfg.rope_theta)
-        k = rotary_embedding(k, positions, cfg.rope_theta)
+        q = scale_queries(rotary_embedding(q, positions, cfg), positions, cfg)
+        k = rotary_embedding(k, positions, cfg)
         out, new_cache = self._attend(q, k, v, mask, cache_kv, write_start, n_write)
         projected = matmul("bshk,hkd->bsd", out, self.o_proj[...])
         return gated(projected, out, self.o_adapter, gate), new_cache

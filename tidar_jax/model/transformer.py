@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tidar_jax.config import ModelConfig, resolve_attention_impl
+from tidar_jax.layout.window import with_sliding_window
 from tidar_jax.model.adapters import MASK_EMBED
 from tidar_jax.model.kv_cache import KVCache
 from tidar_jax.model.layer_stacking import stack_modules
@@ -73,10 +74,13 @@ class Transformer(nnx.Module):
         tokens, positions: [batch, q] int32; mask: [batch or 1, q, keys] bool (keys = cache.max_len + q with a
         cache, else q); cache: K/V buffers, stacked iff model.scan_layers (its cursor is not read or moved
         here); write_start: [batch]; n_write: static count of leading tokens whose K/V are written at
-        `write_start`. Both layer layouts compute the same function (tests/test_scan_layers.py).
+        `write_start`. Both layer layouts compute the same function (tests/test_scan_layers.py). With
+        model.sliding_window > 0 every layer attends with the windowed mask (layout/window.py).
         """
         cfg = self.cfg
         cd = jnp.dtype(cfg.compute_dtype)
+        if cfg.sliding_window > 0:
+            mask = with_sliding_window(mask, positions, cfg.sliding_window, None if cache is None else cache.max_len)
         x = jnp.take(self.embed[...], tokens, axis=0).astype(cd)
         gate = None
         if cfg.adapter_rank > 0:
