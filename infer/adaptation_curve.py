@@ -7,18 +7,23 @@ For the base model (training tokens 0: adapters at their zero start compute exac
 checkpoint kept in the run's WORKDIR it measures
 - per-slot draft accuracy (training layout, greedy top-1) on the run's held-out split (self-distilled text) and on
   held-out documents of an embedded corpus (real text, default bbc-news);
-- greedy TiDAR tokens per forward on held-out chat prompts (held-out topics, the chat template) and held-out corpus
-  prompts, one batch each, and whether TiDAR's output equals the base model's AR output token for token;
+- greedy TiDAR tokens per forward on each of --prompt-sets (default: held-out-topic chat prompts, hand-written
+  unseen-style requests, HumanEval prompts; see infer.eval --prompts), decoded in batches of --decode-batch, and
+  whether TiDAR's output equals the base model's AR output token for token;
 and writes JSON, a PNG (tokens per forward and slot accuracy against training tokens) and, with --results-md, the
 table between the `<!-- results:smollm2-curve -->` markers of that file. Compiled programs are shared by all
-checkpoints (same architecture, same shapes), so each extra checkpoint costs only its forwards.
+checkpoints (same architecture, same shapes), so each extra checkpoint costs only its forwards. --steps measures
+only some checkpoints (e.g. the new ones of a run that went on), and --json then keeps the rows it already holds.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
+
+from infer.common import PROMPT_SET_HELP, PROMPT_SETS
 
 MARKER = "smollm2-curve"
 
@@ -30,13 +35,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--base", required=True, help="the base model's checkpoint (the AR reference, row 0)")
     parser.add_argument("--corpus", default="bbc-news", help="embedded corpus for real held-out text")
     parser.add_argument("--eval-batches", type=int, default=4, help="held-out batches per slot-accuracy figure")
-    parser.add_argument("--num-prompts", type=int, default=8, help="prompts per decoding figure (one batch)")
+    parser.add_argument("--prompt-sets", nargs="+", choices=PROMPT_SETS, default=["chat", "unseen", "humaneval"],
+                        metavar="SET", help="prompt sets for tokens per forward: " + PROMPT_SET_HELP)
+    parser.add_argument("--num-prompts", type=int, default=48,
+                        help="prompts per set (at most the set's size: unseen 48, humaneval 164)")
+    parser.add_argument("--decode-batch", type=int, default=16, help="prompts decoded together")
+    parser.add_argument("--steps", type=int, nargs="+", metavar="STEP",
+                        help="measure only these saved steps (default: every kept checkpoint and the base)")
     parser.add_argument("--max-new-tokens", type=int, default=96, help="tokens generated per prompt")
     parser.add_argument("--json", metavar="PATH", help="write the rows as JSON")
     parser.add_argument("--plot", metavar="PNG", help="write the curve as a PNG")
     parser.add_argument("--results-md", metavar="MD", help="render the table into this markdown file's markers")
     args = parser.parse_args(argv)
-    for name in ("eval_batches", "num_prompts", "max_new_tokens"):
+    for name in ("eval_batches", "num_prompts", "max_new_tokens", "decode_batch"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
@@ -51,9 +62,8 @@ class _Measure:
 
         import jax
 
-        from infer.common import decode_room
+        from infer.common import decode_room, prompt_set
         from tidar_jax.data import pipeline
-        from tidar_jax.data.chat_prompts import encoded_chat_prompts
         from tidar_jax.decoding.generation import Generator
         from tidar_jax.training.objective import objective_metrics
 
@@ -62,15 +72,29 @@ class _Measure:
                                                                            paths=()))
         self.batches = {"distilled": pipeline.make_eval_batches(run_cfg, base.tokenizer, args.eval_batches),
                         args.corpus: pipeline.make_eval_batches(corpus_cfg, base.tokenizer, args.eval_batches)}
-        self.prompts = {"chat": encoded_chat_prompts(args.base, "heldout", args.num_prompts),
-                        args.corpus: pipeline.heldout_prompts(corpus_cfg, base.tokenizer, args.num_prompts, 32)}
+        self.prompts = {kind: prompt_set(kind, args.base, dataclasses.replace(base, config=corpus_cfg),
+                                         args.num_prompts, 32) for kind in args.prompt_sets}
         longest = max(len(p) for ps in self.prompts.values() for p in ps)
-        self.decode_cfg = decode_room(run_cfg.decode, longest, args.max_new_tokens, run_cfg.model.block_size)
+        k = run_cfg.model.block_size
+        # The sets are measured as they are: the cache grows to fit the longest prompt (HumanEval's are long).
+        room = dataclasses.replace(run_cfg.decode, max_cache_len=max(run_cfg.decode.max_cache_len,
+                                                                     longest + args.max_new_tokens + 2 * k))
+        self.decode_cfg = decode_room(room, longest, args.max_new_tokens, k)
         ar = Generator(base.graphdef, base.params, base.config.model, self.decode_cfg)
-        self.reference = {k: ar.generate(p, "ar", args.max_new_tokens, temperature=0.0).tokens
-                          for k, p in self.prompts.items()}
+        self.reference = {k: self._decode(ar, p, "ar")[0] for k, p in self.prompts.items()}
         self._steps = {}
         self._jax, self._objective_metrics, self._generator = jax, objective_metrics, Generator
+
+    def _decode(self, generator, prompts: list[list[int]], mode: str) -> tuple[list[list[int]], float]:
+        """Greedy continuations of `prompts`, decoded in batches of --decode-batch, and the row forwards they took
+        (summed over rows, as `GenerationResult.tokens_per_forward` counts them)."""
+        tokens, forwards = [], 0.0
+        for start in range(0, len(prompts), self.args.decode_batch):
+            result = generator.generate(prompts[start:start + self.args.decode_batch], mode, self.args.max_new_tokens,
+                                        temperature=0.0)
+            tokens += result.tokens
+            forwards += sum(map(len, result.tokens)) / result.tokens_per_forward
+        return tokens, forwards
 
     def row(self, bundle, tokens_seen: int) -> dict:
         jax, m = self._jax, bundle.config.model
@@ -88,9 +112,9 @@ class _Measure:
             row[f"slot_accuracy_{name}"] = (hits / counts).tolist()
         generator = self._generator(bundle.graphdef, bundle.params, m, self.decode_cfg)
         for name, prompts in self.prompts.items():
-            result = generator.generate(prompts, "tidar", self.args.max_new_tokens, temperature=0.0)
-            row[f"tokens_per_forward_{name}"] = result.tokens_per_forward
-            row[f"equals_ar_{name}"] = result.tokens == self.reference[name]
+            tokens, forwards = self._decode(generator, prompts, "tidar")
+            row[f"tokens_per_forward_{name}"] = sum(map(len, tokens)) / forwards
+            row[f"equals_ar_{name}"] = tokens == self.reference[name]
         return row
 
 
@@ -103,6 +127,10 @@ def measure(args) -> dict:
     steps = saved_steps(args.run)
     if not steps:
         raise ValueError(f"--run {args.run} holds no finished checkpoints (no {CHECKPOINT_DIR}/<step>)")
+    missing = sorted(set(args.steps or ()) - set(steps))
+    if missing:
+        raise ValueError(f"--steps {' '.join(map(str, missing))}: not among the kept checkpoints of {args.run} "
+                         f"({' '.join(map(str, steps))})")
     base = load_for_inference(args.base)
     first = load_for_inference(Path(args.run) / CHECKPOINT_DIR / str(steps[0]))
     cfg = first.config
@@ -110,27 +138,54 @@ def measure(args) -> dict:
         raise ValueError(f"{args.run} and {args.base} must share one tokenizer")
     measure_ = _Measure(args, cfg, base)
     per_step = cfg.data.global_batch_size * cfg.data.seq_len
-    # Row 0: the base model with the run's block size (adapters at B = 0 compute exactly this).
-    base = dataclasses.replace(base, config=dataclasses.replace(base.config, model=dataclasses.replace(
-        base.config.model, block_size=cfg.model.block_size)), step=0)
-    rows = [measure_.row(base, 0)]
-    for step in steps:
+    rows = []
+    if not args.steps:
+        # Row 0: the base model with the run's block size (adapters at B = 0 compute exactly this).
+        base = dataclasses.replace(base, config=dataclasses.replace(base.config, model=dataclasses.replace(
+            base.config.model, block_size=cfg.model.block_size)), step=0)
+        rows.append(measure_.row(base, 0))
+    for step in args.steps or steps:
         bundle = first if step == steps[0] else load_for_inference(Path(args.run) / CHECKPOINT_DIR / str(step))
         rows.append(measure_.row(bundle, step * per_step))
-        print(_format([rows[-1]], args.corpus).splitlines()[-1], file=sys.stderr)
+        print(_format([rows[-1]], args.corpus, args.prompt_sets).splitlines()[-1], file=sys.stderr)
     return {"run": args.run, "base": args.base, "corpus": args.corpus, "block_size": cfg.model.block_size,
-            "adapter_rank": cfg.model.adapter_rank, "num_prompts": args.num_prompts,
+            "adapter_rank": cfg.model.adapter_rank, "prompt_sets": args.prompt_sets, "num_prompts": args.num_prompts,
             "max_new_tokens": args.max_new_tokens, "rows": rows}
 
 
-def _format(rows: list[dict], corpus: str) -> str:
-    lines = [f"| step | training tokens | T/F chat | T/F {corpus} | slot accuracy (distilled held-out) | "
-             f"slot accuracy ({corpus} held-out) | TiDAR == AR |", "|---|---|---|---|---|---|---|"]
+def merged(previous: dict, report: dict) -> dict:
+    """`report` with the rows of an earlier report of the same run and settings that it did not measure again,
+    ordered by step. Raises ValueError when `previous` measured another run or with other settings."""
+    keys = ("run", "base", "corpus", "block_size", "prompt_sets", "num_prompts", "max_new_tokens")
+    differ = [k for k in keys if previous.get(k) != report[k]]
+    if differ:
+        raise ValueError(f"the existing --json file was measured with other settings ({', '.join(differ)}): "
+                         "choose another --json, or measure every step again")
+    new_steps = {r["step"] for r in report["rows"]}
+    rows = [r for r in previous["rows"] if r["step"] not in new_steps] + report["rows"]
+    return {**report, "rows": sorted(rows, key=lambda r: r["step"])}
+
+
+def _read_report(path: str) -> dict:
+    try:
+        report = json.loads(Path(path).read_text())
+    except ValueError as e:
+        raise ValueError(f"--json {path} is not a report this tool wrote ({e}): choose another --json") from None
+    if not isinstance(report, dict) or not isinstance(report.get("rows"), list):
+        raise ValueError(f"--json {path} is not a report this tool wrote: choose another --json")  # noqa: TRY004
+    return report
+
+
+def _format(rows: list[dict], corpus: str, prompt_sets: list[str]) -> str:
+    head = " | ".join(f"T/F {name}" for name in prompt_sets)
+    lines = [(f"| step | training tokens | {head} | slot accuracy (distilled held-out) | "
+              f"slot accuracy ({corpus} held-out) | TiDAR == AR |"), "|---" * (5 + len(prompt_sets)) + "|"]
     for r in rows:
         slots = {k: " / ".join(f"{a:.2f}" for a in r[f"slot_accuracy_{k}"]) for k in ("distilled", corpus)}
         same = all(r[k] for k in r if k.startswith("equals_ar_"))
-        lines.append(f"| {r['step']} | {r['training_tokens']:,} | {r['tokens_per_forward_chat']:.2f} | "
-                     f"{r[f'tokens_per_forward_{corpus}']:.2f} | {slots['distilled']} | {slots[corpus]} | {same} |")
+        per_set = " | ".join(f"{r[f'tokens_per_forward_{name}']:.2f}" for name in prompt_sets)
+        lines.append(f"| {r['step']} | {r['training_tokens']:,} | {per_set} | {slots['distilled']} | "
+                     f"{slots[corpus]} | {same} |")
     return "\n".join(lines)
 
 
@@ -140,18 +195,18 @@ def _plot(report: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows, corpus = report["rows"], report["corpus"]
-    x = [r["training_tokens"] / 1e3 for r in rows]
+    rows = report["rows"]
+    x = [r["training_tokens"] / 1e6 for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for name in ("chat", corpus):
-        left.plot(x, [r[f"tokens_per_forward_{name}"] for r in rows], marker="o", label=f"held-out {name} prompts")
+    for name in report["prompt_sets"]:
+        left.plot(x, [r[f"tokens_per_forward_{name}"] for r in rows], marker="o", label=f"{name} prompts")
     left.axhline(1.0, color="grey", lw=0.8)
-    left.set(xlabel="training tokens (thousands)", ylabel="greedy tokens per forward",
+    left.set(xlabel="training tokens (millions)", ylabel="greedy tokens per forward",
              title=f"TiDAR K={report['block_size']}: tokens per forward")
     left.legend()
     for slot in range(report["block_size"]):
         right.plot(x, [r["slot_accuracy_distilled"][slot] for r in rows], marker="o", label=f"slot {slot + 1}")
-    right.set(xlabel="training tokens (thousands)", ylabel="draft top-1 accuracy",
+    right.set(xlabel="training tokens (millions)", ylabel="draft top-1 accuracy",
               title="draft accuracy per slot (distilled held-out)", ylim=(0, 1))
     right.legend()
     fig.tight_layout()
@@ -188,7 +243,9 @@ def main(argv=None) -> int:
     try:
         _check_outputs(args)
         report = measure(args)
-        table = _format(report["rows"], args.corpus)
+        if args.steps and args.json and Path(args.json).is_file():
+            report = merged(_read_report(args.json), report)
+        table = _format(report["rows"], args.corpus, args.prompt_sets)
         if args.results_md:
             render(args.results_md, table)
     except USER_ERRORS as e:
