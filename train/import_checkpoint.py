@@ -10,9 +10,12 @@
 Import writes OUT/checkpoints/0 (a params-only checkpoint that infer/*.py and train.init_from read),
 OUT/tokenizer.json (with the added <|mask|> / <|pad|> tokens), OUT/tokenizer_config.json and OUT/chat_template.jinja
 (when the model has a chat template) and OUT/hf_config.json (the source architecture, reused by --export-hf).
-Supported: Qwen2 / Qwen2.5 / Qwen3 / Llama (config.json + safetensors, sharded or not) and llama-architecture GGUF
-files (dequantised to float32). The diffusion mask token takes the first unused embedding row, or the embedding
-grows to the next multiple of 64 (see tidar_jax/interop/hf.py). Export writes config.json + model.safetensors (every
+Supported: Qwen2 / Qwen2.5 / Qwen3 / Llama / Ministral-3 (config.json + safetensors, sharded or not),
+Nemotron-Labs-Diffusion (model_type nemotron_labs_diffusion: its trained mask row, e.g. id 100, and its tokenizer
+are kept; model.block_size defaults to 4, the trained block 32 stays in OUT/hf_config.json;
+tidar_jax/interop/nemotron_diffusion.py) and llama-architecture GGUF files (dequantised to float32). Otherwise the
+diffusion mask token takes the first unused embedding row, or the embedding grows to the next multiple of 64 (see
+tidar_jax/interop/hf.py). Export writes config.json + model.safetensors (every
 embedding row, mask included) + the tokenizer files, loadable by transformers.AutoModelForCausalLM. Needs the
 `interop` extra (transformers, torch CPU, safetensors, gguf); transformers is run offline.
 
@@ -52,8 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", help="new workdir to create for the imported checkpoint (must not exist, or be "
                                       "empty)")
     parser.add_argument("--block-size", type=int,
-                        help="draft block size K recorded in the config (model.block_size); default: the "
-                             "tidar_block_size of a checkpoint exported by --export-hf, else 4")
+                        help="draft block size K recorded in the config (model.block_size, the K decoding uses "
+                             "by default); default: the tidar_block_size of a checkpoint exported by --export-hf, "
+                             "else 4 (Nemotron-Labs-Diffusion included, whose trained block is 32)")
     parser.add_argument("--dtype", default="float32", choices=DTYPES,
                         help="import: parameter dtype of the checkpoint; export: dtype of the safetensors. "
                              "Default float32")
