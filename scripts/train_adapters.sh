@@ -10,6 +10,8 @@
 #   4. the adapters exported as a pack (bfloat16) -> OUT (default runs/smollm2-adapters/pack).
 # Seeded throughout (data order, init): the same command on the same kind of CPU gives the same pack. Every stage
 # resumes: rerun the same command after an interruption (or with a larger STEPS) and it continues.
+# STOP_AFTER=N trains on the first N records of DATA only (a copy, DATA with .first<N> in its name), so a long
+# distillation can feed training before it ends; TRAIN_ARGS adds config overrides (e.g. train.draft_targets=soft).
 #
 #   bash scripts/train_adapters.sh [OUT]
 set -euo pipefail
@@ -28,10 +30,16 @@ if [ -d "$BASE/checkpoints" ]; then echo "   (already imported)"; else
   $PY -m train.import_checkpoint --from gguf "$GGUF" --out "$BASE" --block-size 4; fi
 echo "== 2/4 self-distillation ($DISTILL_ARGS) -> $DATA"
 # shellcheck disable=SC2086  # DISTILL_ARGS is a list of flags
-$PY -m train.distill --checkpoint "$BASE" --out "$DATA" $DISTILL_ARGS
+$PY -m train.distill --checkpoint "$BASE" --out "$DATA" $DISTILL_ARGS ${STOP_AFTER:+--stop-after "$STOP_AFTER"}
+TRAIN_DATA="$DATA"
+if [ -n "${STOP_AFTER:-}" ]; then
+  TRAIN_DATA="${DATA%.jsonl}.first$STOP_AFTER.jsonl"
+  if [ ! -f "$TRAIN_DATA" ]; then head -n "$STOP_AFTER" "$DATA" > "$TRAIN_DATA.tmp" && mv "$TRAIN_DATA.tmp" "$TRAIN_DATA"; fi
+fi
 echo "== 3/4 adapter training (configs/smollm2-tidar.yaml, compute $DTYPE) -> $RUN"
+# shellcheck disable=SC2086  # TRAIN_ARGS is a list of overrides
 $PY -m train.train --config configs/smollm2-tidar.yaml --workdir "$RUN" "train.init_from=$BASE" \
-    "data.paths=[$DATA]" "model.compute_dtype=$DTYPE" "train.steps=${STEPS:-150}"
+    "data.paths=[$TRAIN_DATA]" "model.compute_dtype=$DTYPE" "train.steps=${STEPS:-150}" ${TRAIN_ARGS:-}
 echo "== 4/4 export the adapters -> $OUT"
 if [ -f "$OUT/adapters.json" ]; then echo "   ($OUT already holds a pack: move it away to export again)"; else
   $PY -m train.import_checkpoint --export-adapters "$OUT" --checkpoint "$RUN"; fi

@@ -90,7 +90,8 @@ def test_distill_cli_refuses_a_non_finite_temperature(base, capsys, value):
 def test_distill_resumes_only_its_own_intact_file(base, capsys):
     """D9: an existing OUT without OUT.meta.json (garbage here) used to be resumed, its garbage line counted as a
     finished prompt; D13: a corrupt line mid-file was kept. Both are refused naming the file (and the line), the
-    files untouched; a last line cut by a crash is still dropped and regenerated (D12), giving the same file."""
+    files untouched; a last line cut by a crash is still dropped and regenerated (D12), giving the same file, as does
+    distilling in parts (stop_after)."""
     foreign = base / "foreign.jsonl"
     foreign.write_text("garbage not json\n")
     spec = DistillSpec(checkpoint=str(base / "base"), chat=3, corpus_prompts=2, prompt_tokens=8, max_new_tokens=6,
@@ -110,6 +111,10 @@ def test_distill_resumes_only_its_own_intact_file(base, capsys):
     out.write_bytes(b"".join(lines[:3]) + lines[3][:len(lines[3]) // 2])  # killed while writing line 4
     distill(spec, out, progress=False)
     assert out.read_bytes() == whole
+    parts = base / "parts.jsonl"  # distilled in parts: stop after 3 records, ask for 1 (nothing to do), then the rest
+    for stop_after, records in ((3, 3), (1, 3), (None, 5)):
+        distill(spec, parts, progress=False, stop_after=stop_after)
+        assert parts.read_bytes() == b"".join(lines[:records])
     for number, bad in [(2, b'{"ids": [1, 2\n'), (1, b'{"ids": [1, 2], "source": "chat"}\n'),
                         (4, b'{"ids": [-3], "source": "chat", "prompt_tokens": 1}\n')]:
         damaged = b"".join(lines[:number - 1]) + bad + b"".join(lines[number:])

@@ -43,6 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--compute-dtype", choices=("float32", "bfloat16"),
                         help="decode in this dtype instead of the checkpoint's (bfloat16: about twice as fast on "
                              "CPUs with AMX; the data are then the bf16 model's greedy output)")
+    parser.add_argument("--stop-after", type=int, metavar="N",
+                        help="stop once OUT holds N records (the first N prompts); not a setting of OUT, so a later "
+                             "run with a larger N, or without it, continues the same file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     for name in ("chat", "corpus_prompts"):
@@ -51,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("chat", "corpus_prompts"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0")
+    if args.stop_after is not None and args.stop_after < 1:
+        parser.error("--stop-after must be >= 1")
     for name in ("prompt_tokens", "max_new_tokens", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -74,7 +79,7 @@ def main(argv=None) -> int:
                        max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
                        batch_size=args.batch_size, mix=args.mix, compute_dtype=args.compute_dtype or "")
     try:
-        out = distill(spec, args.out, progress=not args.no_progress)
+        out = distill(spec, args.out, progress=not args.no_progress, stop_after=args.stop_after)
     except USER_ERRORS as e:
         return fail(e)
     print(f"wrote {out}", file=sys.stderr)

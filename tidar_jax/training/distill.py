@@ -148,8 +148,10 @@ def _batches(items: Sequence, size: int) -> Iterator[tuple[int, list]]:
         yield start, list(items[start:start + size])
 
 
-def distill(spec: DistillSpec, out: str | Path, progress: bool = True) -> Path:
-    """Generates (or resumes) the self-distillation file OUT; returns its path. Raises ConfigError (ValueError) on
+def distill(spec: DistillSpec, out: str | Path, progress: bool = True, stop_after: int | None = None) -> Path:
+    """Generates (or resumes) the self-distillation file OUT; returns its path. `stop_after` N stops once OUT holds
+    the first N records of the spec's prompts: it is not a setting of OUT, so a later call with a larger N, or none,
+    continues the same file (distilling in parts). Raises ConfigError (ValueError) on
     bad input, when OUT cannot be resumed (`_resume_point`), or when another process is writing OUT (WorkdirBusy):
     checks of the knobs and of OUT come before the model is loaded, and every check before anything is written."""
     checked_knobs(temperature=spec.temperature)
@@ -158,10 +160,10 @@ def distill(spec: DistillSpec, out: str | Path, progress: bool = True) -> Path:
     if out.exists() and not out.is_file():
         raise ConfigError(f"--out {out} exists and is not a regular file")
     with file_lock(out):
-        return _distill(spec, out, progress)
+        return _distill(spec, out, progress, stop_after)
 
 
-def _distill(spec: DistillSpec, out: Path, progress: bool) -> Path:
+def _distill(spec: DistillSpec, out: Path, progress: bool, stop_after: int | None) -> Path:
     meta_path = out.with_name(out.name + ".meta.json")
     meta = dataclasses.asdict(spec)
     done, size = _resume_point(out, meta_path, meta)
@@ -186,11 +188,12 @@ def _distill(spec: DistillSpec, out: Path, progress: bool) -> Path:
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
     if out.exists():
         os.truncate(out, size)  # drops a last line cut by a crash
-    bar = tqdm(total=len(prompts), initial=done, unit="prompt", desc="distill", disable=not progress,
+    end = len(prompts) if stop_after is None else min(stop_after, len(prompts))
+    bar = tqdm(total=end, initial=min(done, end), unit="prompt", desc="distill", disable=not progress,
                dynamic_ncols=True)
     generated, start_time = 0, time.perf_counter()
     with out.open("a", encoding="utf-8") as f:
-        for start, batch in _batches(prompts[done:], spec.batch_size):
+        for start, batch in _batches(prompts[done:end], spec.batch_size):
             rows = [ids for _, ids in batch]
             rows += [rows[-1]] * (spec.batch_size - len(rows))  # a full batch: one compiled program
             result = generator.generate(rows, mode="ar", temperature=spec.temperature, seed=spec.seed + done + start)
