@@ -18,6 +18,8 @@ e.g. `tidar{1,2}`: each step computes proposal blocks only for those acceptance 
 near-tie (each differing row first differs where AR's recomputed top-2 logit gap is below the --near-tie-epsilon
 tolerance: a low-precision argmax flip) or False (tidar_jax/evals/agreement.py); float32 models decode at "highest"
 matmul precision (--matmul-precision), so that check stays strict on GPUs, whose float32 default is TF32.
+With WORKDIR/decode_tuning.json (infer.tune): a `tidar auto` row (decode.*=auto) and each row's expected tokens/s
+next to the measured (for the batch sizes it tuned).
 
 Latency curve: one cached forward of q causal query tokens (q = 1 .. 512) over a KV cache holding a prefix of 512
 and 2048 tokens, timed the same way: it shows how many tokens a forward can carry almost for free (TiDAR's step
@@ -184,6 +186,7 @@ def _label(path: str, bundle) -> str:
 def run_generation(args, bundles: dict, draft, prompts: list[list[int]], progress) -> list[dict]:
     """Every (checkpoint, K, batch) group; returns one record per group."""
     from infer.common import decode_room
+    from tidar_jax.decoding import tuning
     from tidar_jax.decoding.buckets import bucket_for
     from tidar_jax.decoding.generation import Generator
     from tidar_jax.decoding.spec_decode import SpecDecoder
@@ -211,13 +214,19 @@ def run_generation(args, bundles: dict, draft, prompts: list[list[int]], progres
         tokenizer_size = bundle.tokenizer.vocab_size if bundle.tokenizer is not None else None
         generator = Generator(bundle.graphdef, bundle.params, m, dec, allow_block_size_mismatch=True,
                               tokenizer_size=tokenizer_size)
-        methods = {"ar": (generator, "ar")}
+        methods, shapes = {"ar": (generator, "ar")}, {"ar": (1, ())}  # shapes: (K, set) that the expected rate prices
+        tuned = _tuning(bundle, progress)
         if bundle.config.train.objective == "tidar":
-            methods["tidar"] = (generator, "tidar")
+            methods["tidar"], shapes["tidar"] = (generator, "tidar"), (k, ())
             for lengths in args.proposal_sets:
                 lengths = proposals.resolve_proposal_lengths(lengths, k, "--proposal-sets")
                 methods[_set_name(lengths)] = (Generator(bundle.graphdef, bundle.params, m, dataclasses.replace(
                     dec, proposal_lengths=lengths), allow_block_size_mismatch=True, tokenizer_size=tokenizer_size),
+                    "tidar")
+                shapes[_set_name(lengths)] = (k, lengths)
+            if tuned is not None:  # what decode.block_size=auto decode.proposal_lengths=auto runs, per batch
+                methods["tidar auto"] = (Generator(bundle.graphdef, bundle.params, m, dataclasses.replace(
+                    dec, block_size="auto", proposal_lengths="auto"), tokenizer_size=tokenizer_size, tuning=tuned),
                     "tidar")
         if draft is not None and k >= 2:
             methods["spec"] = (SpecDecoder(bundle.graphdef, bundle.params, m, dec, draft.graphdef, draft.params,
@@ -230,14 +239,36 @@ def run_generation(args, bundles: dict, draft, prompts: list[list[int]], progres
             with agreement.matmul_precision(m.compute_dtype, args.matmul_precision):
                 group = time_methods(methods, prompts, batch, args.max_new_tokens, args.repeats,
                                      args.near_tie_epsilon, tuple(args.cpu_kernels or [None]))
+            if tuned is not None:  # expected tokens/s from the tuning's model, next to the measured ones
+                if "tidar auto" in methods:
+                    shapes["tidar auto"] = methods["tidar auto"][0].step_shape(batch)
+                for name, s in group["methods"].items():
+                    shape = shapes.get(name.split(" [")[0])
+                    s["expected_tokens_per_second"] = shape and tuning.expected_rate(tuned, m, batch, *shape)
             records.append({"step_cost": cost, "checkpoint": path, "checkpoint_step": bundle.step,
                             "label": _label(path, bundle), "trained_block_size": m.block_size,
                             "objective": bundle.config.train.objective, "block_size": k, "batch_size": batch,
                             "compute_dtype": m.compute_dtype,
                             "matmul_precision": agreement.precision_name(m.compute_dtype, args.matmul_precision),
                             "methods": group["methods"], "ar_baseline": group["baseline"],
+                            "auto_step": shapes.get("tidar auto"),
                             "cpu_kernels": kernel_choice.decisions()})
     return records
+
+
+def _tuning(bundle, progress):
+    """The checkpoint's decode tuning (auto row, expected rates); None without one or (reported) a bad one."""
+    from tidar_jax.decoding import tuning
+
+    if bundle.workdir is None or not tuning.tuning_path(bundle.workdir).is_file():
+        return None
+    try:
+        tuned = tuning.read_tuning(bundle.workdir)
+        tuning.check_model(tuned, bundle.config.model, bundle.step)
+        return tuned
+    except tuning.TuningError as e:
+        progress(f"warning: {e}; no auto row or expected rates")
+        return None
 
 
 def run_latency(args, bundle, progress) -> dict:

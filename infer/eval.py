@@ -116,7 +116,9 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     from tidar_jax.checkpoint.store import step_path
     from tidar_jax.config import ConfigError
     from tidar_jax.data import pipeline
+    from tidar_jax.decoding import tuning
     from tidar_jax.decoding.generation import Generator
+    from tidar_jax.decoding.spec import resolve_block_size
     from tidar_jax.evals import agreement
     from tidar_jax.evals import likelihood as evaluation
     from tidar_jax.evals.benchmark import device_info
@@ -142,14 +144,16 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
         prompts = prompt_set(args.prompts, args.checkpoint, dataclasses.replace(bundle, config=cfg), args.num_prompts,
                              args.prompt_len)
         # Room for every prompt and continuation, so no row stops early for lack of cache.
-        dec = decode_room(cfg.decode, max(map(len, prompts)), max_new, cfg.decode.block_size or m.block_size)
+        dec = decode_room(cfg.decode, max(map(len, prompts)), max_new, resolve_block_size(m, cfg.decode, True))
+        dec = dataclasses.replace(dec, block_size=cfg.decode.block_size)  # "auto" stays auto
     batches = pipeline.make_eval_batches(cfg, tok, args.eval_batches)
     report["heldout"] = evaluation.heldout_likelihood(bundle.graphdef, bundle.params, cfg, batches, mesh,
                                                       evaluation.token_byte_lengths(tok, m.vocab_size))
     report["heldout"].update(batches=len(batches), batch_size=cfg.data.global_batch_size, seq_len=cfg.data.seq_len)
     if args.num_prompts > 0:
         generator = Generator(bundle.graphdef, bundle.params, m, dec,
-                              allow_block_size_mismatch=args.allow_block_size_mismatch, mesh=mesh)
+                              allow_block_size_mismatch=args.allow_block_size_mismatch, mesh=mesh,
+                              tuning=tuning.for_decode(dec, bundle.workdir))
         modes = ("tidar", "ar") if cfg.train.objective == "tidar" else ("ar",)
         # Float32 decodes at "highest" matmul precision: the strict check must not be judged on TF32 dots.
         with jax.set_mesh(mesh), agreement.matmul_precision(m.compute_dtype):
@@ -159,8 +163,9 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
                               "max_new_tokens": max_new, "decode_block_size": generator.block_size,
                               "matmul_precision": agreement.precision_name(m.compute_dtype), **stats}
         k = generator.block_size
-        if "tidar" in stats and not proposals.is_sparse(proposals.resolve_proposal_lengths(dec.proposal_lengths, k),
-                                                        k):
+        # Sets are suggested from a histogram of the trained K's full set only (auto may have run other shapes).
+        if "tidar" in stats and not tuning.uses_auto(dec) and not proposals.is_sparse(
+                proposals.resolve_proposal_lengths(dec.proposal_lengths, k), k):
             hist = stats["tidar"]["acceptance_histogram"]
             report["decoding"]["proposal_sets"] = proposals.best_sets(hist)
             report["decoding"]["suggested_proposal_lengths"] = proposals.suggest_set(

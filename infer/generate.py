@@ -183,6 +183,7 @@ def run(args: argparse.Namespace) -> dict:
     """Loads the checkpoint, generates, streams unless --json; returns the JSON summary."""
     from tidar_jax.checkpoint.inference import load_for_inference, with_model
     from tidar_jax.checkpoint.store import step_path
+    from tidar_jax.decoding import tuning
     from tidar_jax.decoding.generation import Generator
     from tidar_jax.layout.masks import step_query_count
     from tidar_jax.model.transformer import resolved_config
@@ -197,17 +198,18 @@ def run(args: argparse.Namespace) -> dict:
     prompt_ids = _prompt_ids(args, bundle)
     generator = Generator(bundle.graphdef, bundle.params, cfg.model, cfg.decode,
                           allow_block_size_mismatch=args.allow_block_size_mismatch, mesh=mesh,
-                          tokenizer_size=None if tokenizer is None else tokenizer.vocab_size)
+                          tokenizer_size=None if tokenizer is None else tokenizer.vocab_size,
+                          tuning=tuning.for_decode(cfg.decode, bundle.workdir))
     stream = None if args.json else _TextStream(tokenizer, sys.stdout)
     result = generator.generate([prompt_ids], args.mode, seed=args.seed, on_tokens=stream)
     tokens = result.tokens[0]
     m = generator.model_cfg
-    step_tokens = 1 if args.mode == "ar" else step_query_count(result.block_size, True,
-                                                                generator.decode_cfg.proposal_lengths)
+    step_tokens = 1 if args.mode == "ar" else step_query_count(result.block_size, True, result.proposal_lengths)
     return {
         "token_ids": tokens,
         "text": None if tokenizer is None else tokenizer.decode(tokens, skip_special_tokens=True),
         "prompt_ids": prompt_ids, "mode": args.mode, "block_size": result.block_size,
+        "proposal_lengths": list(result.proposal_lengths),
         "forwards": result.forwards, "tokens_per_forward": result.tokens_per_forward,
         "tokens_per_second": result.tokens_per_second, "wall_time_s": result.wall_time_s,
         "compile_time_s": result.compile_time_s, "acceptance_histogram": result.acceptance_histogram,

@@ -189,11 +189,15 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 
 def evaluate_checkpoint(args: argparse.Namespace, problems: list[dict], isolation) -> dict:
+    import dataclasses
+
     from tqdm import tqdm
 
     from tidar_jax.checkpoint.inference import load_for_inference
     from tidar_jax.config import apply_overrides
+    from tidar_jax.decoding import tuning
     from tidar_jax.decoding.generation import Generator
+    from tidar_jax.decoding.spec import resolve_block_size
     from tidar_jax.evals import humaneval
     from tidar_jax.evals.batching import BatchDecoder, decode_config_for
 
@@ -206,10 +210,12 @@ def evaluate_checkpoint(args: argparse.Namespace, problems: list[dict], isolatio
     m, tok = cfg.model, bundle.tokenizer
     modes = MODES[args.mode or ("both" if cfg.train.objective == "tidar" else "ar")]
     prompts = [tok.encode(p["prompt"]) for p in problems]
-    k = cfg.decode.block_size or m.block_size
+    k = resolve_block_size(m, cfg.decode, True)  # auto: the trained K, the largest block a step holds
     dec = decode_config_for(cfg.decode, max(map(len, prompts)), args.max_new_tokens, k)
+    dec = dataclasses.replace(dec, block_size=cfg.decode.block_size)  # "auto" stays auto
     generator = Generator(bundle.graphdef, bundle.params, m, dec,
-                          allow_block_size_mismatch=args.allow_block_size_mismatch)
+                          allow_block_size_mismatch=args.allow_block_size_mismatch,
+                          tuning=tuning.for_decode(dec, bundle.workdir))
     decoder = BatchDecoder(generator, args.batch_size, args.chunk_forwards)
 
     generated = {}

@@ -12,7 +12,7 @@ import random
 import pytest
 
 from tidar_jax.decoding import step_choice
-from tidar_jax.decoding.step_choice import AUTO, StepCosts
+from tidar_jax.decoding.step_choice import StepCosts
 
 
 def _simulated_tokens(histogram, k, lengths, steps=100_000, seed=0):

@@ -14,7 +14,9 @@ A cache directory the user gave JAX itself (`JAX_COMPILATION_CACHE_DIR` or `jax.
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 from pathlib import Path
 
 import jax
@@ -53,3 +55,18 @@ def enable_compile_cache() -> Path | None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
     jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     return path
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Writes `data` as JSON to `path` (parent folders created) through a temporary file in the same folder and
+    `os.replace`, so a concurrent reader or an interrupted write never sees half a file. Raises OSError."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(suffix=".json", prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+            f.write("\n")
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)

@@ -44,13 +44,15 @@ if TYPE_CHECKING:
 
 @dataclasses.dataclass
 class InferenceBundle:
-    """Everything generation / eval needs: `forward(graphdef, params, ...)` and the tokenizer (None if absent)."""
+    """Everything generation / eval needs: `forward(graphdef, params, ...)` and the tokenizer (None if absent);
+    workdir: the checkpoint's workdir (where its tokenizer and decode tuning live), None when not loaded from one."""
 
     config: Config
     graphdef: nnx.GraphDef
     params: nnx.State
     tokenizer: Tokenizer | None
     step: int
+    workdir: Path | None = None
 
 
 def with_model(bundle: InferenceBundle, model: ModelConfig) -> InferenceBundle:
@@ -133,7 +135,8 @@ def load_for_inference(path: str | Path, mesh: jax.sharding.Mesh | None = None,
         from tidar_jax.data.tokenizer import Tokenizer  # imported lazily: only needed when a tokenizer was saved
 
         tokenizer = Tokenizer.from_file(workdir / TOKENIZER_FILE)
-    return InferenceBundle(config=config, graphdef=graphdef, params=abstract_state, tokenizer=tokenizer, step=step)
+    return InferenceBundle(config=config, graphdef=graphdef, params=abstract_state, tokenizer=tokenizer, step=step,
+                           workdir=workdir)
 
 
 def save_inference_checkpoint(workdir: str | Path, config: Config, params: nnx.State | dict,

@@ -166,6 +166,10 @@ class MeshConfig:
     distributed: bool = False
 
 
+# decode.block_size / decode.proposal_lengths value: chosen per batch bucket from measurements (decoding/tuning.py).
+AUTO = "auto"
+
+
 @dataclass(frozen=True)
 class DecodeConfig:
     """Generation settings. `block_size` 0 means the model's trained block size. Shapes come from buckets, so that a
@@ -178,9 +182,11 @@ class DecodeConfig:
     params once): false (default) unrolls the layers, since a scanned step reads each layer's weights through a
     dynamic slice that XLA on CPU copies out on every step (SmolLM2-135M forwards 1.14-1.62x slower in float32,
     2.5-5x in bfloat16; docs/RESULTS.md section 5); true compiles the decode programs 4-7x faster (one-off short
-    generations of deep models)."""
+    generations of deep models). `block_size` and `proposal_lengths` may be "auto": chosen per batch bucket from the
+    checkpoint's measured acceptance and step costs (WORKDIR/decode_tuning.json from `python -m infer.tune`;
+    decoding/step_choice.py, decoding/tuning.py)."""
 
-    block_size: int = 0
+    block_size: int | str = 0  # or "auto"
     beta: float = 1.0
     temperature: float = 0.0
     top_k: int = 0
@@ -189,7 +195,7 @@ class DecodeConfig:
     max_cache_len: int = 512
     prompt_buckets: tuple[int, ...] = (16, 64, 256)
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-    proposal_lengths: tuple[int, ...] = ()
+    proposal_lengths: tuple[int, ...] | str = ()  # or "auto"
     scan_layers: bool = False
 
 

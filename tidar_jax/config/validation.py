@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from tidar_jax.config.schema import (ADAPTATIONS, ATTENTION_IMPLS, AUTO_ATTENTION_IMPL, DRAFT_TARGETS, DTYPES,
+from tidar_jax.config.schema import (ADAPTATIONS, AUTO, ATTENTION_IMPLS, AUTO_ATTENTION_IMPL, DRAFT_TARGETS, DTYPES,
                                      OBJECTIVES, REMAT_POLICIES, ROPE_SCALINGS, Config, ConfigError, ModelConfig)
 from tidar_jax.layout import proposals
 
@@ -184,7 +184,14 @@ def validate(cfg: Config) -> Config:
         _require(value == -1 or value > 0, f"mesh.{name} must be positive or -1, got {value}")
     if m.attention_impl in CUDNN_IMPLS and mesh.tensor != -1:  # -1 is resolved with the devices (validate_backend)
         validate_cudnn(m, mesh.tensor)
-    _require(dec.block_size >= 0, f"decode.block_size must be >= 0 (0 = trained size), got {dec.block_size}")
+    auto_k, auto_set = dec.block_size == AUTO, dec.proposal_lengths == AUTO
+    _require(auto_k or (not isinstance(dec.block_size, str) and dec.block_size >= 0),
+             f"decode.block_size must be >= 0 (0 = trained size) or {AUTO!r}, got {dec.block_size!r}")
+    _require(auto_set or not isinstance(dec.proposal_lengths, str),
+             f"decode.proposal_lengths must be a list of acceptance lengths or {AUTO!r}, got {dec.proposal_lengths!r}")
+    # The auto choice may be a sparse set, which verifies with the AR logits alone.
+    _require(not auto_set or dec.beta == 1.0,
+             f"decode.proposal_lengths={AUTO} may choose a sparse set, which needs decode.beta=1, got {dec.beta}")
     _require(0.0 <= dec.beta <= 1.0, f"decode.beta must be in [0, 1], got {dec.beta}")
     _require(dec.temperature >= 0, f"decode.temperature must be >= 0, got {dec.temperature}")
     _require(dec.top_k >= 0, f"decode.top_k must be >= 0 (0 = off), got {dec.top_k}")
@@ -199,9 +206,10 @@ def validate(cfg: Config) -> Config:
              f"decode.max_cache_len ({dec.max_cache_len}) must exceed the largest prompt bucket "
              f"({dec.prompt_buckets[-1]})")
     try:
-        k = dec.block_size or m.block_size
-        proposals.check_beta(dec.beta, proposals.resolve_proposal_lengths(dec.proposal_lengths, k), k,
-                             "decode.beta")
+        k = m.block_size if auto_k else dec.block_size or m.block_size  # auto: some K' <= the trained K
+        if not auto_set:
+            proposals.check_beta(dec.beta, proposals.resolve_proposal_lengths(dec.proposal_lengths, k), k,
+                                 "decode.beta")
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return cfg

@@ -34,7 +34,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from tidar_jax.config import DecodeConfig, ModelConfig
-from tidar_jax.decoding import decode
+from tidar_jax.decoding import decode, step_choice
+from tidar_jax.decoding import tuning as tuning_lib
 from tidar_jax.decoding.buckets import bucket_for, length_buckets
 from tidar_jax.decoding.decode import DecodeState
 from tidar_jax.decoding.program_cache import ProgramCache
@@ -92,7 +93,8 @@ class GenerationResult:
     tokens_per_forward: new tokens / forwards summed over rows (each row counts the forwards it was active for, so
     AR gives exactly 1.0); acceptance_histogram[a]: decode steps (per row) that accepted a tokens, index 0 unused;
     wall_time_s: prefill + decoding, compilation excluded; finish_reasons: per row "eos" | "length" | "cache";
-    block_size: K (1 for AR); compile_time_s: compilation this call triggered (0 once warm)."""
+    block_size: K (1 for AR); compile_time_s: compilation this call triggered (0 once warm); proposal_lengths: the
+    proposal set A a TiDAR step computed (() for AR)."""
 
     tokens: list[list[int]]
     forwards: int
@@ -104,6 +106,7 @@ class GenerationResult:
     mode: str
     block_size: int
     compile_time_s: float
+    proposal_lengths: tuple[int, ...] = ()
 
 
 class Generator:
@@ -120,7 +123,13 @@ class Generator:
 
     Non-tokens: ids >= tokenizer_size, the mask id and the pad id (unless it is also the EOS id, as in imports
     without a pad token). Prompts may not contain ids >= tokenizer_size or the mask; sampled decoding gives every
-    non-token probability 0 at any accepted knobs (`sampling.non_tokens`). Greedy decoding takes the argmax of
+    non-token probability 0 at any accepted knobs (`sampling.non_tokens`).
+
+    tuning: the checkpoint's decode tuning (tuning.read_tuning / tuning.for_decode), needed when decode_cfg's
+    block_size or proposal_lengths is "auto": each batch bucket then decodes TiDAR with the K' and proposal set
+    step_choice picks from it (`step_shape`), resolved before that bucket's programs are built; `block_size` is
+    then the trained K, the largest block any step holds. An auto K' < the trained K needs no
+    allow_block_size_mismatch: it was chosen from measurements. Greedy decoding takes the argmax of
     decode.py's logits, in which only the mask is suppressed so far: a model whose pad or padding rows out-score
     every token would emit them (an import's padding rows start at the mean embedding, whose logit is the mean
     logit, so they never do).
@@ -128,7 +137,8 @@ class Generator:
 
     def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, model_cfg: ModelConfig, decode_cfg: DecodeConfig,
                  *, allow_block_size_mismatch: bool = False, mesh: Mesh | None = None,
-                 programs: ProgramCache | None = None, tokenizer_size: int | None = None):
+                 programs: ProgramCache | None = None, tokenizer_size: int | None = None,
+                 tuning: tuning_lib.DecodeTuning | None = None):
         graphdef, params, model_cfg = in_decoding_layout(graphdef, params, model_cfg, decode_cfg.scan_layers)
         self.graphdef, self.mesh = graphdef, mesh
         params = inference_params(params, model_cfg)
@@ -144,6 +154,29 @@ class Generator:
         # The pad id of an import without a pad token is its EOS id, which must stay possible (the mask never is).
         self.reserved_ids = tuple(sorted({model_cfg.mask_token_id, model_cfg.pad_token_id} - {model_cfg.eos_token_id}))
         self._compile_time = 0.0
+        self.tuning, self._choices = tuning, {}
+        if tuning_lib.uses_auto(decode_cfg):
+            if tuning is None:
+                raise tuning_lib.TuningError(f"decode.block_size=auto / decode.proposal_lengths=auto need the "
+                                             f"checkpoint's {tuning_lib.FILE_NAME}: pass tuning= (Python: "
+                                             f"tuning.read_tuning(WORKDIR)); {tuning_lib.HOW_TO_TUNE} writes it")
+            tuning_lib.check_model(tuning, model_cfg)
+
+    def auto_choice(self, bucket: int) -> step_choice.Choice | None:
+        """What auto chose for a batch bucket (best option, AR, the table), None without auto; resolved once."""
+        if not tuning_lib.uses_auto(self.decode_cfg):
+            return None
+        if bucket not in self._choices:
+            self._choices[bucket] = tuning_lib.resolve(self.tuning, self.model_cfg, self.decode_cfg, bucket)
+        return self._choices[bucket]
+
+    def step_shape(self, rows: int) -> tuple[int, tuple[int, ...]]:
+        """(K, proposal set; () = the full set) a TiDAR decode of `rows` prompts runs with: the configured ones, or
+        with auto the choice for their batch bucket."""
+        choice = self.auto_choice(self.batch_bucket(rows))
+        if choice is None:
+            return self.block_size, tuple(self.decode_cfg.proposal_lengths)
+        return choice.best.block_size, choice.best.proposal_lengths
 
     # ----- input checks -------------------------------------------------------------------------------------------
 
@@ -264,9 +297,9 @@ class Generator:
         limit = dec.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
         if limit < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {limit}")
-        spec = DecodeSpec.create(mode, self.block_size, greedy, self.capacity(limit), self.model_cfg,
-                                 proposal_lengths=dec.proposal_lengths, token_limit=self.token_limit,
-                                 reserved=self.reserved_ids)
+        k, lengths = self.step_shape(len(prompts)) if mode == "tidar" else (self.block_size, ())
+        spec = DecodeSpec.create(mode, k, greedy, self.capacity(limit), self.model_cfg, proposal_lengths=lengths,
+                                 token_limit=self.token_limit, reserved=self.reserved_ids)
         spec.check_beta(float(sp.beta))
         batch = self.pad_batch(prompts, spec.num_drafts, limit)
         rows = len(batch.lengths)
@@ -326,6 +359,7 @@ class Generator:
         compile_time = self._compile_time - compile_before
         wall = time.perf_counter() - start - compile_time
         return GenerationResult(**summary(host, len(prompts), wall), mode=mode, block_size=spec.num_drafts,
+                                proposal_lengths=spec.lengths,
                                 compile_time_s=compile_time)
 
 

@@ -7,6 +7,7 @@ import dataclasses
 from typing import Sequence
 
 from tidar_jax.config import DecodeConfig, ModelConfig
+from tidar_jax.config.schema import AUTO
 from tidar_jax.layout import masks, proposals
 
 MODES = ("tidar", "ar")
@@ -84,9 +85,10 @@ class DecodeSpec:
 
 
 def resolve_block_size(model_cfg: ModelConfig, decode_cfg: DecodeConfig, allow_mismatch: bool = False) -> int:
-    """decode.block_size, or the trained model.block_size when it is 0. A different K than the trained one is an
-    error unless `allow_mismatch` (the diffusion drafts were trained for one block size)."""
-    k = decode_cfg.block_size or model_cfg.block_size
+    """decode.block_size, or the trained model.block_size when it is 0 or "auto" (auto chooses some K' <= the trained
+    K per batch bucket, decoding/tuning.py: the trained K is the largest block a step may hold). A different K than
+    the trained one is an error unless `allow_mismatch` (the diffusion drafts were trained for one block size)."""
+    k = model_cfg.block_size if decode_cfg.block_size == AUTO else decode_cfg.block_size or model_cfg.block_size
     if k != model_cfg.block_size and not allow_mismatch:
         raise ValueError(f"decode block size {k} differs from the model's trained block size "
                          f"{model_cfg.block_size}; pass --allow-block-size-mismatch (Python: "

@@ -39,6 +39,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from tidar_jax.config.schema import AUTO
+
 _CESARO_DOUBLINGS = 20  # average over 2^20 steps: the transient and a period shift it by O(K / 2^20)
 
 

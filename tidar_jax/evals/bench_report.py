@@ -14,14 +14,22 @@ def format_tables(report: dict) -> str:
         ms = g["methods"]
         w = max(8, *(len(name) + 1 for name in ms))
         r = g["step_cost"]["tidar_over_ar"]
+        expected = any(s.get("expected_tokens_per_second") for s in ms.values())  # infer.tune's model (step_choice)
         lines += ["", f"{g['label']}  decode K={g['block_size']}  batch {g['batch_size']}  (TiDAR step / AR step: "
                       f"FLOPs {r['flops']:.2f}x, bytes {r['bytes']:.2f}x)",
-                  f"  {'method':<{w}}{'tokens/s':>10}{'speed-up vs AR':>16}{'tokens/forward':>16}{'forwards':>10}"
-                  f"{'draft fwd':>10}  same tokens as AR"]
+                  f"  {'method':<{w}}{'tokens/s':>10}" + (f"{'expected':>10}" if expected else "")
+                  + f"{'speed-up vs AR':>16}{'tokens/forward':>16}{'forwards':>10}{'draft fwd':>10}  same tokens as AR"]
         for name, s in ms.items():
-            lines.append(f"  {name:<{w}}{s['tokens_per_second']:>10.1f}{s['speedup_vs_ar']:>15.2f}x"
+            rate = s.get("expected_tokens_per_second")
+            lines.append(f"  {name:<{w}}{s['tokens_per_second']:>10.1f}"
+                         + (f"{rate:>10.1f}" if rate else f"{'-':>10}" if expected else "")
+                         + f"{s['speedup_vs_ar']:>15.2f}x"
                          f"{s['tokens_per_forward']:>16.2f}{s['forwards']:>10}{s.get('draft_forwards', '-'):>10}"
                          f"  {agreement.describe(s['agreement'])}")
+        if expected:
+            lines.append("  expected: tokens/s that infer.tune's measured step costs and acceptance predict (prefill "
+                         "excluded); `tidar auto` runs decode.block_size=auto decode.proposal_lengths=auto"
+                         + (f" (K={g['auto_step'][0]} A={list(g['auto_step'][1])})" if g.get("auto_step") else ""))
         if len(ms) > 1 and "ar_baseline" in g:
             used = g.get("cpu_kernels", {}).get("choices", {})
             kernel = sum(c["choice"] == "kernel" for c in used.values())

@@ -51,6 +51,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import normalize_gen_kwargs
 from tqdm import tqdm
 
+from tidar_jax.decoding import tuning
+from tidar_jax.decoding.spec import resolve_block_size
 from tidar_jax.evals.batching import BatchDecoder, bucket_for, cut_at_eos, decode_config_for, length_buckets
 from tidar_jax.layout import masks
 from tidar_jax.model.transformer import forward
@@ -234,7 +236,7 @@ class TidarLM(TemplateLM):
     def _bounded(self, max_gen_toks: int) -> int:
         """`max_gen_toks` cut, with a warning, to what the checkpoint's decode.max_cache_len leaves after a prompt of
         max_length tokens and two blocks: a task's limit never grows the KV cache past the configured one."""
-        k = self.config.decode.block_size or self.config.model.block_size
+        k = resolve_block_size(self.config.model, self.config.decode, True)
         room = self.config.decode.max_cache_len - self._max_length - 2 * k
         if max_gen_toks <= room:
             return max_gen_toks
@@ -251,12 +253,13 @@ class TidarLM(TemplateLM):
             from tidar_jax.decoding.generation import Generator
 
             m = self.config.model
-            k = self.config.decode.block_size or m.block_size
-            dec = decode_config_for(self.config.decode, self._max_length, max_gen_toks, k)
+            dec = decode_config_for(self.config.decode, self._max_length, max_gen_toks,
+                                    resolve_block_size(m, self.config.decode, True))
             dec = dataclasses.replace(dec, prompt_buckets=tuple(b for b in dec.prompt_buckets if b < self._max_length)
-                                      + (self._max_length,))
+                                      + (self._max_length,), block_size=self.config.decode.block_size)
             generator = Generator(self.bundle.graphdef, self.bundle.params, m, dec,
-                                  allow_block_size_mismatch=self.allow_block_size_mismatch)
+                                  allow_block_size_mismatch=self.allow_block_size_mismatch,
+                                  tuning=tuning.for_decode(dec, self.bundle.workdir))
             self._decoders[max_gen_toks] = BatchDecoder(generator, self.batch_size, self.chunk_forwards,
                                                         warmup=False)
         return self._decoders[max_gen_toks]

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -69,11 +68,7 @@ def _store(path: Path | None, choices: dict) -> None:
     if path is None:
         return
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, partial = tempfile.mkstemp(suffix=".json", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(choices, f, indent=1, sort_keys=True)
-        os.replace(partial, path)  # atomic: concurrent processes never read half a file
+        caches.write_json_atomic(path, choices)  # concurrent processes never read half a file
     except OSError:
         pass  # an unwritable cache only costs a re-measurement in the next process
 
