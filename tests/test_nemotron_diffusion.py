@@ -156,3 +156,14 @@ def test_weights_outside_the_encoder_prefix_are_refused(tmp_path):
     src = write_nld(make_ministral(), tmp_path / "nld")
     with pytest.raises(hf_config.ConversionError, match="'encoder.'"):
         nemotron_diffusion.as_ministral3(json.loads((src / "config.json").read_text()), {"model.norm.weight": None})
+
+
+def test_held_out_batches_pad_with_the_model_pad_id(imported):
+    """The checkpoint's tokenizer has no <|pad|>: held-out padding (infer.eval) takes model.pad_token_id."""
+    from tidar_jax.data import pipeline
+
+    _, _, _, bundle = imported
+    assert bundle.tokenizer.pad_id is None
+    last = pipeline.make_eval_batches(bundle.config, bundle.tokenizer, 10**6)[-1]  # the padded tail
+    tokens, valid = last["tokens"], last["valid"]
+    assert (~valid).any() and (tokens[~valid] == bundle.config.model.pad_token_id).all()

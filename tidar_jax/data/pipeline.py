@@ -192,7 +192,9 @@ def make_eval_batches(cfg: Config, tokenizer: Tokenizer, num_batches: int, proce
     n_examples = -(-len(stream) // d.seq_len)
     n_batches = min(num_batches, -(-n_examples // d.global_batch_size))
     rows = n_batches * d.global_batch_size
-    tokens = np.full(rows * d.seq_len, tokenizer.pad_id, dtype=np.int32)
+    # A tokenizer kept as the checkpoint shipped it (e.g. Nemotron-Labs-Diffusion's) may have no <|pad|>.
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else cfg.model.pad_token_id
+    tokens = np.full(rows * d.seq_len, pad, dtype=np.int32)
     valid = np.zeros(rows * d.seq_len, dtype=np.bool_)
     used = min(len(stream), rows * d.seq_len)
     tokens[:used], valid[:used] = stream[:used], True

@@ -1,5 +1,5 @@
-"""The transformer's layers in Flax NNX: RMSNorm, rotary embedding, attention with a KV cache write, the MLP and the
-decoder layer (model/transformer.py stacks them).
+"""The transformer's layers in Flax NNX: RMSNorm, attention (rotary embedding and query scale from model/rope.py) with
+a KV cache write, the MLP and the decoder layer (model/transformer.py stacks them).
 
 With a KV cache, keys are `[cache slots | current tokens]` and the first `n_write` current tokens' K/V are written
 into the cache at a per-row slot after attention, so mask tokens (placed after them) never enter the cache. With
