@@ -45,3 +45,17 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
     ids = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
                          eos_token_id=None, pad_token_id=0)
     return ids[0, len(prompt):].tolist()
+
+
+def make_mistral3():
+    """Mistral3ForConditionalGeneration (how the Ministral-3 releases ship) with the text decoder of `CONFIG` and a
+    tiny Pixtral vision tower, seeded, in eval mode."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    text = transformers.Ministral3Config(**CONFIG, initializer_range=0.3)
+    vision = transformers.PixtralVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                              num_attention_heads=2, image_size=32, patch_size=8)
+    return transformers.Mistral3ForConditionalGeneration(
+        transformers.Mistral3Config(vision_config=vision, text_config=text)).eval()

@@ -127,3 +127,34 @@ def test_export_reloads_as_ministral3(ministral, tmp_path):
     tokens = np.random.RandomState(3).randint(0, VOCAB, (1, SEQ))
     np.testing.assert_allclose(hf_logits(reloaded, tokens)[..., :VOCAB], hf_logits(model, tokens), atol=ATOL, rtol=0)
     assert hf.import_hf_checkpoint(out).config == imported.config
+
+
+@pytest.mark.parametrize("layout", ["saved", "in_memory"])
+def test_mistral3_directory_imports_its_text_decoder(tmp_path, layout):
+    """A Mistral3ForConditionalGeneration directory (the Ministral-3 releases' format) in the layout transformers
+    saves (language_model.model.*) and under its in-memory names (model.language_model.*, lm_head.weight): the
+    vision tower is not read, and the logits equal the multimodal model's on text."""
+    import json
+
+    from safetensors.torch import save_file
+    from ministral import make_mistral3
+
+    model = make_mistral3()
+    if layout == "saved":
+        model.save_pretrained(tmp_path)
+    else:
+        save_file({k: v.clone() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"),
+                  metadata={"format": "pt"})
+        (tmp_path / "config.json").write_text(model.config.to_json_string())
+        assert any(k.startswith("model.language_model.") for k in model.state_dict())
+    cfg, params = hf.load_hf_checkpoint(tmp_path)
+    assert (cfg.rope_scaling, cfg.sliding_window, cfg.head_dim) == ("yarn", WINDOW, 32)
+    # Mistral3Config ties the head: the saved file leaves it out (tied), the state dict holds its copy (untied).
+    assert cfg.tie_embeddings == (layout == "saved")
+    tokens = np.random.RandomState(5).randint(0, VOCAB, (1, SEQ))
+    ours, _ = forward(_graphdef(cfg), params, jnp.asarray(tokens), _positions(1, SEQ), masks.causal_mask(SEQ)[None])
+    np.testing.assert_allclose(np.asarray(ours)[..., :VOCAB], hf_logits(model, tokens), atol=ATOL, rtol=0)
+    quantized = json.loads((tmp_path / "config.json").read_text()) | {"quantization_config": {"quant_method": "fp8"}}
+    (tmp_path / "config.json").write_text(json.dumps(quantized))
+    with pytest.raises(hf.ConversionError, match="quantization_config \\(fp8"):
+        hf.import_hf_checkpoint(tmp_path)

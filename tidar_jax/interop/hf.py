@@ -1,5 +1,5 @@
-"""Hugging Face checkpoints (Qwen2 / Qwen2.5 / Qwen3 / Llama / Ministral-3, and Nemotron-Labs-Diffusion through
-nemotron_diffusion.py; config.json + safetensors) <-> tidar_jax params.
+"""Hugging Face checkpoints (Qwen2 / Qwen2.5 / Qwen3 / Llama / Ministral-3, and Mistral-3 / Nemotron-Labs-Diffusion
+through mistral3.py / nemotron_diffusion.py; config.json + safetensors) <-> tidar_jax params.
 
 Import: `import_hf_checkpoint(dir)` reads config.json, the (possibly sharded) safetensors and tokenizer.json, maps
 every weight to our layout and places the diffusion mask token (below). `load_hf_checkpoint` returns just
@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 
 from tidar_jax.config import ModelConfig
-from tidar_jax.interop import nemotron_diffusion
+from tidar_jax.interop import mistral3, nemotron_diffusion
 from tidar_jax.interop.hf_config import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_CONTEXT,
@@ -52,6 +52,8 @@ VOCAB_MULTIPLE = 64
 # Mask-gated adapters (adapters.py) of an exported TiDAR model: a file transformers ignores, so the exported model
 # loads as the exact base model there, while re-importing it restores the adapters.
 ADAPTERS_FILE = "tidar_adapters.safetensors"
+# model_type -> the module that reads such a directory as a Ministral-3 one (`as_ministral3(config, tensors)`).
+_WRAPPERS = {m.MODEL_TYPE: m for m in (nemotron_diffusion, mistral3)}
 # Tensors that carry no weights of ours: rotary caches some old checkpoints saved.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -356,8 +358,9 @@ def import_hf_checkpoint(path: str | Path, *, block_size: int | None = None, par
         raise ConversionError(f"{path} is not a Hugging Face model directory (no config.json)")
     tokenizer_file = path / "tokenizer.json"
     hf_config, tensors = _read_json(path / "config.json"), SafetensorsCheckpoint(path)
-    if nemotron_diffusion.is_nemotron_diffusion(hf_config):  # a Ministral-3 under other names, mask row trained
-        hf_config, tensors = nemotron_diffusion.as_ministral3(hf_config, tensors)
+    wrapper = _WRAPPERS.get(hf_config.get("model_type"))
+    if wrapper is not None:  # a Ministral-3 decoder under other names
+        hf_config, tensors = wrapper.as_ministral3(hf_config, tensors)
     return convert_hf(hf_config, tensors, tokenizer_file if tokenizer_file.is_file() else None, block_size=block_size,
                       param_dtype=param_dtype, compute_dtype=compute_dtype, eos_token_id=eos_token_id)
 

@@ -34,7 +34,7 @@ def model_config_from_hf(hf: dict, vocab_size: int, *, block_size: int = DEFAULT
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConversionError(f"unsupported model_type {model_type!r} (architectures {hf.get('architectures')}); "
-                              f"supported: {SUPPORTED_MODEL_TYPES} and nemotron_labs_diffusion")
+                              f"supported: {SUPPORTED_MODEL_TYPES}, mistral3 and nemotron_labs_diffusion")
     positional, problems = positional_fields(hf, model_type)
     if hf.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act {hf['hidden_act']!r} (only SwiGLU with silu)")
@@ -44,6 +44,9 @@ def model_config_from_hf(hf: dict, vocab_size: int, *, block_size: int = DEFAULT
         problems.append("attention_bias (this family also biases o_proj, which our model lacks)")
     if hf.get("mlp_bias"):
         problems.append("mlp_bias")
+    if hf.get("quantization_config"):
+        method = hf["quantization_config"].get("quant_method") if isinstance(hf["quantization_config"], dict) else None
+        problems.append(f"quantization_config ({method or 'quantized'} weights; import a bfloat16 / float32 release)")
     if problems:
         raise ConversionError(f"unsupported {model_type} checkpoint: " + "; ".join(problems))
     n_heads = hf["num_attention_heads"]

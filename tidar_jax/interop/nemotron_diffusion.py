@@ -23,6 +23,7 @@ from typing import Mapping
 import numpy as np
 
 from tidar_jax.interop.hf_config import ConversionError
+from tidar_jax.interop.renamed import RenamedTensors, prefix_renamer
 
 MODEL_TYPE = "nemotron_labs_diffusion"
 # The default draft block of an imported model (model.block_size); the checkpoint's training block stays in
@@ -32,38 +33,6 @@ _RENAMES = (("encoder.", "model."), ("diffusion_head.weight", "lm_head.weight"))
 # Config fields of NemotronLabsDiffusionConfig that would split the stack or change its attention at inference;
 # each must hold its inert value (None counts as inert) for the checkpoint to be the plain Ministral-3 we compute.
 _INERT_FIELDS = {"num_ar_layers": 0, "num_diffusion_layers": 0}
-
-
-def is_nemotron_diffusion(hf: dict) -> bool:
-    return hf.get("model_type") == MODEL_TYPE
-
-
-def _hf_name(name: str) -> str:
-    """Released tensor name -> transformers' Ministral-3 name (names outside the two prefixes unchanged)."""
-    for old, new in _RENAMES:
-        if name.startswith(old):
-            return new + name[len(old):]
-    return name
-
-
-class _Renamed(Mapping):
-    """The released tensors under transformers' Ministral-3 names; `file_of` still names their files."""
-
-    def __init__(self, tensors: Mapping[str, np.ndarray]):
-        self._tensors = tensors
-        self._names = {_hf_name(name): name for name in tensors}
-        where = getattr(tensors, "file_of", None)
-        if where is not None:
-            self.file_of = lambda name: where(self._names[name])
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        return self._tensors[self._names[name]]
-
-    def __iter__(self):
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
 
 
 def as_ministral3(hf: dict, tensors: Mapping[str, np.ndarray]) -> tuple[dict, Mapping[str, np.ndarray]]:
@@ -87,4 +56,4 @@ def as_ministral3(hf: dict, tensors: Mapping[str, np.ndarray]) -> tuple[dict, Ma
     config = {k: v for k, v in hf.items() if k not in ("mask_token_id", "block_size", "auto_map", "architectures")}
     config.update(model_type="ministral3", architectures=["Ministral3ForCausalLM"], tidar_mask_token_id=mask,
                   tidar_block_size=DECODE_BLOCK_SIZE, tie_word_embeddings="diffusion_head.weight" not in tensors)
-    return config, _Renamed(tensors)
+    return config, RenamedTensors(tensors, prefix_renamer(_RENAMES))
