@@ -10,7 +10,8 @@
 Import writes OUT/checkpoints/0 (a params-only checkpoint that infer/*.py and train.init_from read),
 OUT/tokenizer.json (with the added <|mask|> / <|pad|> tokens), OUT/tokenizer_config.json and OUT/chat_template.jinja
 (when the model has a chat template) and OUT/hf_config.json (the source architecture, reused by --export-hf).
-Supported: Qwen2 / Qwen2.5 / Qwen3 / Llama / Ministral-3 (config.json + safetensors, sharded or not),
+Supported: Qwen2 / Qwen2.5 / Qwen3 / Llama / Ministral-3 (config.json + safetensors, sharded or not; a mistral3
+directory as its text decoder),
 Nemotron-Labs-Diffusion (model_type nemotron_labs_diffusion: its trained mask row, e.g. id 100, and its tokenizer
 are kept; model.block_size defaults to 4, the trained block 32 stays in OUT/hf_config.json;
 tidar_jax/interop/nemotron_diffusion.py) and llama-architecture GGUF files (dequantised to float32). Otherwise the
