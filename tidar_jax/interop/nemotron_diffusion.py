@@ -2,9 +2,10 @@
 
 The released directories hold a Ministral-3 decoder under the weight prefix `encoder.` (`encoder.embed_tokens`,
 `encoder.layers.N.*`, `encoder.norm`) and an untied output layer `diffusion_head.weight` [vocab, d] that serves
-both the AR and the diffusion predictions (a mask token at position p predicts the token at p, as in our layout); config.json is a `Ministral3Config` (`rope_parameters` with YaRN and
-`llama_4_scaling_beta`, `sliding_window`, a free `head_dim`) plus `mask_token_id` (a trained vocabulary row, 100 in
-the released models) and `block_size` (the training block, 32). These names were read from public code that loads
+both the AR and the diffusion predictions (a mask token at position p predicts the token at p, as in our
+layout); config.json is a `Ministral3Config` (`rope_parameters` with YaRN and `llama_4_scaling_beta`,
+`sliding_window`, a free `head_dim`) plus `mask_token_id` (a trained vocabulary row, 100 in the released models)
+and `block_size` (the training block, 32). These names were read from public code that loads
 the checkpoints (mlx / vLLM / TensorRT ports and their tests), not from the checkpoints themselves: no weights
 are downloaded here.
 
