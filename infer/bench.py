@@ -224,7 +224,7 @@ def run_generation(args, bundles: dict, draft, prompts: list[list[int]], progres
                     dec, proposal_lengths=lengths), allow_block_size_mismatch=True, tokenizer_size=tokenizer_size),
                     "tidar")
                 shapes[_set_name(lengths)] = (k, lengths)
-            if tuned is not None:  # what decode.block_size=auto decode.proposal_lengths=auto runs, per batch
+            if tuned is not None and k == m.block_size:  # what decode.*=auto runs, per batch
                 methods["tidar auto"] = (Generator(bundle.graphdef, bundle.params, m, dataclasses.replace(
                     dec, block_size="auto", proposal_lengths="auto"), tokenizer_size=tokenizer_size, tuning=tuned),
                     "tidar")
@@ -264,7 +264,7 @@ def _tuning(bundle, progress):
         return None
     try:
         tuned = tuning.read_tuning(bundle.workdir)
-        tuning.check_model(tuned, bundle.config.model, bundle.step)
+        tuning.check_model(tuned, bundle.config.model)
         return tuned
     except tuning.TuningError as e:
         progress(f"warning: {e}; no auto row or expected rates")

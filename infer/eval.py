@@ -153,7 +153,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     if args.num_prompts > 0:
         generator = Generator(bundle.graphdef, bundle.params, m, dec,
                               allow_block_size_mismatch=args.allow_block_size_mismatch, mesh=mesh,
-                              tuning=tuning.for_decode(dec, bundle.workdir))
+                              tuning=tuning.for_decode(dec, bundle.workdir, bundle.step))
         modes = ("tidar", "ar") if cfg.train.objective == "tidar" else ("ar",)
         # Float32 decodes at "highest" matmul precision: the strict check must not be judged on TF32 dots.
         with jax.set_mesh(mesh), agreement.matmul_precision(m.compute_dtype):

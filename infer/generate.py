@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> dict:
     generator = Generator(bundle.graphdef, bundle.params, cfg.model, cfg.decode,
                           allow_block_size_mismatch=args.allow_block_size_mismatch, mesh=mesh,
                           tokenizer_size=None if tokenizer is None else tokenizer.vocab_size,
-                          tuning=tuning.for_decode(cfg.decode, bundle.workdir))
+                          tuning=tuning.for_decode(cfg.decode, bundle.workdir, bundle.step))
     stream = None if args.json else _TextStream(tokenizer, sys.stdout)
     result = generator.generate([prompt_ids], args.mode, seed=args.seed, on_tokens=stream)
     tokens = result.tokens[0]

@@ -215,7 +215,7 @@ def evaluate_checkpoint(args: argparse.Namespace, problems: list[dict], isolatio
     dec = dataclasses.replace(dec, block_size=cfg.decode.block_size)  # "auto" stays auto
     generator = Generator(bundle.graphdef, bundle.params, m, dec,
                           allow_block_size_mismatch=args.allow_block_size_mismatch,
-                          tuning=tuning.for_decode(dec, bundle.workdir))
+                          tuning=tuning.for_decode(dec, bundle.workdir, bundle.step))
     decoder = BatchDecoder(generator, args.batch_size, args.chunk_forwards)
 
     generated = {}

@@ -93,6 +93,8 @@ def tune(args: argparse.Namespace) -> dict:
     cfg = apply_overrides(bundle.config, args.overrides)
     bundle = dataclasses.replace(with_model(bundle, cfg.model), config=cfg)
     m = cfg.model
+    if bundle.tokenizer is None:
+        raise ConfigError(f"{args.checkpoint} has no tokenizer.json next to its checkpoints; the prompts need it")
     if cfg.train.objective != "tidar":
         raise ConfigError(f"{args.checkpoint} is an {cfg.train.objective}-objective checkpoint: its mask tokens "
                           "were not trained to draft, so there is no TiDAR decoding to tune")
@@ -106,8 +108,7 @@ def tune(args: argparse.Namespace) -> dict:
     prompts = prompt_set(args.prompts, args.checkpoint, bundle, args.num_prompts, args.prompt_len)
     dec = decode_room(cfg.decode, max(map(len, prompts)), args.max_new_tokens, m.block_size)
     dec = dataclasses.replace(dec, proposal_lengths=())
-    tokenizer_size = bundle.tokenizer.vocab_size if bundle.tokenizer is not None else None
-    generator = Generator(bundle.graphdef, bundle.params, m, dec, tokenizer_size=tokenizer_size)
+    generator = Generator(bundle.graphdef, bundle.params, m, dec, tokenizer_size=bundle.tokenizer.vocab_size)
     with agreement.matmul_precision(m.compute_dtype):
         result = generator.generate(prompts, "tidar", args.max_new_tokens, beta=1.0, temperature=0.0)
     histogram = result.acceptance_histogram

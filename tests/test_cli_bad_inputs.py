@@ -276,6 +276,12 @@ ROWS = {
         (TINY + ["--cost-only", "--cache-len", str(10**12)], "--cache-len"),
         (TINY + ["--cost-only", "--override", "decode.beta=0.5"], "decode.beta=0.5"),
     ],
+    "infer.tune": [
+        (["--checkpoint", "{ckpt}", "--block-sizes", "1"], "--block-sizes"),
+        (["--checkpoint", "{ckpt}", "--num-prompts", "0"], "--num-prompts"),
+        (["--checkpoint", "{ckpt}", "train.steps=3"], "train.steps=3"),
+        (["--checkpoint", "{ckpt}", "--json", "{in}/a_file/tune.json"], "--json"),
+    ],
     "train.plan": [
         (["--config", "{in}/empty.yaml", "--devices", "1"], "empty.yaml is empty"),
         (["--config", "configs/tiny.yaml", "--devices", "1", "model.nonsense=1"], "model.nonsense"),
@@ -341,6 +347,8 @@ FAST = [("train.train", "--stop-at-step"), ("train.train", "{in}/a_file"), ("tra
         ("infer.bench", "--peak-tflops"), ("infer.bench", "-5"), ("infer.bench", "--bandwidth-gbs"),
         ("infer.bench", "nan"), ("infer.bench", "--cache-len"),
         ("infer.bench", "decode.beta=0.5"), ("train.plan", "0"), ("train.plan", "-1"),
+        ("infer.tune", "--block-sizes"), ("infer.tune", "--num-prompts"), ("infer.tune", "train.steps=3"),
+        ("infer.tune", "{in}/a_file/tune.json"),
         ("train.train_tokenizer", "--out"), ("infer.adaptation_curve", "{tmp}"),
         ("infer.adaptation_curve", "{in}/a_file/curve.json"), ("infer.adaptation_curve", "{in}/one_doc.txt"),
         ("tidar_jax.evals.lm_eval_cli", "{in}/a_file/results"), ("tidar_jax.evals.lm_eval_cli", "-o"),

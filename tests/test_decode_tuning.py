@@ -121,3 +121,7 @@ def test_another_machines_costs_are_used_with_a_warning(tmp_path, cfg, trained_p
         warnings.simplefilter("error")
         Generator(graphdef, params, cfg.model, _auto(cfg, block_size="auto"),
                   tuning=_tuning(tmp_path, cfg.model)).step_shape(1)
+        tuning.write_tuning(_tuning(tmp_path, cfg.model))
+        tuning.for_decode(_auto(cfg, block_size="auto"), tmp_path, 7)
+    with pytest.warns(UserWarning, match="measured at checkpoint step 7, decoding step 9"):
+        tuning.for_decode(_auto(cfg, block_size="auto"), tmp_path, 9)

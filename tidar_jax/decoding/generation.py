@@ -123,16 +123,16 @@ class Generator:
 
     Non-tokens: ids >= tokenizer_size, the mask id and the pad id (unless it is also the EOS id, as in imports
     without a pad token). Prompts may not contain ids >= tokenizer_size or the mask; sampled decoding gives every
-    non-token probability 0 at any accepted knobs (`sampling.non_tokens`).
+    non-token probability 0 at any accepted knobs (`sampling.non_tokens`). Greedy decoding takes the argmax of
+    decode.py's logits, in which only the mask is suppressed so far: a model whose pad or padding rows out-score
+    every token would emit them (an import's padding rows start at the mean embedding, whose logit is the mean
+    logit, so they never do).
 
     tuning: the checkpoint's decode tuning (tuning.read_tuning / tuning.for_decode), needed when decode_cfg's
     block_size or proposal_lengths is "auto": each batch bucket then decodes TiDAR with the K' and proposal set
     step_choice picks from it (`step_shape`), resolved before that bucket's programs are built; `block_size` is
     then the trained K, the largest block any step holds. An auto K' < the trained K needs no
-    allow_block_size_mismatch: it was chosen from measurements. Greedy decoding takes the argmax of
-    decode.py's logits, in which only the mask is suppressed so far: a model whose pad or padding rows out-score
-    every token would emit them (an import's padding rows start at the mean embedding, whose logit is the mean
-    logit, so they never do).
+    allow_block_size_mismatch: it was chosen from measurements.
     """
 
     def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, model_cfg: ModelConfig, decode_cfg: DecodeConfig,

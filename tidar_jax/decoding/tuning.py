@@ -60,8 +60,9 @@ def profile_key(machine: str, compute_dtype: str) -> str:
 
 
 def model_fingerprint(model_cfg: ModelConfig) -> dict[str, Any]:
-    """The model fields a tuning file must match: the architecture and the trained block size."""
-    return {name: getattr(model_cfg, name) for name in (*ARCHITECTURE_FIELDS, "block_size")}
+    """The model fields a tuning file must match: the architecture and the trained block size, as JSON has them (so a
+    fingerprint read back from the file compares equal)."""
+    return json.loads(json.dumps({name: getattr(model_cfg, name) for name in (*ARCHITECTURE_FIELDS, "block_size")}))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,16 +198,13 @@ def write_tuning(tuning: DecodeTuning) -> None:
     caches.write_json_atomic(tuning.path, tuning.to_json())
 
 
-def check_model(tuning: DecodeTuning, model_cfg: ModelConfig, step: int | None = None) -> None:
-    """TuningError when the file was tuned for another architecture or trained K; a warning for another step."""
+def check_model(tuning: DecodeTuning, model_cfg: ModelConfig) -> None:
+    """TuningError when the file was tuned for another architecture or trained K."""
     fingerprint = model_fingerprint(model_cfg)
     changed = sorted(k for k in fingerprint if tuning.model.get(k) != fingerprint[k])
     if changed:
         raise TuningError(f"{tuning.path} was tuned for another model (model.{', model.'.join(changed)} differ); "
                           f"run {HOW_TO_TUNE} for this one")
-    if step is not None and step != tuning.checkpoint_step:
-        warnings.warn(f"{tuning.path}: acceptance measured at checkpoint step {tuning.checkpoint_step}, decoding step "
-                      f"{step}; rerun infer.tune if the drafts changed", stacklevel=2)
 
 
 def resolve(tuning: DecodeTuning, model_cfg: ModelConfig, decode_cfg: DecodeConfig, bucket: int) -> Choice:
@@ -221,15 +219,20 @@ def resolve(tuning: DecodeTuning, model_cfg: ModelConfig, decode_cfg: DecodeConf
         raise TuningError(f"{tuning.path} (batch {batch}): {e}") from None
 
 
-def for_decode(decode_cfg: DecodeConfig, workdir: str | Path | None) -> DecodeTuning | None:
+def for_decode(decode_cfg: DecodeConfig, workdir: str | Path | None, step: int | None = None) -> DecodeTuning | None:
     """The tuning a Generator with `decode_cfg` needs: read from `workdir` when the config says auto (TuningError
-    when it is missing or damaged), None otherwise (the file is then not read at all)."""
+    when it is missing or damaged; a warning when its acceptance was measured at another checkpoint `step`), None
+    otherwise (the file is then not read at all)."""
     if not uses_auto(decode_cfg):
         return None
     if workdir is None:
         raise TuningError(f"decode.block_size=auto / decode.proposal_lengths=auto need a checkpoint's {FILE_NAME}; "
                           f"this model was not loaded from a workdir")
-    return read_tuning(workdir)
+    tuning = read_tuning(workdir)
+    if step is not None and step != tuning.checkpoint_step:
+        warnings.warn(f"{tuning.path}: acceptance measured at checkpoint step {tuning.checkpoint_step}, decoding step "
+                      f"{step}; rerun infer.tune if the drafts changed", stacklevel=2)
+    return tuning
 
 
 def expected_rate(tuning: DecodeTuning, model_cfg: ModelConfig, batch: int, block_size: int,

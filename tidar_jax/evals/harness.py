@@ -259,7 +259,7 @@ class TidarLM(TemplateLM):
                                       + (self._max_length,), block_size=self.config.decode.block_size)
             generator = Generator(self.bundle.graphdef, self.bundle.params, m, dec,
                                   allow_block_size_mismatch=self.allow_block_size_mismatch,
-                                  tuning=tuning.for_decode(dec, self.bundle.workdir))
+                                  tuning=tuning.for_decode(dec, self.bundle.workdir, self.bundle.step))
             self._decoders[max_gen_toks] = BatchDecoder(generator, self.batch_size, self.chunk_forwards,
                                                         warmup=False)
         return self._decoders[max_gen_toks]
