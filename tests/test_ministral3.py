@@ -57,7 +57,7 @@ def test_config_fields_are_read(ministral):
 
 @pytest.mark.parametrize("impl", ["xla", "blockwise"])
 def test_logits_match_transformers(ministral, impl):
-    """A dense causal mask (xla) and the structured causal LayoutMask (blockwise, windowed through the dense path)."""
+    """A dense causal mask (xla) and the structured causal LayoutMask (blockwise, the window in its layout)."""
     model, _, cfg, params = ministral
     cfg = dataclasses.replace(cfg, attention_impl=impl)
     tokens = np.random.RandomState(1).randint(0, VOCAB, (2, SEQ))
@@ -86,6 +86,42 @@ def test_window_is_stated_on_positions():
     seen_slots = [np.flatnonzero(np.asarray(windowed[0, row, :16])).tolist() for row in range(6)]
     assert seen_slots == [[8, 9], [9], [9], [], [], []]  # keys p' > p - 3 among the committed slots 0..9
     assert bool(windowed[0, 5, 16 + 4]) and not bool(windowed[0, 5, 16 + 0])  # slot at 13 sees 12, not draft 10
+
+
+def test_windowed_layout_is_the_position_rule():
+    """TrainingLayout's window equals `p - p' < window` on the layout's positions, mask rows' own block included
+    (window < K), and the blockwise schedule skips the tiles it removes."""
+    from tidar_jax.ops.blockwise import tile_schedule
+
+    for block, win in ((4, 3), (4, 6), (None, 3)):
+        plain, windowed = masks.TrainingLayout(8, block), masks.TrainingLayout(8, block, window=win)
+        pos = masks.training_positions(8) if block else jnp.arange(8)
+        near = pos[:, None] - pos[None, :] < win
+        np.testing.assert_array_equal(np.asarray(windowed.dense()), np.asarray(plain.dense() & near))
+    long_plain, long_windowed = masks.TrainingLayout(64, 4), masks.TrainingLayout(64, 4, window=8)
+    assert len(tile_schedule(long_windowed, 0, 128, 16, 16)) < len(tile_schedule(long_plain, 0, 128, 16, 16))
+
+
+def test_blockwise_windowed_attention_equals_dense():
+    """Forward and gradients of ops.blockwise_attention on a windowed TiDAR layout (small tiles: several skipped)
+    against dense attention over the same mask, with padded keys."""
+    from tidar_jax.ops import blockwise_attention
+
+    layout = masks.TrainingLayout(16, 4, window=5)
+    keys = jax.random.split(jax.random.key(1), 3)
+    q = jax.random.normal(keys[0], (2, 32, 4, 16))
+    k, v = (jax.random.normal(key, (2, 32, 2, 16)) for key in keys[1:])
+    valid = jnp.ones((2, 32), bool).at[1, 13:16].set(False).at[1, 29:].set(False)
+    dense = masks.LayoutMask(valid, layout).dense()[:, None]
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v) ** 2)
+
+    tiled = loss(lambda q, k, v: blockwise_attention(q, k, v, layout, valid, block_q=8, block_k=8))
+    reference = loss(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=dense))
+    np.testing.assert_allclose(tiled(q, k, v), reference(q, k, v), rtol=1e-5)
+    for got, want in zip(jax.grad(tiled, (0, 1, 2))(q, k, v), jax.grad(reference, (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_default_rope_is_unchanged():

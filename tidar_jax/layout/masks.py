@@ -33,17 +33,24 @@ class TrainingLayout:
     `block_size=None`: plain causal over `seq_len` tokens (the AR objective, likelihood evals). Otherwise the TiDAR
     layout of `2 * seq_len` tokens `[clean | mask]` with draft blocks of `block_size` (design.md section 2).
 
-    Every row's allowed keys are at most two intervals, `[0, hi)` and `[lo2, hi2)` (`key_ranges`): this one
+    `window` (None: none) is a sliding window on positions (layout/window.py): a row at position p sees only keys
+    at positions > p - window. Rows and keys sit at the layout's own positions: clean / causal index i at i, mask
+    index S + i at i (`training_positions`).
+
+    Every row's allowed keys are at most two intervals, `[lo, hi)` and `[lo2, hi2)` (`key_ranges`): this one
     predicate builds the dense masks (`training_mask`, `causal_mask`), the in-tile masks of `ops.blockwise` and,
     evaluated on the rows of a tile, its schedule of tiles that are not fully masked, so the two cannot drift.
     """
 
     seq_len: int
     block_size: int | None = None
+    window: int | None = None
 
     def __post_init__(self):
         if self.block_size is not None and self.seq_len % self.block_size:
             raise ValueError(f"seq_len ({self.seq_len}) must be a multiple of block_size ({self.block_size})")
+        if self.window is not None and self.window < 1:
+            raise ValueError(f"window must be positive (None: no window), got {self.window}")
 
     @property
     def length(self) -> int:
@@ -51,26 +58,36 @@ class TrainingLayout:
         return self.seq_len if self.block_size is None else 2 * self.seq_len
 
     def key_ranges(self, q, xp=jnp):
-        """Row indices q (int array, numpy with `xp=np`) -> (hi, lo2, hi2): row q may attend to keys in
-        `[0, hi) | [lo2, hi2)` (the second interval is empty, lo2 == hi2 == 0, for clean and causal rows).
+        """Row indices q (int array, numpy with `xp=np`) -> (lo, hi, lo2, hi2): row q may attend to keys in
+        `[lo, hi) | [lo2, hi2)` (the second interval is empty, lo2 == hi2 == 0, for clean and causal rows; lo is 0
+        without a window).
 
         TiDAR: clean row p sees clean keys <= p; mask row at position p (block b = p // K) sees clean keys < b*K and
-        the mask keys of its own block, `[S + b*K, S + b*K + K)`."""
+        the mask keys of its own block, `[S + b*K, S + b*K + K)`. A window raises lo (and lo2) to the first key at
+        a position > p - window."""
         zero = xp.zeros_like(q)
         if self.block_size is None:
-            return q + 1, zero, zero
+            return self._window_start(q, xp), q + 1, zero, zero
         s, k = self.seq_len, self.block_size
         is_mask = q >= s
         start = ((q - s) // k) * k  # b*K, meaningful for mask rows
+        position = xp.where(is_mask, q - s, q)
+        lo = self._window_start(position, xp)
         hi = xp.where(is_mask, start, q + 1)
-        lo2 = xp.where(is_mask, s + start, zero)
+        lo2 = xp.where(is_mask, s + xp.maximum(start, lo), zero)
         hi2 = xp.where(is_mask, s + start + k, zero)
-        return hi, lo2, hi2
+        return lo, hi, lo2, hi2
+
+    def _window_start(self, position, xp):
+        """The first position a row at `position` may see: 0, or position - window + 1 with a window."""
+        if self.window is None:
+            return xp.zeros_like(position)
+        return xp.maximum(position - self.window + 1, 0)
 
     def allowed(self, q, k, xp=jnp):
         """Broadcastable row / key indices -> bool: may row q attend to key k."""
-        hi, lo2, hi2 = self.key_ranges(q, xp)
-        return (k < hi) | ((k >= lo2) & (k < hi2))
+        lo, hi, lo2, hi2 = self.key_ranges(q, xp)
+        return ((k >= lo) & (k < hi)) | ((k >= lo2) & (k < hi2))
 
     def dense(self) -> Array:
         """[T, T] bool, T = `length`."""

@@ -7,12 +7,14 @@ positions 0..S-1 (their own block included when window < K), prefill, and a TiDA
 slots share positions. Cache slot i holds the token at position i (decoding writes the token at position L to slot
 L), so a cached key's position is its slot.
 
-A structured `masks.LayoutMask` is made dense here: the attention implementations that use its structure
-(blockwise, splash, cudnn_hybrid) then run the plain XLA path on the windowed mask, which is exact but keeps a
-[T, T] mask and score matrix (no tile skipping for the window).
+A structured `masks.LayoutMask` keeps its structure: its layout gains the window (`TrainingLayout.window`, the
+same rule on the layout's own positions, which are the positions every LayoutMask forward runs at), so blockwise
+and splash attention skip the tiles the window removes and stay linear in memory.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -33,15 +35,16 @@ def key_positions(positions: Array, cache_len: int | None) -> Array:
 
 
 def with_sliding_window(mask: Array | LayoutMask, positions: Array, window: int,
-                        cache_len: int | None = None) -> Array:
+                        cache_len: int | None = None) -> Array | LayoutMask:
     """`mask` with every key at a position `window` or more before its query's position removed.
 
     mask: [batch or 1, q, keys] bool (keys = cache_len + q with a cache, cache columns first; q without) or a
-    `LayoutMask` (made dense, see the module docstring); positions: [batch, q] int, the queries' positions;
-    window > 0; cache_len: the cache's slot count, None without a cache. Returns [batch, q, keys] bool.
+    `LayoutMask` (returned with the window in its layout); positions: [batch, q] int, the queries' positions;
+    window > 0; cache_len: the cache's slot count, None without a cache. Returns [batch, q, keys] bool, or the
+    windowed LayoutMask.
     """
     if isinstance(mask, LayoutMask):
-        mask = mask.dense(cache_len, positions.shape[1] if cache_len is not None else None)
+        return mask.replace(layout=dataclasses.replace(mask.layout, window=window))
     keys = key_positions(positions, cache_len)  # [batch, keys]
     near = positions.astype(jnp.int32)[:, :, None] - keys[:, None, :] < window
     return mask & near

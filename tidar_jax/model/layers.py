@@ -151,7 +151,8 @@ class Attention(nnx.Module):
         if isinstance(mask, LayoutMask):
             if cfg.attention_impl == "splash" and cache_kv is None:
                 return splash_attention(q, k, v, mask.layout, mask.key_valid), None
-            if cfg.attention_impl == "cudnn_hybrid" and cache_kv is None:
+            if cfg.attention_impl == "cudnn_hybrid" and cache_kv is None and mask.layout.window is None:
+                # Its cuDNN clean half is plainly causal: a windowed layout runs blockwise instead (exact).
                 return hybrid_attention(q, k, v, mask.layout, mask.key_valid), None
             if cfg.attention_impl in ("blockwise", "splash", "cudnn_hybrid"):
                 return self._blockwise(q, k, v, mask, cache_kv, write_start, n_write)

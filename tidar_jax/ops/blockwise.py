@@ -55,13 +55,13 @@ def tile_schedule(layout: TrainingLayout, q_offset: int, n_rows: int, block_q: i
     bq, nqt = _tiles(n_rows, block_q)
     bk, nkt = _tiles(n_keys, block_k)
     rows = q_offset + np.arange(nqt * bq, dtype=np.int64)
-    hi, lo2, hi2 = layout.key_ranges(rows, np)
+    lo, hi, lo2, hi2 = layout.key_ranges(rows, np)
     real = rows < q_offset + n_rows
     c0 = np.arange(nkt, dtype=np.int64)[None, :] * bk
     c1 = np.minimum(c0 + bk, n_keys)
-    # Row r meets key tile [c0, c1) iff one of its intervals [0, hi), [lo2, hi2) overlaps it.
-    hit = (np.minimum(hi[:, None], c1) > c0) | ((np.minimum(hi2[:, None], c1) > np.maximum(lo2[:, None], c0))
-                                                 & (hi2 > lo2)[:, None])
+    # Row r meets key tile [c0, c1) iff one of its intervals [lo, hi), [lo2, hi2) overlaps it.
+    hit = (np.minimum(hi[:, None], c1) > np.maximum(lo[:, None], c0)) | (
+        (np.minimum(hi2[:, None], c1) > np.maximum(lo2[:, None], c0)) & (hi2 > lo2)[:, None])
     hit &= real[:, None]
     tile_hit = hit.reshape(nqt, bq, nkt).any(axis=1)
     return np.argwhere(tile_hit).astype(np.int32)
