@@ -1,6 +1,7 @@
 """`python -m infer.tune` in-process on a tiny random TiDAR checkpoint: it writes decode_tuning.json, a second run
 reads the step costs from this machine's cache, infer.generate and infer.bench use the file (auto == AR tokens,
-expected next to measured), and bad input exits 2 with one line. The timings themselves are not checked."""
+expected next to measured; the bench run is in the slow set, its table is checked on an injected report), and bad
+input exits 2 with one line. The timings themselves are not checked."""
 
 import json
 
@@ -9,7 +10,7 @@ from test_eval import corpus, make_run, token_cache  # noqa: F401  (fixtures sha
 
 from infer import bench, generate, tune
 from tidar_jax.decoding import tuning
-from tidar_jax.evals import step_timing
+from tidar_jax.evals import bench_report, step_timing
 
 FLAGS = ["--num-prompts", "2", "--prompt-len", "8", "--max-new-tokens", "8", "--repeats", "1"]
 
@@ -52,7 +53,12 @@ def test_tune_writes_the_file_that_auto_decodes_with(run, tmp_path, capsys, monk
     auto = json.loads(out)
     expected = tuning.resolve(tuning.read_tuning(run), *_configs(run), 1).best
     assert (auto["block_size"], auto["proposal_lengths"]) == (expected.block_size, list(expected.proposal_lengths))
-    # infer.bench: the auto row (exactly AR's tokens) and expected tokens/s next to the measured ones.
+
+
+@pytest.mark.slow  # a tune and a bench run: ~15 s on 2 busy cores
+def test_bench_shows_expected_next_to_measured(run, tmp_path, capsys):
+    code, _, err = _main(tune.main, ["--checkpoint", str(run), "--block-sizes", "2", *FLAGS], capsys)
+    assert code == 0, err
     code, out, err = _main(bench.main, ["--checkpoint", str(run), "--batch-sizes", "1", "--repeats", "1",
                                         "--prompt-len", "8", "--max-new-tokens", "4", "--skip-latency",
                                         "--no-progress", "--json", str(tmp_path / "bench.json")], capsys)
@@ -62,6 +68,22 @@ def test_tune_writes_the_file_that_auto_decodes_with(run, tmp_path, capsys, monk
     assert all(methods[name]["expected_tokens_per_second"] > 0 for name in ("ar", "tidar auto"))
     assert methods["tidar"]["expected_tokens_per_second"] is None  # K = 4 was not tuned: no extrapolation
     assert methods["tidar auto"]["same_tokens_as_ar"] is True
+
+
+def test_bench_table_puts_expected_next_to_measured():
+    method = {"tokens_per_second": 90.0, "speedup_vs_ar": 1.0, "tokens_per_forward": 1.0, "forwards": 9,
+              "agreement": {"verdict": "exact"}}
+    group = {"label": "run (tidar, K=4)", "block_size": 4, "batch_size": 1, "auto_step": [2, [1]],
+             "step_cost": {"tidar_over_ar": {"flops": 2.0, "bytes": 1.1}}, "ar_baseline": "ar",
+             "methods": {"ar": {**method, "expected_tokens_per_second": 100.0},
+                         "tidar": {**method, "expected_tokens_per_second": None},
+                         "tidar auto": {**method, "tokens_per_second": 120.0, "expected_tokens_per_second": 130.0}}}
+    lines = bench_report.format_tables({"generation": [group]}).splitlines()
+    assert "expected" in lines[2] and lines[2].index("tokens/s") < lines[2].index("expected")
+    rows = {line.split()[0] + (" auto" if " auto " in line else ""): line.split() for line in lines[3:6]}
+    assert rows["ar"][1:3] == ["90.0", "100.0"] and rows["tidar"][1:3] == ["90.0", "-"]
+    assert rows["tidar auto"][2:4] == ["120.0", "130.0"]
+    assert lines[6].startswith("  expected:") and lines[7].endswith("K=2 A=[1]")
 
 
 def _configs(run):

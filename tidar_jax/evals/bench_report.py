@@ -27,9 +27,10 @@ def format_tables(report: dict) -> str:
                          f"{s['tokens_per_forward']:>16.2f}{s['forwards']:>10}{s.get('draft_forwards', '-'):>10}"
                          f"  {agreement.describe(s['agreement'])}")
         if expected:
-            lines.append("  expected: tokens/s that infer.tune's measured step costs and acceptance predict (prefill "
-                         "excluded); `tidar auto` runs decode.block_size=auto decode.proposal_lengths=auto"
-                         + (f" (K={g['auto_step'][0]} A={list(g['auto_step'][1])})" if g.get("auto_step") else ""))
+            lines.append("  expected: the tokens/s infer.tune's step costs and acceptance predict (prefill excluded)")
+        if g.get("auto_step"):
+            lines.append(f"  tidar auto: decode.block_size=auto decode.proposal_lengths=auto, here "
+                         f"K={g['auto_step'][0]} A={list(g['auto_step'][1])}")
         if len(ms) > 1 and "ar_baseline" in g:
             used = g.get("cpu_kernels", {}).get("choices", {})
             kernel = sum(c["choice"] == "kernel" for c in used.values())
