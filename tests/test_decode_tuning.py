@@ -125,3 +125,19 @@ def test_another_machines_costs_are_used_with_a_warning(tmp_path, cfg, trained_p
         tuning.for_decode(_auto(cfg, block_size="auto"), tmp_path, 7)
     with pytest.warns(UserWarning, match="measured at checkpoint step 7, decoding step 9"):
         tuning.for_decode(_auto(cfg, block_size="auto"), tmp_path, 9)
+
+
+
+@pytest.mark.slow  # one program per option: ~10 compiles
+def test_every_option_auto_can_choose_decodes_ar_tokens(cfg, trained_params):
+    """Auto decodes one of its table's options (the resolution is tested above): each option of a K = 4 table,
+    K' = 2..4 with the best set of every size, decodes exactly AR's greedy tokens."""
+    graphdef, params = trained_params
+    ar = Generator(graphdef, params, cfg.model, _auto(cfg)).generate(RAGGED, "ar", MAX_NEW)
+    table = step_choice.choose(HISTOGRAM, FLAT, 1).table
+    assert len(table) == 9
+    for option in table:
+        dec = _auto(cfg, block_size=option.block_size, proposal_lengths=option.proposal_lengths)
+        out = Generator(graphdef, params, cfg.model, dec, allow_block_size_mismatch=True).generate(RAGGED, "tidar",
+                                                                                                  MAX_NEW)
+        assert out.tokens == ar.tokens and out.proposal_lengths == option.proposal_lengths, option
