@@ -131,7 +131,8 @@ def tokens_per_step(histogram: Sequence[float], block_size: int, lengths: Sequen
 def _best_set(histogram: tuple[float, ...], block_size: int, size: int) -> tuple[tuple[int, ...], float]:
     candidates = [(1,) + rest for rest in itertools.combinations(range(2, block_size + 1), size - 1)]
     scored = [(tokens_per_step(histogram, block_size, c), c) for c in candidates]
-    value, best = max(scored, key=lambda s: (s[0], [-j for j in s[1]]))  # ties: the lexicographically first set
+    # Ties (to 1e-5, above the long-run average's numerical error): the lexicographically first set.
+    value, best = max(scored, key=lambda s: (round(s[0], 5), [-j for j in s[1]]))
     return best, value
 
 
