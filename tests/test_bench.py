@@ -24,6 +24,7 @@ def runs(tmp_path_factory, tiny_config, corpus):  # noqa: F811
                               seed=2)}
 
 
+@pytest.mark.slow  # ~40 s; the bench CLI's other tests stay fast (default suite under 10 min on 2 cores)
 def test_bench_cli_smoke(runs, tmp_path, capsys):
     out, plots = tmp_path / "bench.json", tmp_path / "plots"
     argv = ["--checkpoint", str(runs["tidar"][0]), str(runs["ar"][0]), "--draft", str(runs["draft"][0]),

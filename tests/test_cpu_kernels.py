@@ -140,6 +140,7 @@ def test_auto_picks_the_kernel_where_it_applies(monkeypatch):
         cached_attention(*args, formulation="kernel")
 
 
+@pytest.mark.slow  # ~16 s: builds the library twice (default suite under 10 min on 2 cores)
 def test_library_is_built_once_into_the_cache(tmp_path):
     first = cpu_kernels._build(tmp_path)
     stamp = first.stat().st_mtime_ns

@@ -94,6 +94,7 @@ def _reference(cfg, params, tokenizer):
     return sums
 
 
+@pytest.mark.slow  # ~25 s (default suite under 10 min on 2 cores)
 def test_eval_matches_direct_loss_computation(tidar_run, tmp_path, capsys):
     workdir, cfg, params = tidar_run
     out = tmp_path / "eval.json"

@@ -43,7 +43,8 @@ def training_logits(graphdef, params, tokens, cfg):
     return forward(graphdef, params, inputs, positions, masks.training_mask(seq, cfg.block_size)[None])[0]
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("variant", [pytest.param(v, marks=pytest.mark.slow) if v == "llama" else v
+                                     for v in sorted(VARIANTS)])
 def test_clean_half_equals_plain_causal_forward(tiny_config, variant):
     cfg, graphdef, params = build(tiny_config, **VARIANTS[variant])
     tokens = jax.random.randint(jax.random.key(1), (2, 16), 3, cfg.vocab_size)
@@ -65,7 +66,7 @@ def test_mask_block_sees_only_the_prefix_before_it(tiny_config):
     assert np.abs(training_logits(graphdef, params, earlier, cfg)[:, cols] - base[:, cols]).max() > 1e-4
 
 
-@pytest.mark.parametrize("variant", ["llama", "qwen3-untied"])
+@pytest.mark.parametrize("variant", [pytest.param("llama", marks=pytest.mark.slow), "qwen3-untied"])
 def test_cached_prefill_and_step_equal_full_recompute(tiny_config, variant):
     cfg, graphdef, params = build(tiny_config, **VARIANTS[variant])
     tokens = jax.random.randint(jax.random.key(3), (2, 12), 3, cfg.vocab_size)
@@ -87,6 +88,7 @@ def test_cached_prefill_and_step_equal_full_recompute(tiny_config, variant):
     np.testing.assert_allclose(step_logits[1], full[1, 6:9], atol=1e-5)
 
 
+@pytest.mark.slow  # ~17 s (default suite under 10 min on 2 cores)
 def test_remat_changes_neither_logits_nor_gradients(tiny_config):
     cfg, graphdef, params = build(tiny_config)
     remat_graphdef, _ = nnx.split(create_model(replace(tiny_config, model={"remat": True}).model))

@@ -204,6 +204,7 @@ def test_sharded_train_step_with_scan_layers(cfgs, params):
     assert float(np.abs(moved).max()) > 1e-4
 
 
+@pytest.mark.slow  # ~14 s (default suite under 10 min on 2 cores)
 def test_decode_scan_layers_picks_the_decoding_layout(cfgs, params):
     """Whatever the params' layout, a Generator decodes in decode.scan_layers's (params converted once: a
     per-layer cache when unrolled, a stacked one when scanned), and greedy TiDAR in all four combinations gives
@@ -223,6 +224,7 @@ def test_decode_scan_layers_picks_the_decoding_layout(cfgs, params):
     assert all(tokens == ar for tokens in outputs.values()), (ar, outputs)
 
 
+@pytest.mark.slow  # ~13 s (default suite under 10 min on 2 cores)
 def test_spec_decoding_converts_target_and_draft(cfgs, params):
     """SpecDecoder lays out the draft like the target (decode.scan_layers): a scanned model drafting for itself
     decodes unrolled by default (both caches per layer), scanned on request, and matches its AR greedy output."""
@@ -245,6 +247,7 @@ def _run_forward(bundle, tokens):
                               masks.causal_mask(tokens.shape[1])[None])[0])
 
 
+@pytest.mark.slow  # ~14 s (default suite under 10 min on 2 cores)
 def test_checkpoints_load_into_either_layout(cfgs, params, tmp_path):
     """An unrolled checkpoint written before model.scan_layers existed (no such key in its config) and a scanned
     one each load as saved, stacked and unstacked, with the same logits."""

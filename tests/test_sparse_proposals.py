@@ -129,6 +129,7 @@ def test_full_set_is_the_default_program(cfg, trained_params):
     assert full.tokens == default.tokens and full.acceptance_histogram == default.acceptance_histogram
 
 
+@pytest.mark.slow  # ~20 s; dense sampling exactness stays fast in test_decode (default suite under 10 min on 2 cores)
 def test_sparse_sampling_follows_the_exact_ar_distribution(cfg, trained_params):
     """Speculative sampling with A = {1} at K = 4 (after a step accepting a >= 2 the next block has a - 1
     fillers): the joint histogram of the first five new tokens over 2048 rows matches the exact AR joint (top-k 2, so

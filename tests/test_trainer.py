@@ -191,7 +191,7 @@ def test_configs_the_run_cannot_execute_are_refused_before_compiling(tiny_config
     assert Trainer(allowed, mesh).abstract_state["params"]["embed"].dtype == jnp.bfloat16
 
 
-@pytest.mark.parametrize("targets", ["hard", "soft"])
+@pytest.mark.parametrize("targets", [pytest.param("hard", marks=pytest.mark.slow), "soft"])  # hard: ~19 s
 def test_bfloat16_adapter_step_matches_the_float32_step(cfg, targets):
     """Adapter training with bf16 compute (params and Adam state stay float32) against the float32 step on the same
     batch: the losses agree to 2% (bf16 keeps 8 significant bits per product), the base model stays bit-identical,
