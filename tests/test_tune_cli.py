@@ -115,3 +115,21 @@ def test_bad_input_exits_2_with_one_line(run, tmp_path_factory, tiny_config, cor
     code, _, err = _main(generate.main, ["--checkpoint", str(fresh), "--prompt-ids", "5,6",
                                          "decode.block_size=auto"], capsys)
     assert code == 2 and "not a tidar-jax decode tuning file" in err
+
+
+def test_step_timing_runs_whole_loop_calls_from_one_prefilled_state(run):
+    """The timed unit is a call of the real decode loop: every call runs exactly its forwards (no row finishes) from
+    a copy of the same prefilled state, so repeated calls time the same work; a cache without room is refused."""
+    import dataclasses
+
+    from tidar_jax.checkpoint.inference import load_for_inference
+    from tidar_jax.decoding.generation import Generator
+
+    bundle = load_for_inference(run)
+    gen = Generator(bundle.graphdef, bundle.params, bundle.config.model, bundle.config.decode)
+    for step in [(1, ()), (4, (1, 2))]:
+        run_call = step_timing._runner(gen, 2, step, 5)
+        assert [int(run_call(r)) for r in range(3)] == [1 + 5] * 3  # the prefill is forward 1
+    small = dataclasses.replace(bundle.config.decode, max_cache_len=bundle.config.decode.prompt_buckets[0] + 8)
+    with pytest.raises(ValueError, match="cache slots"):
+        step_timing._runner(Generator(bundle.graphdef, bundle.params, bundle.config.model, small), 1, (4, ()), 5)

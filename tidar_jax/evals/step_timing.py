@@ -1,13 +1,16 @@
 """Measured seconds of one compiled decode step (AR, or TiDAR with K' drafts and a proposal set) of a Generator's
 model on this machine, cached on disk per machine like the CPU kernel choices (ops/kernel_choice.py).
 
-What is timed is the real `decode.decode_step` as a Generator runs it: its params (decoding layer layout, compute
-dtype), its non-token ids, the CPU kernels in the current mode, the loop state donated so that the KV cache is
-updated in place as inside the decode loop (an undonated cache is copied every call, which more than doubles a
-1-token step on a CPU), over a cache of decode.max_cache_len slots after a prefill of a short prompt. A step's cost
-does not depend on where the cursor is (attention reads the whole buffer under a mask), so successive calls on the
-advancing state are repeats of one measurement. Every step is compiled and run once, then `repeats` rounds time the
-steps in alternating order (benchmark.interleaved, so drift hits all alike); the median is kept.
+What is timed is the real `decode.decode_step` as a Generator runs it, inside the real `decode.decode_loop`: its
+params (decoding layer layout, compute dtype), its non-token ids, the CPU kernels in the current mode, the loop state
+donated so that the KV cache is updated in place, over a cache of decode.max_cache_len slots after a prefill of a
+short prompt. A step's cost is the time of a loop call running 1 + LOOP_FORWARDS forwards minus that of a call
+running 1, divided by LOOP_FORWARDS: what a step costs inside the loop, without the call's own dispatch (timed as
+separate jitted calls, steps came out 10-12 ms slower than inside the loop for SmolLM2-135M on a 2-core CPU, which
+favoured the larger steps). Every call starts from a copy of the same prefilled state, whose rows cannot finish within
+it (no token is taken for EOS, the output buffer is as long as the cache, the cache has room for every forward). Every
+call is compiled and run once, then `repeats` rounds time them in alternating order (benchmark.interleaved, so drift
+hits all alike); the medians are kept.
 
 Cache: `<cache root>/step_costs/costs-<tuning.machine_key()>.json`, {key: seconds}, the key naming the model (a hash
 of its config), cache length, kernel mode, batch and step. A later process on the same machine reads them; another
@@ -17,10 +20,11 @@ re-measurement.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +42,7 @@ from tidar_jax.model.kv_cache import init_cache
 from tidar_jax.ops import cpu_kernels, kernel_choice
 
 Step = tuple[int, tuple[int, ...]]  # (K', A); AR is (1, ())
+LOOP_FORWARDS = 8
 
 
 def cache_path() -> Path | None:
@@ -57,29 +62,34 @@ def step_key(generator: Generator, batch: int, step: Step) -> str:
     cfg = json.dumps(to_dict(generator.model_cfg), sort_keys=True).encode()
     kernels = kernel_choice.mode() if cpu_kernels.enabled() else "off"
     name = "ar" if not step[1] else f"K{step[0]} A{','.join(map(str, step[1]))}"
-    return (f"model {hashlib.sha256(cfg).hexdigest()[:12]} cache {generator.decode_cfg.max_cache_len} kernels "
+    return (f"in-loop model {hashlib.sha256(cfg).hexdigest()[:12]} cache {generator.decode_cfg.max_cache_len} kernels "
             f"{kernels} batch {batch} {name}")
 
 
-def _runner(generator: Generator, batch: int, step: Step):
-    """A callable running one donated decode step per call on a state prefilled for `step`."""
+def _runner(generator: Generator, batch: int, step: Step, forwards: int):
+    """A callable running `forwards` forwards of the compiled decode loop per call, each call on a fresh copy of one
+    state prefilled for `step` (the copy costs every call alike, so it cancels in the difference), whose rows do not
+    finish within them (see the module docstring)."""
     k, lengths = step
     g, dec = generator, generator.decode_cfg
-    spec = DecodeSpec.create("tidar" if lengths else "ar", k, True, g.capacity(dec.max_new_tokens), g.model_cfg,
-                             proposal_lengths=lengths, token_limit=g.token_limit, reserved=g.reserved_ids)
-    sp = SamplingParams.create(token_limit=g.token_limit, reserved=g.reserved_ids)
     prompt_len = dec.prompt_buckets[0]
+    if prompt_len + (forwards + 1) * k > dec.max_cache_len:
+        raise ValueError(f"step timing needs {prompt_len + (forwards + 1) * k} cache slots for {forwards} forwards "
+                         f"of K={k}; decode.max_cache_len is {dec.max_cache_len}")
+    spec = DecodeSpec.create("tidar" if lengths else "ar", k, True, dec.max_cache_len, g.model_cfg,
+                             proposal_lengths=lengths, token_limit=g.token_limit, reserved=g.reserved_ids)
+    spec = dataclasses.replace(spec, eos_token_id=-1)  # no token ends a timed row
+    sp = SamplingParams.create(token_limit=g.token_limit, reserved=g.reserved_ids)
     prompts = jnp.full((batch, prompt_len), g.model_cfg.eos_token_id, jnp.int32)
     prefill = jax.jit(lambda p, c, *a: decode.prefill(g.graphdef, p, c, *a, spec=spec.for_prefill()),
                       donate_argnums=1)
-    holder = {"state": prefill(g.params, init_cache(g.model_cfg, batch, dec.max_cache_len), prompts,
-                               jnp.full((batch,), prompt_len, jnp.int32), np.int32(spec.capacity),
-                               jax.random.key(0), sp)}
-    forward = jax.jit(lambda p, s, q: decode.decode_step(g.graphdef, p, s, q, spec=spec), donate_argnums=1)
+    start = prefill(g.params, init_cache(g.model_cfg, batch, dec.max_cache_len), prompts,
+                    jnp.full((batch,), prompt_len, jnp.int32), np.int32(spec.capacity), jax.random.key(0), sp)
+    loop = jax.jit(lambda p, s, q, n: decode.decode_loop(g.graphdef, p, s, q, n, spec=spec), donate_argnums=1)
+    limit = np.int32(int(start.forwards) + forwards)
 
     def run(_: int):
-        holder["state"] = forward(g.params, holder["state"], sp)
-        return holder["state"].drafts
+        return loop(g.params, jax.tree.map(jnp.copy, start), sp, limit).forwards
 
     return run
 
@@ -95,8 +105,11 @@ def step_seconds(generator: Generator, batch: int, steps: Sequence[Step], repeat
     keys = {step: step_key(generator, batch, step) for step in dict.fromkeys(steps)}
     missing = [step for step, key in keys.items() if key not in stored]
     if missing:
-        times = benchmark.interleaved({step: _runner(generator, batch, step) for step in missing}, repeats)
-        stored = _read(path) | {keys[step]: benchmark.median([t for t, _ in times[step]]) for step in missing}
+        runners = {(step, n): _runner(generator, batch, step, n) for step in missing for n in (1, 1 + LOOP_FORWARDS)}
+        times = {name: benchmark.median([t for t, _ in runs])
+                 for name, runs in benchmark.interleaved(runners, repeats).items()}
+        stored = _read(path) | {keys[step]: max(times[step, 1 + LOOP_FORWARDS] - times[step, 1], 0.0) / LOOP_FORWARDS
+                                for step in missing}
         if path is not None:
             try:
                 caches.write_json_atomic(path, stored)
