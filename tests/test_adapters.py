@@ -62,7 +62,8 @@ def test_ar_path_is_bit_identical_to_the_base_model(models):
     assert float(jnp.max(jnp.abs(joint0[:, S:] - joint1[:, S:]))) > 1e-2
 
 
-@pytest.mark.parametrize("chunk_rows,soft", [(0, False), pytest.param(5, False, marks=pytest.mark.slow), (0, True)])  # 5: ops.row_ce, row chunks
+@pytest.mark.parametrize("chunk_rows,soft",
+                         [(0, False), pytest.param(5, False, marks=pytest.mark.slow), (0, True)])  # 5: ops.row_ce, row chunks
 def test_two_pass_drafting_loss_equals_the_joint_forward(models, chunk_rows, soft):
     _, _, _, cfg, g1, p1 = models
     tokens = _tokens(seed=1)

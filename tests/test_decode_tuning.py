@@ -8,7 +8,7 @@ import json
 import warnings
 
 import pytest
-from test_decode import MAX_NEW, RAGGED, cfg, trained_params  # noqa: F401  (module fixtures shared with the decode tests)
+from test_decode import MAX_NEW, RAGGED, cfg, trained_params  # noqa: F401  (fixtures shared with test_decode)
 
 from tidar_jax.config import ConfigError, apply_overrides
 from tidar_jax.decoding import step_choice, tuning
