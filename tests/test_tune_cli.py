@@ -133,3 +133,10 @@ def test_step_timing_runs_whole_loop_calls_from_one_prefilled_state(run):
     small = dataclasses.replace(bundle.config.decode, max_cache_len=bundle.config.decode.prompt_buckets[0] + 8)
     with pytest.raises(ValueError, match="cache slots"):
         step_timing._runner(Generator(bundle.graphdef, bundle.params, bundle.config.model, small), 1, (4, ()), 5)
+
+
+def test_step_cost_is_the_difference_per_forward_and_never_zero():
+    n = step_timing.LOOP_FORWARDS
+    assert step_timing._per_step(0.010, 0.010 + n * 0.002) == pytest.approx(0.002)
+    # Noise hid the difference (a long call no slower than a short one): the long call's time per forward.
+    assert step_timing._per_step(0.010, 0.009) == pytest.approx(0.009 / (1 + n))

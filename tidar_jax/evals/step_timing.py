@@ -94,6 +94,14 @@ def _runner(generator: Generator, batch: int, step: Step, forwards: int):
     return run
 
 
+def _per_step(short: float, long: float) -> float:
+    """Seconds of one step from the median times of a call of 1 and of 1 + LOOP_FORWARDS forwards; when timing noise
+    hides the difference (a step too cheap to resolve, e.g. a tiny model), the long call's time per forward, an upper
+    bound that still carries its dispatch, so a cost is never zero or negative."""
+    difference = (long - short) / LOOP_FORWARDS
+    return difference if difference > 0 else long / (1 + LOOP_FORWARDS)
+
+
 def step_seconds(generator: Generator, batch: int, steps: Sequence[Step], repeats: int = 7,
                  remeasure: bool = False) -> dict[Step, float]:
     """{step: median seconds of one decode step of `batch` rows} for every (K', A) in `steps` ((1, ()) is the AR
@@ -108,7 +116,7 @@ def step_seconds(generator: Generator, batch: int, steps: Sequence[Step], repeat
         runners = {(step, n): _runner(generator, batch, step, n) for step in missing for n in (1, 1 + LOOP_FORWARDS)}
         times = {name: benchmark.median([t for t, _ in runs])
                  for name, runs in benchmark.interleaved(runners, repeats).items()}
-        stored = _read(path) | {keys[step]: max(times[step, 1 + LOOP_FORWARDS] - times[step, 1], 0.0) / LOOP_FORWARDS
+        stored = _read(path) | {keys[step]: _per_step(times[step, 1], times[step, 1 + LOOP_FORWARDS])
                                 for step in missing}
         if path is not None:
             try:
