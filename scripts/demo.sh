@@ -41,7 +41,7 @@ echo "== 3/5 answer with AR"
 $PY -m infer.generate --checkpoint "$WORKDIR" --chat --prompt "$PROMPT" --max-new-tokens 96 --mode ar
 
 echo "== 4/5 tune TiDAR's block size and proposal set for this machine ($DTYPE)"
-$PY -m infer.tune --checkpoint "$WORKDIR" --prompts unseen --num-prompts 8 --max-new-tokens 96 --batch-sizes 1 \
+$PY -m infer.tune --checkpoint "$WORKDIR" --prompts unseen --batch-sizes 1 --num-prompts 8 --max-new-tokens 96 \
     "model.compute_dtype=$DTYPE"
 # In bf16 both methods decode in bf16, so near-ties of the logits may flip a token (the table says so).
 echo "== 5/5 speed: AR vs TiDAR (K = 4, and auto) on unseen-style prompts ($DTYPE, batch 1, interleaved rounds)"
