@@ -128,8 +128,9 @@ def test_step_timing_runs_whole_loop_calls_from_one_prefilled_state(run):
     bundle = load_for_inference(run)
     gen = Generator(bundle.graphdef, bundle.params, bundle.config.model, bundle.config.decode)
     for step in [(1, ()), (4, (1, 2))]:
-        run_call = step_timing._runner(gen, 2, step, 5)
-        assert [int(run_call(r)) for r in range(3)] == [1 + 5] * 3  # the prefill is forward 1
+        calls = step_timing._runner(gen, 2, step, 5)
+        for n in (1, 5):
+            assert [int(calls[n](r)) for r in range(3)] == [1 + n] * 3  # the prefill is forward 1
     small = dataclasses.replace(bundle.config.decode, max_cache_len=bundle.config.decode.prompt_buckets[0] + 8)
     with pytest.raises(ValueError, match="cache slots"):
         step_timing._runner(Generator(bundle.graphdef, bundle.params, bundle.config.model, small), 1, (4, ()), 5)

@@ -67,9 +67,9 @@ def step_key(generator: Generator, batch: int, step: Step) -> str:
 
 
 def _runner(generator: Generator, batch: int, step: Step, forwards: int):
-    """A callable running `forwards` forwards of the compiled decode loop per call, each call on a fresh copy of one
-    state prefilled for `step` (the copy costs every call alike, so it cancels in the difference), whose rows do not
-    finish within them (see the module docstring)."""
+    """{n: callable} for n in (1, forwards): each call runs n forwards of one compiled decode loop (n is traced, so
+    both share the program) on a fresh copy of one state prefilled for `step` (the copy costs every call alike, so
+    it cancels in the difference), whose rows do not finish within them (see the module docstring)."""
     k, lengths = step
     g, dec = generator, generator.decode_cfg
     prompt_len = dec.prompt_buckets[0]
@@ -86,12 +86,11 @@ def _runner(generator: Generator, batch: int, step: Step, forwards: int):
     start = prefill(g.params, init_cache(g.model_cfg, batch, dec.max_cache_len), prompts,
                     jnp.full((batch,), prompt_len, jnp.int32), np.int32(spec.capacity), jax.random.key(0), sp)
     loop = jax.jit(lambda p, s, q, n: decode.decode_loop(g.graphdef, p, s, q, n, spec=spec), donate_argnums=1)
-    limit = np.int32(int(start.forwards) + forwards)
+    def runner(n: int):
+        limit = np.int32(int(start.forwards) + n)
+        return lambda _: loop(g.params, jax.tree.map(jnp.copy, start), sp, limit).forwards
 
-    def run(_: int):
-        return loop(g.params, jax.tree.map(jnp.copy, start), sp, limit).forwards
-
-    return run
+    return {n: runner(n) for n in (1, forwards)}
 
 
 def _per_step(short: float, long: float) -> float:
@@ -113,7 +112,8 @@ def step_seconds(generator: Generator, batch: int, steps: Sequence[Step], repeat
     keys = {step: step_key(generator, batch, step) for step in dict.fromkeys(steps)}
     missing = [step for step, key in keys.items() if key not in stored]
     if missing:
-        runners = {(step, n): _runner(generator, batch, step, n) for step in missing for n in (1, 1 + LOOP_FORWARDS)}
+        runners = {(step, n): run for step in missing
+                   for n, run in _runner(generator, batch, step, 1 + LOOP_FORWARDS).items()}
         times = {name: benchmark.median([t for t, _ in runs])
                  for name, runs in benchmark.interleaved(runners, repeats).items()}
         stored = _read(path) | {keys[step]: _per_step(times[step, 1], times[step, 1 + LOOP_FORWARDS])
